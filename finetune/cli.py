@@ -1,0 +1,185 @@
+"""The `finetune` command line. Each command parses its arguments and calls one function; a UserError becomes
+a readable message and exit code 2 (pass --debug for the traceback)."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from finetune.errors import UserError
+
+app = typer.Typer(
+    help="Fine-tune causal language models from YAML recipes.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+console = Console()
+errors = Console(stderr=True)
+
+Debug = Annotated[bool, typer.Option("--debug", help="Show the Python traceback of errors.")]
+Sets = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a recipe value: dotted.key=value (YAML value). Repeatable."),
+]
+
+
+def user_errors(command):
+    """Turn UserError into a message on stderr and exit 2; --debug re-raises for the traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as err:
+            if kwargs.get("debug"):
+                raise
+            errors.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # keep warnings for ours; library chatter hides the summary
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside the libraries themselves
+
+
+@app.command()
+@user_errors
+def train(
+    recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
+    set_: Sets = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory (overrides train.output_dir).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty run directory.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from the run directory's last checkpoint.")] = False,
+    debug: Debug = False,
+):
+    """Train a model from a recipe."""
+    from finetune.recipe import load_recipe
+
+    loaded = load_recipe(recipe, set_ or [])
+    _quiet_libraries()
+    from finetune.train import run_training
+
+    run_training(loaded, recipe, output=output, overwrite=overwrite, resume=resume, log=console.print)
+
+
+@app.command()
+@user_errors
+def validate(
+    recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.")],
+    set_: Sets = None,
+    debug: Debug = False,
+):
+    """Check recipes without loading any model: every problem of every file, exit 2 if any."""
+    from finetune.recipe import load_recipe
+
+    problems = []
+    for path in recipes:
+        try:
+            load_recipe(path, set_ or [])
+            console.print(f"[green]ok[/green] {path}")
+        except UserError as err:
+            problems.append(str(err))
+    if problems:
+        raise UserError("\n".join(problems))
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    target: Annotated[str, typer.Argument(help="A run directory, a model directory, or a model alias.")],
+    recipe: Annotated[Optional[Path], typer.Option(help="Take the held-out rows from this recipe.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Evaluate on this data file.")] = None,
+    compare_base: Annotated[bool, typer.Option(help="Also evaluate the run's base model on the same rows.")] = False,
+    max_samples: Annotated[Optional[int], typer.Option(min=1, help="Use at most this many rows.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation length limit.")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward pass.")] = 8,
+    output: Annotated[Optional[Path], typer.Option(help="Where eval.json/eval.md go (default: the run dir).")] = None,
+    debug: Debug = False,
+):
+    """Held-out loss, perplexity and generation match scores for a run or a model."""
+    _quiet_libraries()
+    from finetune.evaluate import run_eval
+
+    run_eval(target, recipe=recipe, data=data, compare_base=compare_base, max_samples=max_samples,
+             max_new_tokens=max_new_tokens, batch_size=batch_size, output=output, log=console.print)
+
+
+@app.command()
+@user_errors
+def merge(
+    run_dir: Annotated[Path, typer.Argument(help="A LoRA run directory.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the merged checkpoint.")],
+    dtype: Annotated[str, typer.Option(help="Saved precision: bf16, fp16 or fp32 (merging is always fp32).")] = "bf16",
+    debug: Debug = False,
+):
+    """Merge a LoRA run's adapter into its base model and save a standalone checkpoint."""
+    if dtype not in ("bf16", "fp16", "fp32"):
+        raise UserError(f"--dtype {dtype}: choose bf16, fp16 or fp32")
+    _quiet_libraries()
+    from finetune.merge import merge_run
+
+    merge_run(run_dir, output, dtype, log=console.print)
+
+
+@app.command()
+@user_errors
+def pull(
+    alias: Annotated[str, typer.Argument(help="An embedded model alias, e.g. smollm2-135m-instruct.")] = "smollm2-135m-instruct",
+    debug: Debug = False,
+):
+    """Fetch and convert an embedded model into the cache now (training does this on first use)."""
+    from finetune.modeling import EMBEDDED, ensure_embedded
+
+    if alias not in EMBEDDED:
+        raise UserError(f"unknown alias `{alias}`; embedded models: {', '.join(EMBEDDED)}")
+    _quiet_libraries()
+    console.print(f"{alias}: {ensure_embedded(alias, log=console.print)}")
+
+
+@app.command("import-gguf")
+@user_errors
+def import_gguf(
+    gguf_file: Annotated[Path, typer.Argument(help="A .gguf file transformers can read.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the trainable checkpoint.")],
+    debug: Debug = False,
+):
+    """Convert a GGUF file into a trainable safetensors checkpoint with its tokenizer and chat template."""
+    if not gguf_file.is_file():
+        raise UserError(f"{gguf_file}: file not found")
+    _quiet_libraries()
+    from finetune.modeling import import_gguf as convert
+
+    convert(gguf_file, output, log=console.print)
+
+
+@app.command()
+@user_errors
+def chat(
+    target: Annotated[str, typer.Argument(help="A run directory, model directory or alias.")],
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    system: Annotated[Optional[str], typer.Option(help="A system message.")] = None,
+    debug: Debug = False,
+):
+    """Talk to a model or run in the terminal (ChatML, streaming, greedy). Empty line or Ctrl-D quits."""
+    _quiet_libraries()
+    from finetune.chat import chat_loop
+
+    chat_loop(target, max_new_tokens, system)
+
+
+if __name__ == "__main__":
+    app()

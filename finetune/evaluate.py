@@ -1,0 +1,207 @@
+"""`finetune eval`: held-out loss/perplexity on assistant tokens and greedy-generation match scores.
+
+The rows are exactly the ones a run saved (held_out.jsonl); for a bare model they come from `--data` or from
+a recipe's held-out source (rebuilt with the same seeded split).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.data import Conversation, encode, load_conversations, read_saved_conversations, split_held_out
+from finetune.errors import UserError
+
+SAMPLES_SHOWN = 3
+
+
+@dataclass
+class Target:
+    """What to evaluate: a model dir (plus an optional adapter) and where results go."""
+
+    model_path: str
+    adapter: Path | None
+    base_path: str | None  # for --compare-base
+    out_dir: Path
+
+
+def resolve_target(target: str, output: Path | None) -> Target:
+    from finetune.modeling import resolve_model_path
+
+    path = Path(target)
+    if (path / "run.json").exists():
+        info = json.loads((path / "run.json").read_text())
+        base = info["base_model_path"]
+        if info["artifact"] == "adapter":
+            return Target(base, path / "adapter", base, output or path)
+        return Target(str(path / "model"), None, base, output or path)
+    model_path = resolve_model_path(target)
+    if not Path(model_path).exists():
+        raise UserError(f"{target}: neither a run directory (with run.json), a model directory, nor an alias")
+    return Target(model_path, None, None, output or Path("runs") / "eval" / Path(target).name)
+
+
+def held_out_rows(target: str, recipe_path: Path | None, data: Path | None) -> list[Conversation]:
+    if data is not None:
+        rows, problems, _ = load_conversations(str(data), "test", "auto")
+        if problems:
+            raise UserError(f"{data}: {len(problems)} malformed rows, e.g. {problems[0]}")
+        return rows
+    if recipe_path is not None:
+        from finetune.recipe import load_recipe
+
+        recipe = load_recipe(recipe_path)
+        d = recipe.data
+        if d.eval is not None:
+            return load_conversations(d.eval, d.eval_split, d.format)[0]
+        if d.eval_fraction > 0:
+            rows = load_conversations(d.train, d.train_split, d.format)[0]
+            return split_held_out(rows, d.eval_fraction, recipe.train.seed)[1]
+        raise UserError(f"{recipe_path}: the recipe has no held-out data (data.eval or data.eval_fraction)")
+    saved = Path(target) / "held_out.jsonl"
+    if saved.exists():
+        rows = read_saved_conversations(saved)
+        if rows:
+            return rows
+        raise UserError(f"{saved}: the run held out no rows; pass --data FILE")
+    raise UserError(f"{target}: not a run directory; pass --data FILE or --recipe RECIPE to say which rows to use")
+
+
+def load_for_eval(model_path: str, adapter: Path | None, tokenizer_path: str):
+    import torch
+
+    from finetune.modeling import load_model, load_tokenizer
+
+    tokenizer, _ = load_tokenizer(tokenizer_path)
+    model = load_model(model_path, torch.float32, "sdpa", vocab_size=len(tokenizer))
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.config.use_cache = True
+    return model.eval(), tokenizer
+
+
+def assistant_loss(model, tokenizer, rows: list[Conversation], batch_size: int, max_length: int = 2048) -> dict:
+    """Token-weighted mean cross-entropy over assistant tokens (the same tokens training puts in the loss)."""
+    import torch
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    encoded = [encode(tokenizer, r.messages, max_length) for r in rows]
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start:start + batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i, _ in batch])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=-100, reduction="sum")
+        total += loss.item()
+        count += int((labels[:, 1:] != -100).sum())
+    mean = total / max(count, 1)
+    return {"loss": mean, "perplexity": math.exp(mean), "assistant_tokens": count}
+
+
+def generate(model, tokenizer, rows: list[Conversation], batch_size: int, max_new_tokens: int, progress=None):
+    """Greedy answers to each row's last assistant turn, given everything before it."""
+    import torch
+
+    tokenizer.padding_side = "left"  # generation continues from the right edge of every row
+    stop = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
+    outputs = []
+    for start in range(0, len(rows), batch_size):
+        prompts = [_prompt(r.messages) for r in rows[start:start + batch_size]]
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
+                                 pad_token_id=tokenizer.pad_token_id)
+        new = out[:, batch["input_ids"].shape[1]:]
+        outputs += [tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in new]
+        if progress:
+            progress(len(prompts))
+    return outputs
+
+
+def _prompt(messages: list[dict]) -> list[dict]:
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last]
+
+
+def reference(messages: list[dict]) -> str:
+    return [m for m in messages if m["role"] == "assistant"][-1]["content"].strip()
+
+
+def normalise(text: str) -> str:
+    """Lower case, single spaces, no surrounding punctuation or quotes: forgives form, not content."""
+    text = re.sub(r"\s+", " ", text.lower()).strip()
+    return text.strip(" .,;:!?\"'`")
+
+
+def match_scores(predictions: list[str], references: list[str]) -> dict:
+    n = max(len(references), 1)
+    exact = sum(p.strip() == r.strip() for p, r in zip(predictions, references))
+    loose = sum(normalise(p) == normalise(r) for p, r in zip(predictions, references))
+    return {"exact_match": exact / n, "normalised_match": loose / n, "rows": len(references)}
+
+
+def evaluate_model(model, tokenizer, rows: list[Conversation], batch_size: int, max_new_tokens: int,
+                   progress=None) -> tuple[dict, list[str]]:
+    metrics = assistant_loss(model, tokenizer, rows, batch_size)
+    predictions = generate(model, tokenizer, rows, batch_size, max_new_tokens, progress)
+    metrics.update(match_scores(predictions, [reference(r.messages) for r in rows]))
+    return metrics, predictions
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    keys = ("loss", "perplexity", "exact_match", "normalised_match", "rows")
+    lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, metrics in results.items():
+        cells = [f"{metrics[k]:.4f}" if isinstance(metrics[k], float) else str(metrics[k]) for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_eval(target: str, recipe: Path | None = None, data: Path | None = None, compare_base: bool = False,
+             max_samples: int | None = None, max_new_tokens: int = 64, batch_size: int = 8,
+             output: Path | None = None, log=print) -> dict:
+    """Evaluate a run or model (and optionally its base) on the same rows; write eval.json and eval.md."""
+    from rich.markup import escape
+    from rich.progress import Progress
+
+    where = resolve_target(target, output)
+    rows = held_out_rows(target, recipe, data)[:max_samples]
+    tokenizer_source = str(where.adapter) if where.adapter is not None else where.model_path
+    candidates = {"tuned" if where.base_path else "model": (where.model_path, where.adapter)}
+    if compare_base:
+        if where.base_path is None:
+            raise UserError("--compare-base needs a run directory (its run.json names the base model)")
+        candidates = {"base": (where.base_path, None), **candidates}
+    results, predictions = {}, {}
+    with Progress(transient=True) as progress:
+        for name, (model_path, adapter) in candidates.items():
+            model, tokenizer = load_for_eval(model_path, adapter, tokenizer_source)
+            task = progress.add_task(f"eval {name}", total=len(rows))
+            results[name], predictions[name] = evaluate_model(
+                model, tokenizer, rows, batch_size, max_new_tokens, lambda n: progress.advance(task, n))
+            del model
+    where.out_dir.mkdir(parents=True, exist_ok=True)
+    samples = [{"prompt": _prompt(r.messages)[-1]["content"], "reference": reference(r.messages),
+                **{name: predictions[name][i] for name in predictions}} for i, r in enumerate(rows)]
+    report = {"target": target, "rows": len(rows), "results": results, "samples": samples}
+    (where.out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown_table(results)
+    (where.out_dir / "eval.md").write_text(table + "\n")
+    for sample in samples[:SAMPLES_SHOWN]:
+        log(f"[dim]prompt:[/dim] {escape(sample['prompt'])}\n[dim]reference:[/dim] {escape(sample['reference'])}")
+        for name in predictions:
+            log(f"[dim]{name}:[/dim] {escape(sample[name])}")
+    log(table)
+    log(f"wrote {where.out_dir / 'eval.json'} and {where.out_dir / 'eval.md'}")
+    return report

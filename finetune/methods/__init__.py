@@ -1,0 +1,14 @@
+"""The explicit method registry: one line per method. Each module defines `Options` (its recipe section,
+discriminated on `name`) and `build(**options)` returning an object that satisfies `base.Method`."""
+
+from finetune.methods import full, lora
+
+METHODS = {
+    "full": full,
+    "lora": lora,
+}
+
+
+def build_method(options):
+    """Build the method object from its validated recipe section (flat keyword arguments, no recipe)."""
+    return METHODS[options.name].build(**options.model_dump(exclude={"name"}))

