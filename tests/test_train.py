@@ -164,3 +164,17 @@ def test_base_model_without_chatml_tokens_gets_them_and_lora_trains_their_rows(t
     merged = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter").merge_and_unload()
     after = merged.get_input_embeddings().weight
     assert not torch.equal(after[new_ids], before)  # the new rows learned
+
+
+def test_packing_and_a_dataset_directory_source(write_recipe, tmp_path, train_file):
+    """A dataset directory goes through `datasets.load_dataset` (the hub-id path, minus the network)."""
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(train_file.read_text())
+    recipe = write_recipe(data={"train": str(folder), "train_split": "train"}, train={"packing": True})
+    result = train(recipe)
+    assert result.exit_code == 0, result.output
+    assert len(losses(tmp_path / "run")) == 6
+    missing = write_recipe(name="m.yaml", data={"train": str(folder), "train_split": "nope"})
+    result = train(missing, "--overwrite")
+    assert result.exit_code == 2 and "split `nope`" in result.output
