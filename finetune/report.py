@@ -21,6 +21,42 @@ def peak_memory_gb() -> float:
     return kib / (2**30 if sys.platform == "darwin" else 2**20)
 
 
+class RSSSampler:
+    """Peak resident memory over a stretch of time, sampled from /proc every few milliseconds.
+
+    `ru_maxrss` never goes down, so it also counts the model-loading peak; this measures only the span between
+    start() and stop(), e.g. the training steps. Run with MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors
+    go back to the OS (glibc would otherwise keep them in its heap and RSS would hide what was released).
+    """
+
+    def __init__(self, interval_s: float = 0.005):
+        import threading
+
+        self.interval_s, self.peak_bytes = interval_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._page = __import__("os").sysconf("SC_PAGE_SIZE")
+
+    def _current(self) -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * self._page
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, self._current())
+            self._stop.wait(self.interval_s)
+
+    def start(self) -> "RSSSampler":
+        self.peak_bytes = self._current()
+        self._thread.start()
+        return self
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_bytes / 2**30
+
+
 class MetricsLogger(TrainerCallback):
     """Appends one JSON object per log event to metrics.jsonl (step, loss, lr, grad_norm, tokens/s, memory)."""
 
@@ -28,10 +64,12 @@ class MetricsLogger(TrainerCallback):
         self.path = path
         self._last_time = None
         self._last_tokens = 0
+        self._last_step = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_time = time.perf_counter()
         self._last_tokens = state.num_input_tokens_seen
+        self._last_step = state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -43,8 +81,11 @@ class MetricsLogger(TrainerCallback):
                 record["lr" if key == "learning_rate" else key] = logs[key]
         if "loss" in logs:
             tokens = state.num_input_tokens_seen - self._last_tokens
-            record["tokens_per_s"] = tokens / max(now - self._last_time, 1e-9)
+            elapsed = max(now - self._last_time, 1e-9)
+            record["tokens_per_s"] = tokens / elapsed
+            record["step_seconds"] = elapsed / max(state.global_step - self._last_step, 1)
             self._last_time, self._last_tokens = now, state.num_input_tokens_seen
+            self._last_step = state.global_step
         record["peak_memory_gb"] = round(peak_memory_gb(), 3)
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")

@@ -1,11 +1,12 @@
 """The explicit method registry: one line per method. Each module defines `Options` (its recipe section,
 discriminated on `name`) and `build(**options)` returning an object that satisfies `base.Method`."""
 
-from finetune.methods import full, lora
+from finetune.methods import full, galore, lora
 
 METHODS = {
     "full": full,
     "lora": lora,
+    "galore": galore,
 }
 
 

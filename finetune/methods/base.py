@@ -37,9 +37,10 @@ class Method(Protocol):
         ...
 
     def optimizers(
-        self, model: PreTrainedModel, learning_rate: float, weight_decay: float
+        self, model: PreTrainedModel, learning_rate: float, weight_decay: float, max_grad_norm: float
     ) -> tuple[torch.optim.Optimizer, Any] | None:
-        """An optimizer (and scheduler or None), or None to let the trainer build AdamW."""
+        """An optimizer (and scheduler or None), or None to let the trainer build AdamW. A scheduler of None
+        means the trainer builds the recipe's schedule on this optimizer."""
         ...
 
     def callbacks(self) -> list[TrainerCallback]:

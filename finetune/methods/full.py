@@ -11,11 +11,18 @@ class Options(Section):
     """Full fine-tuning: all parameters train."""
 
     name: Literal["full"] = "full"
+    optim_bits: Literal[8, 32] = 32
+    """AdamW state precision; 8 (bitsandbytes) quarters optimizer memory at a small cost in fidelity."""
+    layerwise: bool = False
+    """Step each parameter inside backward and free its gradient at once (finetune.optim.layerwise)."""
 
 
 class FullFineTune:
     name = "full"
     artifact = "model"
+
+    def __init__(self, optim_bits: int = 32, layerwise: bool = False):
+        self.bits, self.layerwise = optim_bits, layerwise
 
     def load_kwargs(self):
         return {}
@@ -25,12 +32,16 @@ class FullFineTune:
             param.requires_grad_(True)
         return model
 
-    def optimizers(self, model, learning_rate, weight_decay):
-        return None
+    def optimizers(self, model, learning_rate, weight_decay, max_grad_norm):
+        if self.bits == 32 and not self.layerwise:
+            return None  # the trainer's own AdamW
+        from finetune.optim.layerwise import build_optimizer
+
+        return build_optimizer(model, learning_rate, weight_decay, self.bits, self.layerwise, max_grad_norm), None
 
     def callbacks(self):
         return []
 
 
-def build() -> FullFineTune:
-    return FullFineTune()
+def build(optim_bits: int = 32, layerwise: bool = False) -> FullFineTune:
+    return FullFineTune(optim_bits, layerwise)

@@ -76,7 +76,7 @@ class LoRA:
         )
         return get_peft_model(model, config)
 
-    def optimizers(self, model, learning_rate, weight_decay):
+    def optimizers(self, model, learning_rate, weight_decay, max_grad_norm):
         return None
 
     def callbacks(self):

@@ -1,0 +1,181 @@
+"""A per-parameter optimizer engine that can step inside the backward pass.
+
+Every trainable parameter gets its own small optimizer (`ParamStepper`: AdamW or 8-bit AdamW, optionally over
+a GaLore low-rank projection of the gradient). `LayerwiseOptimizer` presents them to the trainer as one
+ordinary optimizer:
+
+- layer-wise (`layerwise=True`): a `register_post_accumulate_grad_hook` per parameter steps that parameter
+  and frees its gradient as soon as backward has produced it, so no full set of gradients is ever alive
+  (with accumulation, gradients accumulate in `.grad` across micro-batches and each parameter steps once,
+  in the backward of the last micro-batch);
+- otherwise `step()` walks the steppers after backward, like any optimizer.
+
+Peers (transformers' `*_layerwise` optimizers) refuse gradient accumulation, fake the LR scheduler, log a
+grad norm of 0, and checkpoint no per-parameter state. Here:
+- `param_groups` *are* the inner optimizers' groups, so one scheduler built on this optimizer sets the LR
+  every per-parameter optimizer uses, and the logged LR is the one used;
+- the global gradient norm of the step is summed up from each parameter's final gradient, before clipping;
+- clipping in layer-wise mode is per parameter (each parameter's gradient norm is capped at max_grad_norm):
+  the global norm is only known once every parameter has already stepped. Non-layer-wise mode leaves
+  clipping to the trainer (true global clipping);
+- `state_dict` holds every inner optimizer state and every projection matrix, keyed by parameter name.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from finetune.optim.galore import Projector, low_rank_shape
+
+
+def _adamw(params, lr: float, weight_decay: float, bits: int) -> torch.optim.Optimizer:
+    if bits == 8:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+class ParamStepper:
+    """One parameter's optimizer.
+
+    Without a projector the inner AdamW works on the parameter itself. With one, it works on a low-rank proxy
+    `z`: each step sets z = 0 and z.grad = P^T G, so after the inner step z = -lr * AdamW-direction(P^T G),
+    and the weight moves by P z (times GaLore's scale). The inner optimizer keeps its moments in the low-rank
+    shape; no copy of the full weight is ever made (galore-torch's 8-bit optimizer clones every weight).
+    Weight decay is applied to the full weight, decoupled, as AdamW does.
+    """
+
+    def __init__(self, param: torch.nn.Parameter, lr: float, weight_decay: float, bits: int,
+                 projector: Projector | None = None):
+        self.param, self.projector, self.weight_decay = param, projector, weight_decay
+        self.steps = 0
+        if projector is None:
+            self.proxy = None
+            self.inner = _adamw([param], lr, weight_decay, bits)
+        else:
+            shape = low_rank_shape(tuple(param.shape), projector.rank, projector.proj_type)
+            self.proxy = torch.nn.Parameter(torch.zeros(shape, dtype=param.dtype, device=param.device))
+            self.inner = _adamw([self.proxy], lr, 0.0, bits)
+
+    @torch.no_grad()
+    def step(self, max_grad_norm: float = 0.0) -> float:
+        """Step on the parameter's current gradient; return its squared norm (before clipping)."""
+        grad = self.param.grad
+        squared = grad.float().pow(2).sum().item()
+        if max_grad_norm > 0 and squared > max_grad_norm**2:
+            grad.mul_(max_grad_norm / math.sqrt(squared))
+        if self.projector is None:
+            self.inner.step()
+        else:
+            lr = self.inner.param_groups[0]["lr"]
+            self.proxy.zero_()
+            self.proxy.grad = self.projector.project(grad, self.steps).to(self.proxy.dtype)
+            self.inner.step()
+            self.proxy.grad = None
+            if self.weight_decay:
+                self.param.mul_(1 - lr * self.weight_decay)
+            self.param.add_(self.projector.project_back(self.proxy).to(self.param.dtype))
+        self.steps += 1
+        return squared
+
+    def state_dict(self) -> dict:
+        state = {"inner": self.inner.state_dict(), "steps": self.steps}
+        if self.projector is not None:
+            state["projector"] = self.projector.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state["inner"])
+        self.steps = state["steps"]
+        if self.projector is not None:
+            self.projector.load_state_dict(state["projector"])
+
+
+def _trainer_sync_state() -> bool:
+    """True during the backward of the last micro-batch of an optimizer step (set by the HF Trainer)."""
+    from accelerate.state import GradientState
+
+    return GradientState().sync_gradients
+
+
+class LayerwiseOptimizer(torch.optim.Optimizer):
+    """Many per-parameter optimizers behind one optimizer interface (see the module docstring)."""
+
+    def __init__(self, steppers: dict[str, ParamStepper], layerwise: bool, max_grad_norm: float = 0.0,
+                 is_last_micro_batch: Callable[[], bool] = _trainer_sync_state):
+        self.steppers = steppers
+        self.layerwise = layerwise
+        self.max_grad_norm = max_grad_norm if layerwise else 0.0  # non-layer-wise: the trainer clips globally
+        self.is_last_micro_batch = is_last_micro_batch
+        self._squared_norm = 0.0
+        self.last_grad_norm: float | None = None
+        super().__init__([s.param for s in steppers.values()], {"lr": 0.0})
+        self._link_groups()
+        self._hooks = []
+        if layerwise:
+            for stepper in steppers.values():
+                self._hooks.append(stepper.param.register_post_accumulate_grad_hook(self._hook(stepper)))
+
+    #: The trainer asks this to log (and not to recompute from .grad, which layer-wise mode has freed).
+    @property
+    def steps_in_backward(self) -> bool:
+        return self.layerwise
+
+    def _link_groups(self) -> None:
+        # The scheduler writes "lr" into these dicts; they are the inner optimizers' own groups.
+        self.param_groups = [group for s in self.steppers.values() for group in s.inner.param_groups]
+
+    def _hook(self, stepper: ParamStepper):
+        def step_now(param: torch.Tensor) -> None:
+            if self.is_last_micro_batch():
+                self._squared_norm += stepper.step(self.max_grad_norm)
+                param.grad = None  # freed as soon as it is used: no full set of gradients at once
+
+        return step_now
+
+    def step_grad_norm(self) -> float:
+        """Global gradient norm of the step in progress (layer-wise: all hooks of the step have run)."""
+        return math.sqrt(self._squared_norm)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        if not self.layerwise:
+            for stepper in self.steppers.values():
+                if stepper.param.grad is not None:
+                    self._squared_norm += stepper.step()
+        self.last_grad_norm = self.step_grad_norm()
+        self._squared_norm = 0.0
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for stepper in self.steppers.values():
+            stepper.param.grad = None
+
+    def state_dict(self) -> dict:
+        return {"steppers": {name: s.state_dict() for name, s in self.steppers.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        missing = self.steppers.keys() - state_dict["steppers"].keys()
+        if missing:
+            raise ValueError(f"optimizer checkpoint lacks state for {len(missing)} parameters, e.g. {min(missing)}")
+        for name, stepper in self.steppers.items():
+            stepper.load_state_dict(state_dict["steppers"][name])
+        self._link_groups()  # torch's load_state_dict replaces the group dicts
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, bits: int, layerwise: bool,
+                    max_grad_norm: float = 0.0, projector_for: Callable[[str, torch.nn.Parameter], Projector | None]
+                    = lambda name, param: None, **kwargs) -> LayerwiseOptimizer:
+    """A stepper for every trainable parameter; `projector_for` decides which get GaLore. No weight decay on
+    biases and norms (1-D parameters), as transformers' default optimizer grouping does."""
+    steppers = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            decay = weight_decay if param.ndim >= 2 else 0.0
+            steppers[name] = ParamStepper(param, lr, decay, bits, projector_for(name, param))
+    return LayerwiseOptimizer(steppers, layerwise, max_grad_norm, **kwargs)
