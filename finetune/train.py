@@ -168,7 +168,7 @@ def _make_trainer(model, args, data, tokenizer, method, metrics_path: Path):
         eval_dataset=data.eval,
         processing_class=tokenizer,
         optimizers=optimizers,
-        callbacks=[MetricsLogger(metrics_path), *method.callbacks()],
+        callbacks=[*method.callbacks(), MetricsLogger(metrics_path)],  # methods may add to the logs first
     )
 
 

@@ -1,12 +1,13 @@
 """The explicit method registry: one line per method. Each module defines `Options` (its recipe section,
 discriminated on `name`) and `build(**options)` returning an object that satisfies `base.Method`."""
 
-from finetune.methods import full, galore, lora
+from finetune.methods import full, galore, lisa, lora
 
 METHODS = {
     "full": full,
     "lora": lora,
     "galore": galore,
+    "lisa": lisa,
 }
 
 

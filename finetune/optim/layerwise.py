@@ -12,8 +12,9 @@ ordinary optimizer:
 
 Peers (transformers' `*_layerwise` optimizers) refuse gradient accumulation, fake the LR scheduler, log a
 grad norm of 0, and checkpoint no per-parameter state. Here:
-- `param_groups` *are* the inner optimizers' groups, so one scheduler built on this optimizer sets the LR
-  every per-parameter optimizer uses, and the logged LR is the one used;
+- one parameter group faces the scheduler; each per-parameter optimizer takes its LR from that group when it
+  steps, so one schedule drives them all and the logged LR is the one used (a single group also lets the
+  set of steppers change, as LISA needs, without confusing the scheduler's per-group lists);
 - the global gradient norm of the step is summed up from each parameter's final gradient, before clipping;
 - clipping in layer-wise mode is per parameter (each parameter's gradient norm is capped at max_grad_norm):
   the global norm is only known once every parameter has already stepped. Non-layer-wise mode leaves
@@ -62,8 +63,10 @@ class ParamStepper:
             self.inner = _adamw([self.proxy], lr, 0.0, bits)
 
     @torch.no_grad()
-    def step(self, max_grad_norm: float = 0.0) -> float:
-        """Step on the parameter's current gradient; return its squared norm (before clipping)."""
+    def step(self, lr: float, max_grad_norm: float = 0.0) -> float:
+        """Step on the parameter's current gradient at this LR; return its squared norm (before clipping)."""
+        for group in self.inner.param_groups:
+            group["lr"] = lr
         grad = self.param.grad
         squared = grad.float().pow(2).sum().item()
         if max_grad_norm > 0 and squared > max_grad_norm**2:
@@ -71,7 +74,6 @@ class ParamStepper:
         if self.projector is None:
             self.inner.step()
         else:
-            lr = self.inner.param_groups[0]["lr"]
             self.proxy.zero_()
             self.proxy.grad = self.projector.project(grad, self.steps).to(self.proxy.dtype)
             self.inner.step()
@@ -105,34 +107,50 @@ def _trainer_sync_state() -> bool:
 class LayerwiseOptimizer(torch.optim.Optimizer):
     """Many per-parameter optimizers behind one optimizer interface (see the module docstring)."""
 
-    def __init__(self, steppers: dict[str, ParamStepper], layerwise: bool, max_grad_norm: float = 0.0,
-                 is_last_micro_batch: Callable[[], bool] = _trainer_sync_state):
-        self.steppers = steppers
+    def __init__(self, steppers: dict[str, ParamStepper], lr: float, layerwise: bool, max_grad_norm: float = 0.0,
+                 is_last_micro_batch: Callable[[], bool] = _trainer_sync_state,
+                 method_state: tuple[Callable[[], dict], Callable[[dict], None]] | None = None):
+        """`method_state`: (save, restore) for a method's own state in checkpoints; restore runs before the
+        steppers' states load, so a method can first recreate the steppers the checkpoint has (LISA)."""
         self.layerwise = layerwise
+        self.method_state = method_state
         self.max_grad_norm = max_grad_norm if layerwise else 0.0  # non-layer-wise: the trainer clips globally
         self.is_last_micro_batch = is_last_micro_batch
         self._squared_norm = 0.0
         self.last_grad_norm: float | None = None
-        super().__init__([s.param for s in steppers.values()], {"lr": 0.0})
-        self._link_groups()
-        self._hooks = []
-        if layerwise:
-            for stepper in steppers.values():
-                self._hooks.append(stepper.param.register_post_accumulate_grad_hook(self._hook(stepper)))
+        super().__init__([s.param for s in steppers.values()], {"lr": lr})
+        self.steppers: dict[str, ParamStepper] = {}
+        self._hooks: dict[str, object] = {}
+        for name, stepper in steppers.items():
+            self.add_stepper(name, stepper)
+
+    def add_stepper(self, name: str, stepper: ParamStepper) -> None:
+        self.steppers[name] = stepper
+        if self.layerwise:
+            self._hooks[name] = stepper.param.register_post_accumulate_grad_hook(self._hook(stepper))
+
+    def remove_stepper(self, name: str) -> ParamStepper:
+        """Forget a parameter: its hook, its gradient and its optimizer state go (the memory is released)."""
+        stepper = self.steppers.pop(name)
+        hook = self._hooks.pop(name, None)
+        if hook is not None:
+            hook.remove()
+        stepper.param.grad = None
+        return stepper
+
+    @property
+    def lr(self) -> float:
+        return self.param_groups[0]["lr"]
 
     #: The trainer asks this to log (and not to recompute from .grad, which layer-wise mode has freed).
     @property
     def steps_in_backward(self) -> bool:
         return self.layerwise
 
-    def _link_groups(self) -> None:
-        # The scheduler writes "lr" into these dicts; they are the inner optimizers' own groups.
-        self.param_groups = [group for s in self.steppers.values() for group in s.inner.param_groups]
-
     def _hook(self, stepper: ParamStepper):
         def step_now(param: torch.Tensor) -> None:
             if self.is_last_micro_batch():
-                self._squared_norm += stepper.step(self.max_grad_norm)
+                self._squared_norm += stepper.step(self.lr, self.max_grad_norm)
                 param.grad = None  # freed as soon as it is used: no full set of gradients at once
 
         return step_now
@@ -147,7 +165,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if not self.layerwise:
             for stepper in self.steppers.values():
                 if stepper.param.grad is not None:
-                    self._squared_norm += stepper.step()
+                    self._squared_norm += stepper.step(self.lr)
         self.last_grad_norm = self.step_grad_norm()
         self._squared_norm = 0.0
         return loss
@@ -157,15 +175,21 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             stepper.param.grad = None
 
     def state_dict(self) -> dict:
-        return {"steppers": {name: s.state_dict() for name, s in self.steppers.items()}}
+        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}  # lr, initial_lr
+        state = {"group": group, "steppers": {name: s.state_dict() for name, s in self.steppers.items()}}
+        if self.method_state is not None:
+            state["method"] = self.method_state[0]()
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        if self.method_state is not None:
+            self.method_state[1](state_dict["method"])
         missing = self.steppers.keys() - state_dict["steppers"].keys()
         if missing:
             raise ValueError(f"optimizer checkpoint lacks state for {len(missing)} parameters, e.g. {min(missing)}")
         for name, stepper in self.steppers.items():
             stepper.load_state_dict(state_dict["steppers"][name])
-        self._link_groups()  # torch's load_state_dict replaces the group dicts
+        self.param_groups[0].update(state_dict["group"])
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, bits: int, layerwise: bool,
@@ -178,4 +202,4 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, bits
         if param.requires_grad:
             decay = weight_decay if param.ndim >= 2 else 0.0
             steppers[name] = ParamStepper(param, lr, decay, bits, projector_for(name, param))
-    return LayerwiseOptimizer(steppers, layerwise, max_grad_norm, **kwargs)
+    return LayerwiseOptimizer(steppers, lr, layerwise, max_grad_norm, **kwargs)

@@ -1,0 +1,167 @@
+"""LISA: Layerwise Importance Sampled AdamW (arXiv 2403.17919).
+
+Embeddings and head always train; of the decoder layers only `activated_layers` randomly chosen ones do,
+re-sampled every `interval_steps` optimizer steps. Peers only flip `requires_grad`, so their optimizer keeps
+the Adam state of every layer ever activated and memory grows with each switch. Here a switch removes the
+deactivated layers' per-parameter optimizers (state and gradients released) and creates fresh ones for the new
+layers, so memory is bounded by the active set. The schedule is a pure function of (seed, interval index):
+every rank of a distributed run and every resumed run trains the same layers; checkpoints also record the
+active set, which `load_state_dict` restores before loading the optimizer states.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+from pydantic import Field
+
+from finetune.errors import UserError
+from finetune.methods.base import Section
+
+
+class Options(Section):
+    """LISA: train embeddings, head and a few sampled decoder layers at a time."""
+
+    name: Literal["lisa"] = "lisa"
+    activated_layers: int = Field(2, ge=1)
+    """Decoder layers trained at once (the paper's gamma; 2 for 7B models in seed 003)."""
+    interval_steps: int = Field(20, ge=1)
+    """Optimizer steps between re-samplings (the paper's K; 20 in seed 003)."""
+    train_embeddings: bool = True
+    """Always train the input embeddings, as the paper does."""
+    train_head: bool = True
+    """Always train the output head, as the paper does."""
+    always_active: list[int] = Field(default_factory=list)
+    """Decoder layer indices trained in every interval, besides the sampled ones."""
+    optim_bits: Literal[8, 32] = 32
+    """AdamW state precision for the trained parameters (8-bit via bitsandbytes)."""
+    layerwise: bool = False
+    """Step each parameter inside backward and free its gradient at once."""
+    seed: int = 0
+    """Seeds the layer schedule."""
+
+
+def decoder_layers(model):
+    """The stack of decoder blocks of any causal LM: the ModuleList of same-typed blocks holding the most
+    parameters (no per-architecture table)."""
+    import torch
+
+    best, best_size = None, 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size = (name, module), size
+    if best is None:
+        raise UserError("method lisa: found no stack of decoder layers (an nn.ModuleList of blocks) in this model")
+    return best
+
+
+class LISA:
+    name = "lisa"
+    artifact = "model"
+
+    def __init__(self, activated_layers, interval_steps, train_embeddings, train_head, always_active, optim_bits,
+                 layerwise, seed):
+        self.gamma, self.interval, self.always = activated_layers, interval_steps, sorted(set(always_active))
+        self.train_embeddings, self.train_head = train_embeddings, train_head
+        self.bits, self.layerwise, self.seed = optim_bits, layerwise, seed
+        self.optimizer = None
+        self.active: list[int] = []
+
+    def load_kwargs(self):
+        return {}
+
+    def layers_for(self, interval_index: int) -> list[int]:
+        """The layers trained during interval k: the always-active ones plus gamma sampled from the rest."""
+        candidates = [i for i in range(self.n_layers) if i not in self.always]
+        rng = random.Random(f"lisa:{self.seed}:{interval_index}")
+        return sorted(self.always + rng.sample(candidates, self.gamma))
+
+    def prepare(self, model, new_token_ids):
+        prefix, layers = decoder_layers(model)
+        self.n_layers, self.prefix = len(layers), prefix
+        bad = [i for i in self.always if not 0 <= i < self.n_layers]
+        if bad or self.gamma + len(self.always) > self.n_layers:
+            raise UserError(f"method.always_active {self.always} / activated_layers {self.gamma}: the model has "
+                            f"{self.n_layers} decoder layers (indices 0..{self.n_layers - 1})")
+        self.model = model
+        embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+        frozen = set()
+        if not self.train_embeddings:
+            frozen.add(id(embeddings.weight))
+        if not self.train_head and head is not None:
+            frozen.add(id(head.weight))
+        layer_params = {id(p) for p in layers.parameters()}
+        for param in model.parameters():
+            param.requires_grad_(id(param) not in frozen and id(param) not in layer_params)
+        self._set_layers(self.layers_for(0))
+        return model
+
+    def _layer_params(self, index: int) -> dict:
+        prefix = f"{self.prefix}.{index}."
+        return {name: p for name, p in self.model.named_parameters() if name.startswith(prefix)}
+
+    def _set_layers(self, indices: list[int]) -> None:
+        """Freeze the layers leaving, unfreeze those entering; move their optimizer steppers with them."""
+        from finetune.optim.layerwise import ParamStepper
+
+        for index in set(self.active) - set(indices):
+            for name, param in self._layer_params(index).items():
+                param.requires_grad_(False)
+                param.grad = None
+                if self.optimizer is not None:
+                    self.optimizer.remove_stepper(name)
+        for index in set(indices) - set(self.active):
+            for name, param in self._layer_params(index).items():
+                param.requires_grad_(True)
+                if self.optimizer is not None:
+                    decay = self.weight_decay if param.ndim >= 2 else 0.0
+                    self.optimizer.add_stepper(name, ParamStepper(param, self.optimizer.lr, decay, self.bits))
+        self.active = sorted(indices)
+
+    def optimizers(self, model, learning_rate, weight_decay, max_grad_norm):
+        from finetune.optim.layerwise import build_optimizer
+
+        self.weight_decay = weight_decay
+        self.optimizer = build_optimizer(
+            model, learning_rate, weight_decay, self.bits, self.layerwise, max_grad_norm,
+            method_state=(lambda: {"active_layers": list(self.active)},
+                          lambda state: self._set_layers(state["active_layers"])),
+        )
+        return self.optimizer, None
+
+    def callbacks(self):
+        return [LayerSwitcher(self)]
+
+
+def _switcher_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class LayerSwitcher(_switcher_base()):
+    """At the start of every optimizer step (never inside an accumulation window), train the layers the
+    schedule names for this interval; a switch forces a log line recording the new layers."""
+
+    def __init__(self, method: LISA):
+        self.method = method
+        self.switched = False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        wanted = self.method.layers_for(state.global_step // self.method.interval)
+        if wanted != self.method.active or state.global_step == 0:
+            self.method._set_layers(wanted)
+            self.switched = True
+            control.should_log = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.switched and logs is not None:
+            logs["active_layers"] = list(self.method.active)
+            self.switched = False
+
+
+def build(**options) -> LISA:
+    return LISA(**options)
