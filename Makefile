@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FINETUNE := $(VENV)/bin/finetune
 
-.PHONY: install model test demo clean
+.PHONY: install model test demo bench clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ test: install model
 
 demo: install model
 	$(PY) scripts/demo.py
+
+# Every method against full AdamW and the plain-Trainer peers on the embedded model, on this CPU.
+bench: install model
+	$(PY) scripts/bench.py --checkpointing --steps 12 --out bench/all-smollm2-cpu.md
 
 clean:
 	rm -rf runs .pytest_cache

@@ -97,6 +97,46 @@ def validate(
         raise UserError("\n".join(problems))
 
 
+@app.command()
+@user_errors
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
+    gpu_memory: Annotated[str, typer.Option(help="Memory of one GPU, e.g. 24GiB or 80GB.")] = "24GiB",
+    seq_len: Annotated[Optional[int], typer.Option(min=1, help="Tokens per row (default: data.max_length).")] = None,
+    batch: Annotated[Optional[int], typer.Option(min=1, help="Rows per micro-batch (default: train.batch_size).")] = None,
+    set_: Sets = None,
+    debug: Debug = False,
+):
+    """Predict peak GPU memory per component for the recipe and the other methods; say if it fits."""
+    from rich.table import Table
+
+    from finetune.plan import GIB, parse_memory, plan_recipe
+    from finetune.recipe import load_recipe
+
+    loaded = load_recipe(recipe, set_ or [])
+    _quiet_libraries()
+    result = plan_recipe(loaded, parse_memory(gpu_memory), seq_len, batch)
+    setup, estimates = result["setup"], result["estimates"]
+    table = Table(title=f"peak memory (GiB), {result['parameters'] / 1e9:.2f}B parameters, seq {setup.seq_len} x "
+                        f"batch {setup.batch}, {setup.weight_bytes * 8}-bit weights, checkpointing "
+                        f"{'on' if setup.checkpointing else 'off'}")
+    table.add_column("component")
+    labels = [f"recipe ({loaded.method.name})" if k == "recipe" else k for k in estimates]
+    for label in labels:
+        table.add_column(label, justify="right")
+    components = list(dict.fromkeys(c for e in estimates.values() for c in e if c != "total")) + ["total"]
+    for component in components:
+        table.add_row(component, *[f"{e[component] / GIB:.2f}" if component in e else "-" for e in estimates.values()])
+    console.print(table)
+    total = estimates["recipe"]["total"] / GIB
+    if result["fits"]:
+        console.print(f"[green]fits:[/green] {total:.1f} GiB of {result['budget'] / GIB:.1f} GiB")
+    else:
+        advice = result["fix"] or "nothing short of more GPUs (see the distributed section) makes it fit"
+        console.print(f"[red]does not fit:[/red] {total:.1f} GiB > {result['budget'] / GIB:.1f} GiB; cheapest change: "
+                      f"{advice}")
+
+
 @app.command("eval")
 @user_errors
 def eval_(

@@ -25,8 +25,10 @@ class RSSSampler:
     """Peak resident memory over a stretch of time, sampled from /proc every few milliseconds.
 
     `ru_maxrss` never goes down, so it also counts the model-loading peak; this measures only the span between
-    start() and stop(), e.g. the training steps. Run with MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors
-    go back to the OS (glibc would otherwise keep them in its heap and RSS would hide what was released).
+    start() and stop(), e.g. the training steps. Run with MALLOC_MMAP_THRESHOLD_=4194304 so that tensors of
+    4 MiB and more are mapped and unmapped (their release shows in RSS; glibc's dynamic threshold would keep
+    them in its heap) while smaller temporaries still come from the heap: a lower threshold makes every small
+    allocation a fresh mapping and slows allocation-heavy code (measured: GaLore steps 1.7x slower at 64 KiB).
     """
 
     def __init__(self, interval_s: float = 0.005):

@@ -36,7 +36,7 @@ def build_tokenizer(special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token="<|endoftext|>")
 
 
-def build_tiny_llama(vocab_size: int, seed: int = 0):
+def build_tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -45,7 +45,7 @@ def build_tiny_llama(vocab_size: int, seed: int = 0):
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
@@ -61,6 +61,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(path)
     build_tiny_llama(len(tokenizer)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny4_model_dir(tmp_path_factory) -> Path:
+    """The tiny Llama with 4 decoder layers (LISA needs layers to choose from)."""
+    path = tmp_path_factory.mktemp("tiny-llama-4")
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(path)
+    build_tiny_llama(len(tokenizer), layers=4).save_pretrained(path)
     return path
 
 

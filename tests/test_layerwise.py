@@ -110,6 +110,7 @@ def test_galore_layerwise_equals_galore_with_accumulation_4(tiny_model_dir, bits
         run(model, optimizer, 4, data, flag)
         models[layerwise] = model
         assert all(optimizer.steppers[name].projector.refreshes == 2 for name in targets)  # steps 0 and 2
+        assert all(optimizer.steppers[name].proxy.numel() == 0 for name in targets)  # no resident low-rank copy
     assert_same_weights(models[True], models[False], atol=1e-5)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert not torch.equal(models[True].model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
@@ -181,3 +182,23 @@ def test_logged_grad_norm_and_lr_through_the_trainer(write_recipe, tmp_path):
     assert [r["lr"] for r in logged[True]] == pytest.approx([1e-3, 2e-3 / 3, 1e-3 / 3])
     assert [r["lr"] for r in logged[True]] == pytest.approx([r["lr"] for r in logged[False]])
     assert json.loads((tmp_path / "lwTrue" / "run.json").read_text())["method"] == "full"
+
+
+def test_chunked_8bit_update_is_bit_identical_to_bitsandbytes():
+    import bitsandbytes as bnb
+
+    from finetune.optim.layerwise import CHUNK, _chunked_adamw8bit
+
+    torch.manual_seed(0)
+    start = torch.randn(CHUNK + 3 * 256 + 17)  # more than one chunk, ragged last block
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    optimizers = [_chunked_adamw8bit()([ours], lr=1e-2, weight_decay=0.1),
+                  bnb.optim.AdamW8bit([theirs], lr=1e-2, weight_decay=0.1)]
+    for _ in range(3):
+        grad = torch.randn_like(start)
+        for param, optimizer in zip((ours, theirs), optimizers):
+            param.grad = grad.clone()
+            optimizer.step()
+    assert torch.equal(ours, theirs) and not torch.equal(ours, start)
+    for key in ("state1", "state2", "absmax1", "absmax2"):
+        assert torch.equal(optimizers[0].state[ours][key], optimizers[1].state[theirs][key])

@@ -23,6 +23,13 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
+def train_all(model):
+    """Every parameter learns (full fine-tuning and GaLore)."""
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
+
+
 class Method(Protocol):
     name: str
     #: Subdirectory of the run dir that holds the final weights: "model" (a full checkpoint) or "adapter".

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from finetune.methods.base import Section
+from finetune.methods.base import Section, train_all
 
 
 class Options(Section):
@@ -28,9 +28,7 @@ class FullFineTune:
         return {}
 
     def prepare(self, model, new_token_ids):
-        for param in model.parameters():
-            param.requires_grad_(True)
-        return model
+        return train_all(model)
 
     def optimizers(self, model, learning_rate, weight_decay, max_grad_norm):
         if self.bits == 32 and not self.layerwise:

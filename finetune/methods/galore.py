@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from finetune.methods.base import Section
+from finetune.methods.base import Section, train_all
 
 
 class Options(Section):
@@ -48,9 +48,7 @@ class GaLore:
         return {}
 
     def prepare(self, model, new_token_ids):
-        for param in model.parameters():
-            param.requires_grad_(True)
-        return model
+        return train_all(model)
 
     def optimizers(self, model, learning_rate, weight_decay, max_grad_norm):
         from finetune.optim.galore import Projector

@@ -58,6 +58,18 @@ def decoder_layers(model):
     return best
 
 
+def frozen_outside_layers(model, layers, train_embeddings: bool, train_head: bool) -> set[int]:
+    """ids of the parameters LISA does not train between switches: every decoder layer, and the embeddings or
+    head when the options say so (the final norm always trains)."""
+    frozen = {id(p) for p in layers.parameters()}
+    head = model.get_output_embeddings()
+    if not train_embeddings:
+        frozen.add(id(model.get_input_embeddings().weight))
+    if not train_head and head is not None:
+        frozen.add(id(head.weight))
+    return frozen
+
+
 class LISA:
     name = "lisa"
     artifact = "model"
@@ -87,15 +99,9 @@ class LISA:
             raise UserError(f"method.always_active {self.always} / activated_layers {self.gamma}: the model has "
                             f"{self.n_layers} decoder layers (indices 0..{self.n_layers - 1})")
         self.model = model
-        embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
-        frozen = set()
-        if not self.train_embeddings:
-            frozen.add(id(embeddings.weight))
-        if not self.train_head and head is not None:
-            frozen.add(id(head.weight))
-        layer_params = {id(p) for p in layers.parameters()}
+        frozen = frozen_outside_layers(model, layers, self.train_embeddings, self.train_head)
         for param in model.parameters():
-            param.requires_grad_(id(param) not in frozen and id(param) not in layer_params)
+            param.requires_grad_(id(param) not in frozen)
         self._set_layers(self.layers_for(0))
         return model
 

@@ -40,6 +40,7 @@ class Projector(GaLoreProjector):
         self.svd = svd
         self.seed = seed  # the randomized sketch of refresh k uses seed + k: resumable, independent of global RNG
         self.refreshes = 0
+        self.side = None  # which side the matrix projects: right, left or full (both)
 
     def get_orthogonal_matrix(self, weights, rank, type):  # noqa: A002 - galore-torch's signature
         matrix = weights.data.float()
@@ -52,6 +53,7 @@ class Projector(GaLoreProjector):
                 U, s, V = torch.svd_lowrank(matrix, q=min(rank + OVERSAMPLE, *matrix.shape), niter=POWER_ITERATIONS)
             Vh = V.T
         self.refreshes += 1
+        self.side = type
         dtype = weights.dtype
         if type == "right":
             return Vh[:rank, :].contiguous().to(dtype)
@@ -59,10 +61,21 @@ class Projector(GaLoreProjector):
             return U[:, :rank].contiguous().to(dtype)
         return [U[:, :rank].contiguous().to(dtype), Vh[:rank, :].contiguous().to(dtype)]
 
+    def add_projected_back(self, target, low_rank) -> None:
+        """target += scale * project_back(low_rank), fused into one addmm_: no full-size temporary."""
+        if self.side == "right":  # low_rank (m, r) @ ortho (r, n)
+            target.addmm_(low_rank, self.ortho_matrix, alpha=self.scale)
+        elif self.side == "left":  # ortho (m, r) @ low_rank (r, n)
+            target.addmm_(self.ortho_matrix, low_rank, alpha=self.scale)
+        else:
+            target.add_(self.project_back(low_rank))
+
     def state_dict(self) -> dict:
         matrix = self.ortho_matrix
-        return {"ortho": list(matrix) if isinstance(matrix, list) else matrix, "refreshes": self.refreshes}
+        return {"ortho": list(matrix) if isinstance(matrix, list) else matrix, "refreshes": self.refreshes,
+                "side": self.side}
 
     def load_state_dict(self, state: dict) -> None:
         self.ortho_matrix = state["ortho"]
         self.refreshes = state["refreshes"]
+        self.side = state["side"]

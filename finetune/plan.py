@@ -1,0 +1,298 @@
+"""`finetune plan`: predict peak training memory from the model config alone, before any weight is loaded.
+
+The model is instantiated on the meta device (shapes, no storage), so parameter counts are exact for any
+architecture transformers knows. Memory is the sum of components, each documented where it is computed:
+weights, gradients, optimizer states, GaLore projectors, LoRA adapters, activations, transient buffers and
+framework overhead. Gradients and activations are added although they peak at slightly different moments:
+the plan errs on the side of not fitting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from finetune.errors import UserError
+
+CONFIGS = Path(__file__).parent / "configs"
+#: Architectures known without hub access: aliases, bench names and the hub ids of shipped recipes.
+KNOWN = {
+    "smollm2-135m-instruct": "smollm2-135m-instruct.json",
+    "llama2-7b": "llama2-7b.json",
+    "meta-llama/Llama-2-7b-hf": "llama2-7b.json",
+}
+GIB = 2**30
+#: CUDA context, cuBLAS workspaces and allocator slack that `max_memory_allocated` does not show but the card
+#: must hold. 1 GiB is what a PyTorch process on an H100/4090 typically carries beyond its tensors.
+CUDA_OVERHEAD = 1.0 * GIB
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How the model trains: what memory depends on besides the method."""
+
+    weight_bytes: int  # 4 fp32, 2 bf16 (fp16 training keeps fp32 weights)
+    seq_len: int
+    batch: int
+    accumulation: int
+    checkpointing: bool
+    attention: str  # sdpa, flash_attention_2 or eager
+    overhead_bytes: float = CUDA_OVERHEAD
+    device: str = "cuda"  # optimizer kernels differ: fused on CUDA, per-tensor with temporaries on CPU
+
+
+def load_config(name_or_path: str):
+    """The model config without weights: a local dir, a cached embedded model, a bundled config, or the hub."""
+    from transformers import AutoConfig
+
+    from finetune.modeling import EMBEDDED, cache_dir
+
+    path = Path(name_or_path).expanduser()
+    if (path / "config.json").exists():
+        return AutoConfig.from_pretrained(path)
+    if name_or_path in EMBEDDED and (cache_dir() / "models" / name_or_path / "config.json").exists():
+        return AutoConfig.from_pretrained(cache_dir() / "models" / name_or_path)
+    if name_or_path in KNOWN:
+        data = json.loads((CONFIGS / KNOWN[name_or_path]).read_text())
+        return AutoConfig.for_model(data.pop("model_type"), **data)
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except Exception as err:
+        raise UserError(f"cannot read the config of `{name_or_path}` ({err}); known without the hub: "
+                        f"{', '.join(KNOWN)}") from None
+
+
+def meta_model(config):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def trainable_parameters(model, method) -> dict[str, int]:
+    """Name -> element count of what the method trains (LoRA: the adapter matrices it would add)."""
+    name = method.name
+    params = dict(model.named_parameters())
+    if name in ("full", "galore"):
+        return {n: p.numel() for n, p in params.items()}
+    if name == "lora":
+        return {f"{n}.lora": method.r * (m.in_features + m.out_features) for n, m in _lora_targets(model, method)}
+    if name == "lisa":
+        from finetune.methods.lisa import decoder_layers, frozen_outside_layers
+
+        prefix, layers = decoder_layers(model)
+        frozen = frozen_outside_layers(model, layers, method.train_embeddings, method.train_head)
+        keep = {n: p.numel() for n, p in params.items() if id(p) not in frozen}
+        active = method.activated_layers + len(set(method.always_active))  # the blocks are alike: any of them
+        for index in range(active):
+            keep.update({f"{prefix}.{index}.{n}": p.numel() for n, p in layers[index].named_parameters()})
+        return keep
+    raise UserError(f"plan: no memory model for method `{name}`")
+
+
+def _lora_targets(model, method):
+    import torch
+
+    head = model.get_output_embeddings()
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        if method.target_modules == "all-linear" or any(name == t or name.endswith(f".{t}")
+                                                       for t in method.target_modules):
+            yield name, module
+
+
+def _adam_state_bytes(numel: int, bits: int, param_bytes: int) -> int:
+    """Two moments. torch AdamW keeps them in the parameter's dtype; bitsandbytes' 8-bit AdamW stores tensors
+    of at least 4096 elements in one byte each (plus a 4-byte scale per 2048), smaller ones in fp32."""
+    if bits == 8 and numel >= 4096:
+        return 2 * (numel + 4 * math.ceil(numel / 2048))
+    return 2 * numel * (4 if bits == 8 else param_bytes)
+
+
+def activation_bytes(config, setup: Setup) -> dict[str, float]:
+    """Saved activations of one forward, by part.
+
+    Per decoder layer and token, a Llama-style block saves about 8h + 4h_kv + 4I values: the two norm inputs
+    and outputs, q and its rotated copy, k and v and their rotated copies, the attention output feeding
+    o_proj, and four intermediate-sized tensors of the gated MLP (gate, up, activation, product). Eager
+    attention also keeps the heads x seq attention scores and probabilities per token. With checkpointing
+    only each layer's input (h values) stays, plus one layer recomputed in full during backward. The loss
+    keeps the logits, their fp32 copy and the fp32 log-softmax (V values at weight, 4 and 4 bytes).
+    """
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    h_kv = h * kv // heads
+    tokens = setup.seq_len * setup.batch
+    b = setup.weight_bytes
+    per_layer = (8 * h + 4 * h_kv + 4 * inter) * b
+    if setup.attention == "eager":
+        per_layer += 2 * heads * setup.seq_len * b
+    stored = layers * h * b + per_layer if setup.checkpointing else layers * per_layer
+    return {"layers": tokens * stored, "logits": tokens * config.vocab_size * (b + 8)}
+
+
+def estimate(config, method, setup: Setup) -> dict[str, float]:
+    """Predicted bytes per component for one method; `total` is their sum."""
+    import torch
+
+    model = meta_model(config)
+    params = dict(model.named_parameters())
+    wb = setup.weight_bytes
+    trainable = trainable_parameters(model, method)
+    bits = getattr(method, "optim_bits", 32)
+    layerwise = getattr(method, "layerwise", False)
+    rows = {"weights": sum(p.numel() for p in params.values()) * wb}
+    if method.name == "lora" and method.quantize != "none":
+        # bitsandbytes quantizes every linear but the head. NF4 with double quantization: 4 bits plus an 8-bit
+        # scale per 64 values plus an fp32 scale per 256 scales; LLM.int8: a byte plus an fp32 scale per row.
+        linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings()]
+        count = sum(m.weight.numel() for m in linear)
+        quantized = count * (0.5 + 1 / 64 + 4 / (64 * 256)) if method.quantize == "4bit" else \
+            count + 4 * sum(m.out_features for m in linear)
+        rows["weights"] += quantized - count * wb
+    if method.name == "lora":
+        adapter = sum(trainable.values())
+        # peft keeps adapters in fp32 over a bf16 base (autocast_adapter_dtype): weights, grads, AdamW moments
+        rows["lora adapters"] = adapter * 4
+        rows["gradients"] = adapter * 4
+        rows["optimizer states"] = 2 * adapter * 4
+    elif method.name == "galore":
+        from finetune.methods.galore import projected_weights
+        from finetune.optim.galore import low_rank_shape
+
+        projected = projected_weights(model, method.target_modules)
+        states = projectors = 0
+        largest_proxy = 0
+        for name, numel in trainable.items():
+            if name in projected:
+                shape = tuple(params[name].shape)
+                r = min(method.rank, *shape)
+                low = math.prod(low_rank_shape(shape, method.rank, method.proj_type))
+                projectors += (r * min(shape) if method.proj_type != "full" else r * sum(shape)) * wb
+                states += _adam_state_bytes(low, bits, wb)
+                largest_proxy = max(largest_proxy, low * wb)
+            else:
+                states += _adam_state_bytes(numel, bits, wb)
+        rows["optimizer states"] = states
+        rows["galore projectors"] = projectors
+        rows["gradients"] = _gradient_bytes(trainable, params, wb, layerwise, setup.accumulation)
+        rows["transient"] = largest_proxy  # the low-rank update being applied
+    else:
+        rows["optimizer states"] = sum(_adam_state_bytes(n, bits, wb) for n in trainable.values())
+        rows["gradients"] = _gradient_bytes(trainable, params, wb, layerwise, setup.accumulation)
+    if setup.device == "cpu":
+        rows["transient"] = rows.get("transient", 0) + _cpu_step_temporaries(trainable, params, wb, bits, method)
+    rows.update({f"activations ({k})": v for k, v in activation_bytes(config, setup).items()})
+    rows["framework overhead"] = setup.overhead_bytes
+    rows["total"] = sum(rows.values())
+    return rows
+
+
+def _cpu_step_temporaries(trainable, params, wb, bits, method) -> float:
+    """On CPU, torch's AdamW runs tensor by tensor and allocates about two fp32 temporaries the size of the
+    tensor it updates (the denominator and the step); finetune's chunked 8-bit update needs ~24 bytes per
+    value of one 1M-value chunk. On CUDA the fused kernels need neither."""
+    if method.name == "lora":
+        return 0.0
+    largest = max((params[n].numel() for n in trainable if n in params), default=0)
+    return 24 * min(largest, 256 * 4096) if bits == 8 else 2 * largest * 4
+
+
+def _gradient_bytes(trainable, params, wb, layerwise, accumulation) -> float:
+    """All trainable gradients at once; layer-wise with no accumulation holds only the largest one at a time
+    (each is freed right after its parameter steps)."""
+    sizes = [params[n].numel() for n in trainable if n in params]
+    if layerwise and accumulation == 1:
+        return max(sizes, default=0) * wb
+    return sum(sizes) * wb
+
+
+def parse_memory(text: str) -> float:
+    """'24GiB', '24GB' (10^9), '80g', '24' (GiB) -> bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*([\d.]+)\s*(gib|gb|g|mib|mb)?\s*", text.lower())
+    if not match:
+        raise UserError(f"--gpu-memory {text!r}: expected a size like 24GiB or 80GB")
+    value, unit = float(match.group(1)), match.group(2) or "gib"
+    return value * {"gib": GIB, "g": GIB, "gb": 1e9, "mib": 2**20, "mb": 1e6}[unit]
+
+
+def comparison_methods(recipe_method):
+    """The recipe's method and the usual alternatives on the same model, as validated option objects."""
+    from finetune.methods import METHODS
+
+    r = getattr(recipe_method, "r", 8)
+    rank = getattr(recipe_method, "rank", 128)
+    gamma = getattr(recipe_method, "activated_layers", 2)
+    candidates = {
+        "full AdamW": {"name": "full"},
+        "full 8-bit AdamW": {"name": "full", "optim_bits": 8},
+        f"LoRA r={r}": {"name": "lora", "r": r},
+        f"QLoRA 4-bit r={r}": {"name": "lora", "r": r, "quantize": "4bit"},
+        f"GaLore r={rank} layer-wise 8-bit": {"name": "galore", "rank": rank, "optim_bits": 8, "layerwise": True},
+        f"LISA g={gamma}": {"name": "lisa", "activated_layers": gamma},
+    }
+    methods = {"recipe": recipe_method}
+    methods.update({label: METHODS[o["name"]].Options(**o) for label, o in candidates.items()})
+    return methods
+
+
+def setup_for(recipe, seq_len: int | None, batch: int | None, on_gpu: bool = True) -> Setup:
+    dtype = recipe.model.dtype
+    weight_bytes = 4 if dtype in ("fp32", "fp16") or (dtype == "auto" and not on_gpu) else 2
+    attention = "sdpa" if recipe.model.attn_implementation in ("auto", "flash_attention_2") else \
+        recipe.model.attn_implementation
+    return Setup(weight_bytes=weight_bytes, seq_len=seq_len or recipe.data.max_length,
+                 batch=batch or recipe.train.batch_size, accumulation=recipe.train.gradient_accumulation_steps,
+                 checkpointing=recipe.model.gradient_checkpointing, attention=attention)
+
+
+def cheapest_fix(config, method, setup: Setup, budget: float) -> str | None:
+    """The first change, from least to most disruptive, after which the run fits; None if none does."""
+    from finetune.methods import METHODS
+
+    tries = []
+    if not setup.checkpointing:
+        tries.append(("turn on gradient checkpointing (model.gradient_checkpointing: true)", method,
+                      replace(setup, checkpointing=True)))
+    batch, accumulation = setup.batch, setup.accumulation
+    while batch > 1:
+        batch, accumulation = batch // 2, accumulation * 2
+        tries.append((f"train.batch_size: {batch} with train.gradient_accumulation_steps: {accumulation} "
+                      "(same effective batch)", method, replace(setup, batch=batch, accumulation=accumulation)))
+    switches = [("full", {"optim_bits": 8, "layerwise": True}, "8-bit layer-wise AdamW (method.optim_bits: 8, "
+                 "method.layerwise: true)"),
+                ("galore", {"optim_bits": 8, "layerwise": True}, "method.name: galore with optim_bits 8, layerwise"),
+                ("lora", {}, "method.name: lora"),
+                ("lora", {"quantize": "4bit"}, "method.name: lora with quantize: 4bit (QLoRA)")]
+    # Layer-wise methods keep every gradient between micro-batches, so a switch is tried at the recipe's own
+    # batch first, then at batch 1 with accumulation.
+    small = replace(setup, batch=1, accumulation=setup.batch * setup.accumulation, checkpointing=True)
+    for trial, suffix in ((replace(setup, checkpointing=True), ", checkpointing on"),
+                          (small, ", batch 1 with accumulation, checkpointing on")):
+        for name, options, label in switches:
+            tries.append((label + suffix, METHODS[name].Options(**options), trial))
+    seq = setup.seq_len
+    while seq > 128:
+        seq //= 2
+        tries.append((f"data.max_length: {seq}", method, replace(setup, seq_len=seq)))
+    for label, candidate, trial in tries:
+        if estimate(config, candidate, trial)["total"] <= budget:
+            return label
+    return None
+
+
+def plan_recipe(recipe, budget: float, seq_len: int | None = None, batch: int | None = None) -> dict:
+    config = load_config(recipe.model.name_or_path)
+    setup = setup_for(recipe, seq_len, batch)
+    estimates = {label: estimate(config, method, setup) for label, method in comparison_methods(recipe.method).items()}
+    fits = estimates["recipe"]["total"] <= budget
+    fix = None if fits else cheapest_fix(config, recipe.method, setup, budget)
+    return {"setup": setup, "estimates": estimates, "fits": fits, "fix": fix, "budget": budget,
+            "parameters": sum(p.numel() for p in meta_model(config).parameters())}

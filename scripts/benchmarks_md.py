@@ -1,0 +1,28 @@
+"""Assemble BENCHMARKS.md from the tables scripts/bench.py wrote into bench/ (verbatim: nothing typed by hand)."""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = [
+    ("GaLore vs full AdamW, LoRA and the plain-Trainer peer (issue 4), CPU", "galore-smollm2-cpu.md"),
+    ("LISA vs LoRA and full AdamW (issue 5), CPU", "lisa-smollm2-cpu.md"),
+    ("Every method (`make bench`), CPU", "all-smollm2-cpu.md"),
+]
+GPU = ("## GPU: `python scripts/bench.py --arch llama2-7b --seq-len 2048` (bf16, flash attention if available)\n\n"
+       "Not measured: no GPU machine was available to the sessions that wrote this file. No figures are estimated "
+       "in their place.\n")
+
+
+def main() -> None:
+    parts = ["# Benchmarks\n", "Every table below is the verbatim output of `scripts/bench.py` (command, date, machine and "
+             "versions in its first line); `python scripts/benchmarks_md.py` rebuilds this file from `bench/`.\n"]
+    for title, name in SECTIONS:
+        path = ROOT / "bench" / name
+        if path.exists():
+            parts.append(f"## {title}\n\n{path.read_text().strip()}\n")
+    parts.append(GPU)
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""`finetune plan`: exact parameter counts, predictions against measured peaks, the 7B verdicts, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from finetune.cli import app
+from finetune.methods import METHODS
+from finetune.plan import GIB, Setup, estimate, load_config, meta_model, trainable_parameters
+from finetune.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def options(**o):
+    return METHODS[o["name"]].Options(**o)
+
+
+def real_trainable(model_dir, method) -> int:
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    built = METHODS[method.name].build(**method.model_dump(exclude={"name"}))
+    model = built.prepare(model, [])
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "full"}, {"name": "lora", "r": 4}, {"name": "lora", "r": 8, "target_modules": ["q_proj", "v_proj"]},
+    {"name": "galore", "rank": 8}, {"name": "lisa", "activated_layers": 2}, {"name": "lisa", "activated_layers": 1,
+                                                                           "always_active": [3], "train_head": False},
+], ids=lambda m: "-".join(str(v) for v in m.values()))
+def test_plan_counts_equal_the_instantiated_model(tiny4_model_dir, method):
+    method = options(**method)
+    config = AutoConfig.from_pretrained(tiny4_model_dir)
+    planned = sum(trainable_parameters(meta_model(config), method).values())
+    assert planned == real_trainable(tiny4_model_dir, method)
+    real = AutoModelForCausalLM.from_pretrained(tiny4_model_dir)
+    assert sum(p.numel() for p in meta_model(config).parameters()) == sum(p.numel() for p in real.parameters())
+
+
+def test_seed_000_plan_for_llama2_7b():
+    recipe = load_recipe(ROOT / "recipes" / "llama7b-galore.yaml")
+    config = load_config(recipe.model.name_or_path)  # bundled: no hub needed
+    setup = Setup(weight_bytes=2, seq_len=256, batch=16, accumulation=1, checkpointing=True, attention="sdpa")
+    galore = estimate(config, recipe.method, setup)
+    full = estimate(config, options(name="full"), setup)
+    assert abs(sum(p.numel() for p in meta_model(config).parameters()) - 6.74e9) < 0.01e9
+    assert galore["total"] < 24 * GIB
+    assert full["total"] > 2 * 24 * GIB  # weights + gradients + two bf16 moments alone are 50 GiB
+    assert full["weights"] == pytest.approx(6738415616 * 2)
+
+
+def test_plan_cli_verdicts_and_advice(tmp_path):
+    fits = runner.invoke(app, ["plan", str(ROOT / "recipes" / "llama7b-galore.yaml")])
+    assert fits.exit_code == 0, fits.output
+    assert "fits:" in fits.output and "GaLore" in fits.output
+    full = tmp_path / "full7b.yaml"
+    full.write_text("model: {name_or_path: meta-llama/Llama-2-7b-hf, dtype: bf16}\ndata: {train: org/set, max_length: 256}"
+                    "\nmethod: {name: full}\ntrain: {batch_size: 4}\n")
+    advice = runner.invoke(app, ["plan", str(full), "--gpu-memory", "24GiB"])
+    assert advice.exit_code == 0 and "does not fit" in advice.output
+    # 8-bit moments alone are 12.6 GiB for 7B: projecting them (GaLore) is the cheapest change that fits
+    assert "cheapest change: method.name: galore with optim_bits 8, layerwise" in " ".join(advice.output.split())
+    roomy = runner.invoke(app, ["plan", str(full), "--gpu-memory", "80GiB"])
+    assert "fits:" in roomy.output
+    bad = runner.invoke(app, ["plan", str(ROOT / "recipes" / "llama7b-galore.yaml"), "--gpu-memory", "lots"])
+    assert bad.exit_code == 2 and "expected a size like 24GiB" in bad.output
+
+
+# --- predictions against measurements (CPU: resident memory) -------------------------------------------------
+# On a CPU the measured quantity is the process's peak resident memory during the training steps (sampled by
+# scripts/bench.py), which includes the Python/PyTorch libraries. The plan's framework-overhead row is
+# replaced by that process's own resident memory before the model was loaded, measured in the same process.
+
+MEASURED = [
+    {"name": "full"},
+    {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0},
+    {"name": "galore", "rank": 64, "optim_bits": 8, "layerwise": True},
+    {"name": "lisa", "activated_layers": 2, "interval_steps": 1},
+]
+
+
+def measure(model: str, method: dict, seq_len: int, batch: int, tmp_path: Path) -> dict:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench import write_rows
+
+    data = tmp_path / "rows.jsonl"
+    write_rows(data, batch * 3, seq_len)
+    spec = {"model": model, "data": str(data), "seq_len": seq_len, "batch": batch, "steps": 3, "galore_rank": 64,
+            "gap": 200, "checkpointing": True, "method": method, "out": str(tmp_path / "run")}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "4194304"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--child", json.dumps(spec)],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check_prediction(model_dir: str, method: dict, tmp_path: Path, seq_len: int = 128, batch: int = 2):
+    measured = measure(model_dir, method, seq_len, batch, tmp_path)
+    option = options(**{k: v for k, v in method.items() if k != "interval_steps"} | (
+        {"rank": 64} if method["name"] == "galore" else {}))
+    setup = Setup(weight_bytes=4, seq_len=seq_len, batch=batch, accumulation=1, checkpointing=True,
+                  attention="sdpa", overhead_bytes=measured["baseline_gb"] * GIB, device="cpu")
+    predicted = estimate(load_config(model_dir), option, setup)["total"] / GIB
+    assert predicted == pytest.approx(measured["peak_gb"], rel=0.15), (method, predicted, measured)
+
+
+@pytest.mark.parametrize("method", MEASURED, ids=lambda m: m["name"])
+def test_prediction_within_15_percent_on_the_tiny_model(tiny4_model_dir, method, tmp_path):
+    check_prediction(str(tiny4_model_dir), method, tmp_path)
+
+
+#: Known gap (issue 6 stays open): on SmolLM2 the plan under-predicts LoRA and GaLore by ~0.3-0.4 GiB of
+#: resident memory (measured 1.60 vs 1.21 GiB and 1.66 vs 1.36 GiB); full AdamW and LISA are within 15%.
+#: strict: the day the model covers it, these fail and the marks must go.
+UNDER_PREDICTED = {"lora", "galore"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [
+    pytest.param(m, marks=pytest.mark.xfail(strict=True, reason="plan under-predicts CPU RSS for this method by "
+                                            "~0.3-0.4 GiB on SmolLM2 (issue 6)")) if m["name"] in UNDER_PREDICTED
+    else m for m in MEASURED], ids=lambda m: m["name"])
+def test_prediction_within_15_percent_on_the_embedded_model(method, tmp_path):
+    from finetune.modeling import cache_dir
+
+    model = cache_dir() / "models" / "smollm2-135m-instruct"
+    if not (model / "config.json").exists():
+        pytest.skip(f"embedded SmolLM2 not cached at {model}; run `make model`")
+    check_prediction(str(model), method, tmp_path)
