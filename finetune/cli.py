@@ -128,6 +128,8 @@ def plan(
     for component in components:
         table.add_row(component, *[f"{e[component] / GIB:.2f}" if component in e else "-" for e in estimates.values()])
     console.print(table)
+    console.print("total = weights, states, projectors, adapters and overhead, plus the largest of a step's moments "
+                  "(loss backward, end of backward, optimizer step): not the column sum.")
     total = estimates["recipe"]["total"] / GIB
     if result["fits"]:
         console.print(f"[green]fits:[/green] {total:.1f} GiB of {result['budget'] / GIB:.1f} GiB")

@@ -1,10 +1,12 @@
 """`finetune plan`: predict peak training memory from the model config alone, before any weight is loaded.
 
 The model is instantiated on the meta device (shapes, no storage), so parameter counts are exact for any
-architecture transformers knows. Memory is the sum of components, each documented where it is computed:
-weights, gradients, optimizer states, GaLore projectors, LoRA adapters, activations, transient buffers and
-framework overhead. Gradients and activations are added although they peak at slightly different moments:
-the plan errs on the side of not fitting.
+architecture transformers knows. Components, each documented where it is computed: weights, optimizer states,
+GaLore projectors and LoRA adapters stay for the whole run; activations, the loss's LM-head tiles, gradients and
+optimizer-step temporaries come and go within a step. The peak is the resident part plus the largest of three
+moments of a step: the loss backward (all saved activations, the LM-head tiles and head gradient buffer), the
+end of backward (activations still held plus every gradient alive), and the optimizer step (gradients plus the
+optimizer's temporaries).
 """
 
 from __future__ import annotations
@@ -133,11 +135,28 @@ def activation_bytes(config, setup: Setup) -> dict[str, float]:
     if setup.attention == "eager":
         per_layer += 2 * heads * setup.seq_len * b
     stored = layers * h * b + per_layer if setup.checkpointing else layers * per_layer
-    return {"layers": tokens * stored, "logits": tokens * config.vocab_size * (b + 8)}
+    return tokens * stored
+
+
+#: TRL's fused LM head (trl.trainer.utils.add_fused_lm_head) never materialises the (tokens, vocab) logits: it
+#: projects tiles of up to 4096 tokens x 32768 vocabulary entries. On CUDA (Triton) a backward tile costs the tile
+#: itself and one fp32 working copy; the torch fallback used elsewhere (CPU) materialises about nine fp32 tiles
+#: (scaled logits, log-probs, probs, the gradient and its intermediate products).
+LM_HEAD_TOKENS, LM_HEAD_VOCAB = 4096, 32768
+
+
+def loss_bytes(config, setup: Setup, head_trains: bool) -> float:
+    """The loss backward's LM-head tiles, plus the fp32 head-gradient buffer the kernel fills when the head
+    trains (and its cast to the weight dtype)."""
+    tokens = setup.seq_len * setup.batch
+    tile = min(tokens, LM_HEAD_TOKENS) * min(config.vocab_size, LM_HEAD_VOCAB)
+    tiles = tile * 4 * (9 if setup.device == "cpu" else 2)
+    head = config.vocab_size * config.hidden_size * (4 + (setup.weight_bytes if setup.weight_bytes != 4 else 0))
+    return tiles + (head if head_trains else 0)
 
 
 def estimate(config, method, setup: Setup) -> dict[str, float]:
-    """Predicted bytes per component for one method; `total` is their sum."""
+    """Predicted bytes per component for one method; `total` is the peak (see the module docstring)."""
     import torch
 
     model = meta_model(config)
@@ -187,9 +206,21 @@ def estimate(config, method, setup: Setup) -> dict[str, float]:
         rows["gradients"] = _gradient_bytes(trainable, params, wb, layerwise, setup.accumulation)
     if setup.device == "cpu":
         rows["transient"] = rows.get("transient", 0) + _cpu_step_temporaries(trainable, params, wb, bits, method)
-    rows.update({f"activations ({k})": v for k, v in activation_bytes(config, setup).items()})
+    head_trains = method.name in ("full", "galore") or (method.name == "lisa" and method.train_head)
+    rows["activations"] = activation_bytes(config, setup)
+    rows["loss (LM-head tiles)"] = loss_bytes(config, setup, head_trains)
+    rows.setdefault("transient", 0.0)
     rows["framework overhead"] = setup.overhead_bytes
-    rows["total"] = sum(rows.values())
+    resident = sum(rows.get(k, 0.0) for k in ("weights", "optimizer states", "galore projectors", "lora adapters",
+                                               "framework overhead"))
+    grads = rows["gradients"]
+    layerwise_steps = layerwise or method.name == "lora"  # no large optimizer step after backward
+    moments = [
+        rows["activations"] + rows["loss (LM-head tiles)"],
+        rows["activations"] + grads + (rows["transient"] if layerwise_steps else 0.0),
+        grads + (0.0 if layerwise_steps else rows["transient"]),
+    ]
+    rows["total"] = resident + max(moments)
     return rows
 
 

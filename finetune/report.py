@@ -115,7 +115,11 @@ def plot_loss(metrics_path: Path, out: Path) -> None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (assistant tokens)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no loss logged yet (fewer steps than train.logging_steps)", ha="center",
+                transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
