@@ -102,14 +102,15 @@ def measure(model: str, method: dict, seq_len: int, batch: int, tmp_path: Path) 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def check_prediction(model_dir: str, method: dict, tmp_path: Path, seq_len: int = 128, batch: int = 2):
+def check_prediction(model_dir: str, method: dict, tmp_path: Path, seq_len: int = 128, batch: int = 2,
+                     rel: float = 0.15):
     measured = measure(model_dir, method, seq_len, batch, tmp_path)
     option = options(**{k: v for k, v in method.items() if k != "interval_steps"} | (
         {"rank": 64} if method["name"] == "galore" else {}))
     setup = Setup(weight_bytes=4, seq_len=seq_len, batch=batch, accumulation=1, checkpointing=True,
                   attention="sdpa", overhead_bytes=measured["baseline_gb"] * GIB, device="cpu")
     predicted = estimate(load_config(model_dir), option, setup)["total"] / GIB
-    assert predicted == pytest.approx(measured["peak_gb"], rel=0.15), (method, predicted, measured)
+    assert predicted == pytest.approx(measured["peak_gb"], rel=rel), (method, predicted, measured)
 
 
 @pytest.mark.parametrize("method", MEASURED, ids=lambda m: m["name"])
@@ -117,21 +118,18 @@ def test_prediction_within_15_percent_on_the_tiny_model(tiny4_model_dir, method,
     check_prediction(str(tiny4_model_dir), method, tmp_path)
 
 
-#: Known gap (issue 6 stays open): on SmolLM2 the plan under-predicts LoRA by ~17% of resident memory
-#: (scripts/plan_check.py: 1.33 vs 1.61 GiB), a per-token term not yet identified; the other methods are within
-#: 10%. strict: the day the model covers it, this fails and the mark must go.
-UNDER_PREDICTED = {"lora"}
+#: Known gap (issue 6 stays open): on SmolLM2 the plan under-predicts LoRA by 15-21% of resident memory
+#: (scripts/plan_check.py: 1.33 vs ~1.6 GiB; the measurement moves by a few percent between runs), a per-token
+#: term not yet identified. LoRA is held to the accuracy it has today, 25%; the other methods to 15%.
+TOLERANCE = {"lora": 0.25}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [
-    pytest.param(m, marks=pytest.mark.xfail(strict=True, reason="plan under-predicts CPU RSS of LoRA by ~17% on "
-                                            "SmolLM2 (issue 6)")) if m["name"] in UNDER_PREDICTED
-    else m for m in MEASURED], ids=lambda m: m["name"])
-def test_prediction_within_15_percent_on_the_embedded_model(method, tmp_path):
+@pytest.mark.parametrize("method", MEASURED, ids=lambda m: m["name"])
+def test_prediction_on_the_embedded_model(method, tmp_path):
     from finetune.modeling import cache_dir
 
     model = cache_dir() / "models" / "smollm2-135m-instruct"
     if not (model / "config.json").exists():
         pytest.skip(f"embedded SmolLM2 not cached at {model}; run `make model`")
-    check_prediction(str(model), method, tmp_path)
+    check_prediction(str(model), method, tmp_path, rel=TOLERANCE.get(method["name"], 0.15))
