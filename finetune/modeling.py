@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -167,9 +166,3 @@ def load_model(path: str, dtype, attn_implementation: str, trust_remote_code: bo
         model.resize_token_embeddings(vocab_size, mean_resizing=True)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     return model
-
-
-def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if (src / name).exists():
-            shutil.copy2(src / name, dst / name)

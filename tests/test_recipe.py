@@ -118,3 +118,14 @@ def test_every_shipped_recipe_validates_and_says_how_to_run_it(path, monkeypatch
     load_recipe(path)
     first = path.read_text().splitlines()[0]
     assert first.startswith("# ") and ("finetune train" in first or "accelerate launch" in first)
+
+
+def test_validation_loads_no_ml_stack():
+    """`finetune validate` checks recipes in a blink: the schema and registry import neither torch nor transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, finetune.recipe, finetune.cli; "
+            "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'bitsandbytes') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -139,34 +139,32 @@ class LISA:
         return self.optimizer, None
 
     def callbacks(self):
-        return [LayerSwitcher(self)]
+        return [layer_switcher(self)]
 
 
-def _switcher_base():
+def layer_switcher(method: LISA):
+    """A trainer callback that, at the start of every optimizer step (never inside an accumulation window),
+    trains the layers the schedule names for this interval; a switch forces a log line with the new layers.
+    Built on demand so that importing the method registry (e.g. `finetune validate`) loads no transformers."""
     from transformers import TrainerCallback
 
-    return TrainerCallback
-
-
-class LayerSwitcher(_switcher_base()):
-    """At the start of every optimizer step (never inside an accumulation window), train the layers the
-    schedule names for this interval; a switch forces a log line recording the new layers."""
-
-    def __init__(self, method: LISA):
-        self.method = method
-        self.switched = False
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        wanted = self.method.layers_for(state.global_step // self.method.interval)
-        if wanted != self.method.active or state.global_step == 0:
-            self.method._set_layers(wanted)
-            self.switched = True
-            control.should_log = True
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.switched and logs is not None:
-            logs["active_layers"] = list(self.method.active)
+    class LayerSwitcher(TrainerCallback):
+        def __init__(self):
             self.switched = False
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            wanted = method.layers_for(state.global_step // method.interval)
+            if wanted != method.active or state.global_step == 0:
+                method._set_layers(wanted)
+                self.switched = True
+                control.should_log = True
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.switched and logs is not None:
+                logs["active_layers"] = list(method.active)
+                self.switched = False
+
+    return LayerSwitcher()
 
 
 def build(**options) -> LISA:
