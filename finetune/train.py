@@ -148,17 +148,17 @@ def _make_trainer(model, args, data, tokenizer, method, metrics_path: Path):
         # A layer-wise optimizer has stepped every parameter and freed its gradient inside backward, so the
         # trainer's norm over .grad would read 0 (as it does for transformers' own layer-wise optimizers) and
         # its clipping would act on nothing. Such an optimizer clips per parameter and reports the true norm.
+        def _in_backward_optimizer(self):
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap accelerate's wrapper
+            return inner if getattr(inner, "steps_in_backward", False) else None
+
         def _clip_grad_norm(self, model):
-            inner = getattr(self.optimizer, "optimizer", self.optimizer)
-            if getattr(inner, "steps_in_backward", False):
-                return inner.step_grad_norm()
-            return super()._clip_grad_norm(model)
+            inner = self._in_backward_optimizer()
+            return inner.step_grad_norm() if inner else super()._clip_grad_norm(model)
 
         def _get_grad_norm(self, model, grad_norm=None):
-            inner = getattr(self.optimizer, "optimizer", self.optimizer)
-            if grad_norm is None and getattr(inner, "steps_in_backward", False):
-                return inner.step_grad_norm()
-            return super()._get_grad_norm(model, grad_norm)
+            inner = self._in_backward_optimizer()
+            return inner.step_grad_norm() if grad_norm is None and inner else super()._get_grad_norm(model, grad_norm)
 
     optimizers = method.optimizers(model, args.learning_rate, args.weight_decay, args.max_grad_norm) or (None, None)
     return Trainer(

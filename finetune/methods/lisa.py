@@ -111,7 +111,7 @@ class LISA:
 
     def _set_layers(self, indices: list[int]) -> None:
         """Freeze the layers leaving, unfreeze those entering; move their optimizer steppers with them."""
-        from finetune.optim.layerwise import ParamStepper
+        from finetune.optim.layerwise import new_stepper
 
         for index in set(self.active) - set(indices):
             for name, param in self._layer_params(index).items():
@@ -123,8 +123,8 @@ class LISA:
             for name, param in self._layer_params(index).items():
                 param.requires_grad_(True)
                 if self.optimizer is not None:
-                    decay = self.weight_decay if param.ndim >= 2 else 0.0
-                    self.optimizer.add_stepper(name, ParamStepper(param, self.optimizer.lr, decay, self.bits))
+                    self.optimizer.add_stepper(name, new_stepper(param, self.optimizer.lr, self.weight_decay,
+                                                                 self.bits))
         self.active = sorted(indices)
 
     def optimizers(self, model, learning_rate, weight_decay, max_grad_norm):

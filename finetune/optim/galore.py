@@ -17,7 +17,7 @@ from galore_torch.galore_projector import GaLoreProjector
 
 #: Extra sketch columns beyond the rank and subspace (power) iterations for the randomized SVD. With 8 and 2
 #: the captured gradient energy is within 1% of the exact top-r subspace on transformer gradients
-#: (tests/test_galore.py measures it), at a fraction of the exact SVD's cost.
+#: (tests/test_layerwise.py measures it), at a fraction of the exact SVD's cost.
 OVERSAMPLE = 8
 POWER_ITERATIONS = 2
 

@@ -156,7 +156,6 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm if layerwise else 0.0  # non-layer-wise: the trainer clips globally
         self.is_last_micro_batch = is_last_micro_batch
         self._squared_norm = 0.0
-        self.last_grad_norm: float | None = None
         super().__init__([s.param for s in steppers.values()], {"lr": lr})
         self.steppers: dict[str, ParamStepper] = {}
         self._hooks: dict[str, object] = {}
@@ -205,7 +204,6 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             for stepper in self.steppers.values():
                 if stepper.param.grad is not None:
                     self._squared_norm += stepper.step(self.lr)
-        self.last_grad_norm = self.step_grad_norm()
         self._squared_norm = 0.0
         return loss
 
@@ -231,14 +229,17 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.param_groups[0].update(state_dict["group"])
 
 
+def new_stepper(param: torch.nn.Parameter, lr: float, weight_decay: float, bits: int,
+                projector: Projector | None = None) -> ParamStepper:
+    """A stepper with no weight decay on biases and norms (1-D parameters), as transformers' default optimizer
+    grouping does."""
+    return ParamStepper(param, lr, weight_decay if param.ndim >= 2 else 0.0, bits, projector)
+
+
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, bits: int, layerwise: bool,
                     max_grad_norm: float = 0.0, projector_for: Callable[[str, torch.nn.Parameter], Projector | None]
                     = lambda name, param: None, **kwargs) -> LayerwiseOptimizer:
-    """A stepper for every trainable parameter; `projector_for` decides which get GaLore. No weight decay on
-    biases and norms (1-D parameters), as transformers' default optimizer grouping does."""
-    steppers = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            decay = weight_decay if param.ndim >= 2 else 0.0
-            steppers[name] = ParamStepper(param, lr, decay, bits, projector_for(name, param))
+    """A stepper for every trainable parameter; `projector_for` decides which get GaLore."""
+    steppers = {name: new_stepper(param, lr, weight_decay, bits, projector_for(name, param))
+                for name, param in model.named_parameters() if param.requires_grad}
     return LayerwiseOptimizer(steppers, lr, layerwise, max_grad_norm, **kwargs)
