@@ -129,3 +129,20 @@ def test_validation_loads_no_ml_stack():
             "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'bitsandbytes') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_galore_and_lisa_options_are_validated(tmp_path, good):
+    good["method"] = {"name": "galore", "rank": 0, "proj_type": "diagonal", "optim_bits": 16, "svd": "fast",
+                      "update_proj_gap": 0}
+    message = problems_of(write(tmp_path, good))
+    for expected in ("method.rank: Input should be greater than 0 (got 0)",
+                     "method.proj_type: Input should be 'std', 'reverse_std', 'left', 'right' or 'full'",
+                     "method.optim_bits: Input should be 8 or 32 (got 16)",
+                     "method.svd: Input should be 'full' or 'randomized' (got 'fast')",
+                     "method.update_proj_gap: Input should be greater than or equal to 1 (got 0)"):
+        assert expected in message
+    good["method"] = {"name": "lisa", "activated_layers": 0, "interval_steps": 0, "always_active": "3"}
+    message = problems_of(write(tmp_path, good))
+    assert "method.activated_layers: Input should be greater than or equal to 1" in message
+    assert "method.interval_steps: Input should be greater than or equal to 1" in message
+    assert "method.always_active: Input should be a valid list" in message
