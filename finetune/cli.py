@@ -64,16 +64,26 @@ def train(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory (overrides train.output_dir).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty run directory.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue from the run directory's last checkpoint.")] = False,
+    nproc: Annotated[Optional[int], typer.Option(min=1, help="Processes (GPUs) per machine: distributed.num_processes.")] = None,
+    num_machines: Annotated[Optional[int], typer.Option(min=1, help="Machines: distributed.num_machines.")] = None,
+    machine_rank: Annotated[Optional[int], typer.Option(min=0, help="This machine's index: distributed.machine_rank.")] = None,
+    main_process_ip: Annotated[Optional[str], typer.Option(help="Address of machine 0: distributed.main_process_ip.")] = None,
+    main_process_port: Annotated[Optional[int], typer.Option(help="Port on machine 0: distributed.main_process_port.")] = None,
     debug: Debug = False,
 ):
-    """Train a model from a recipe."""
+    """Train a model from a recipe; with a `distributed` strategy, launch its processes through accelerate."""
     from finetune.recipe import load_recipe
 
-    loaded = load_recipe(recipe, set_ or [])
+    # Launch flags are recipe overrides, so the resolved recipe in the run dir records them.
+    flags = {"num_processes": nproc, "num_machines": num_machines, "machine_rank": machine_rank,
+             "main_process_ip": main_process_ip, "main_process_port": main_process_port}
+    overrides = [*(set_ or []), *(f"distributed.{k}={v}" for k, v in flags.items() if v is not None)]
+    loaded = load_recipe(recipe, overrides)
     _quiet_libraries()
     from finetune.train import run_training
 
-    run_training(loaded, recipe, output=output, overwrite=overwrite, resume=resume, log=console.print)
+    run_training(loaded, recipe, output=output, overwrite=overwrite, resume=resume, log=console.print,
+                 overrides=overrides)
 
 
 @app.command()

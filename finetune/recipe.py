@@ -1,6 +1,6 @@
 """The recipe schema and loader.
 
-A recipe has four sections, `model`, `data`, `method` and `train`; `method` is a discriminated union on
+A recipe has the sections `model`, `data`, `method`, `train` and `distributed`; `method` is a discriminated union on
 `method.name` built from the method registry, so each method validates its own options. `load_recipe` applies
 `--set` overrides, validates, and raises one `UserError` that lists every problem (unknown keys with the
 nearest valid key, wrong types, out-of-range values, missing paths, cross-field conflicts).
@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from finetune.distributed import DistributedSection, compatibility_problems
 from finetune.errors import UserError
 from finetune.methods import METHODS
 from finetune.methods.base import Section
@@ -146,13 +147,18 @@ class Recipe(Section):
     data: DataSection
     method: MethodOptions
     train: TrainSection = TrainSection()
+    distributed: DistributedSection = DistributedSection()
 
     @model_validator(mode="after")
     def _cross_checks(self):
+        # Decided here, from the recipe alone, so that `validate` reports them and `train` stops before loading.
+        problems = compatibility_problems(self.method, self.distributed)
         has_eval = self.data.eval is not None or self.data.eval_fraction > 0
         if self.train.eval_steps is not None and not has_eval:
-            raise ValueError("`train.eval_steps` is set but there is no held-out data: set `data.eval` or "
-                             "`data.eval_fraction`")
+            problems.append("`train.eval_steps` is set but there is no held-out data: set `data.eval` or "
+                            "`data.eval_fraction`")
+        if problems:
+            raise ValueError("\n  - ".join(problems))  # one bullet each in the error
         return self
 
 

@@ -8,34 +8,92 @@ A run directory holds:
   checkpoints/      resumable trainer checkpoints
   metrics.jsonl     one JSON object per logging step
   loss.png          the loss curve
+  accelerate.yaml   (multi-process runs) the accelerate config the processes were launched with
+
+Multi-process: `run_training` outside a launcher, with a distributed strategy, claims the run dir and starts the
+processes through accelerate (finetune.distributed); each of them runs this same flow, and only global rank 0
+writes the run dir. Under a user's own `accelerate launch`/`torchrun`, rank 0 claims the run dir itself.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
 import yaml
 
 from finetune import __version__
+from finetune import distributed
 from finetune.errors import UserError
 from finetune.recipe import Recipe
 
 
 def run_training(recipe: Recipe, recipe_path: Path, output: Path | None = None, overwrite: bool = False,
-                 resume: bool = False, log=print) -> Path:
-    from transformers import set_seed
+                 resume: bool = False, log=print, overrides: list[str] = ()) -> Path:
     from transformers.trainer_utils import get_last_checkpoint
+
+    run_dir = Path(output or recipe.train.output_dir or Path("runs") / recipe_path.stem)
+    dist = recipe.distributed
+    distributed.check_runtime(dist)
+    if dist.strategy != "none" and not distributed.launched():
+        return _launch(recipe, recipe_path, run_dir, overwrite, resume, list(overrides), log)
+
+    rank, world = distributed.world_rank()
+    if world > 1 and dist.strategy == "none":
+        raise UserError(f"running as one of {world} processes but `distributed.strategy` is none; set it to ddp, fsdp "
+                        "or deepspeed so the recipe says how the processes share the work")
+    if rank == 0 and os.environ.get(distributed.LAUNCHED_RUN_DIR) != str(run_dir.resolve()):
+        claim_run_dir(run_dir, overwrite, resume, get_last_checkpoint)
+    if world > 1:
+        _process_state().wait_for_everyone()  # nobody reads the run dir before rank 0 has claimed it
+    checkpoint = get_last_checkpoint(str(run_dir / "checkpoints")) if resume else None
+    return _train(recipe, run_dir, checkpoint, rank, log if rank == 0 else lambda *args, **kwargs: None)
+
+
+def _process_state():
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())  # CPU-only machines train over gloo
+
+
+def _launch(recipe: Recipe, recipe_path: Path, run_dir: Path, overwrite: bool, resume: bool, overrides: list[str],
+            log) -> Path:
+    """Claim the run dir here, write the launch config into it, and start the processes through accelerate."""
+    import tempfile
+
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from finetune.modeling import resolve_dtype
+
+    dist = recipe.distributed
+    if dist.machine_rank == 0:  # other machines write nothing: their config goes to a temporary directory
+        claim_run_dir(run_dir, overwrite, resume, get_last_checkpoint)
+        where = run_dir
+    else:
+        where = Path(tempfile.mkdtemp(prefix="finetune-launch-"))
+    import torch
+
+    precision = distributed.mixed_precision(dist, recipe.model.dtype, resolve_dtype(recipe.model.dtype) == torch.bfloat16)
+    config = distributed.write_launch_files(dist, precision, where)
+    code = distributed.launch(config, recipe_path, run_dir, overrides, resume, log)
+    if code != 0:
+        raise UserError(f"distributed run failed (exit status {code}); the processes' errors are above. The launch "
+                        f"config is {config}")
+    return run_dir
+
+
+def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log) -> Path:
+    from transformers import set_seed
 
     from finetune.data import build_datasets, save_conversations
     from finetune.methods import build_method
     from finetune.modeling import load_model, load_tokenizer, resolve_attention, resolve_dtype, resolve_model_path
     from finetune.report import plot_loss, start_summary
 
-    run_dir = Path(output or recipe.train.output_dir or Path("runs") / recipe_path.stem)
-    checkpoint = claim_run_dir(run_dir, overwrite, resume, get_last_checkpoint)
     t, d, m = recipe.train, recipe.data, recipe.model
     set_seed(t.seed)
 
@@ -50,8 +108,9 @@ def run_training(recipe: Recipe, recipe_path: Path, output: Path | None = None, 
         eval_fraction=d.eval_fraction, format=d.format, max_length=d.max_length,
         max_bad_fraction=d.max_bad_fraction, seed=t.seed, log=log,
     )
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-    save_conversations(data.eval_conversations, run_dir / "held_out.jsonl")
+    if rank == 0:
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        save_conversations(data.eval_conversations, run_dir / "held_out.jsonl")
 
     dtype, attention = resolve_dtype(m.dtype), resolve_attention(m.attn_implementation)
     model = load_model(model_path, dtype, attention, m.trust_remote_code, vocab_size=len(tokenizer), **load_kwargs)
@@ -69,12 +128,19 @@ def run_training(recipe: Recipe, recipe_path: Path, output: Path | None = None, 
         log(f"[bold]{label:>26}[/bold]  {value}")
 
     trainer = _make_trainer(model, args, data, tokenizer, method, run_dir / "metrics.jsonl")
+    engaged = {"fsdp": trainer.is_fsdp_enabled, "deepspeed": trainer.is_deepspeed_enabled}
+    if not engaged.get(recipe.distributed.strategy, True):  # never a silent fallback to another strategy
+        raise UserError(f"distributed.strategy {recipe.distributed.strategy} did not engage in accelerate here")
     trainer.train(resume_from_checkpoint=checkpoint)
     if data.eval is not None:
         trainer.evaluate()
 
     final = run_dir / method.artifact
-    trainer.save_model(str(final))
+    if trainer.is_fsdp_enabled:  # checkpoints may be sharded; the final weights are one standard checkpoint
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(final))  # every rank takes part (sharded weights are gathered); rank 0 writes
+    if rank != 0:
+        return run_dir
     tokenizer.save_pretrained(final)
     _write_run_info(run_dir, m.name_or_path, model_path, method, trainer.state.global_step)
     plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
@@ -107,6 +173,12 @@ def _trainer_args(recipe: Recipe, run_dir: Path, dtype):
     from trl import SFTConfig
 
     t, d = recipe.train, recipe.data
+    dist = recipe.distributed
+    precision = distributed.mixed_precision(dist, recipe.model.dtype, dtype == torch.bfloat16)
+    strategy = {
+        "activation_checkpointing": recipe.model.gradient_checkpointing,
+        **distributed.trainer_kwargs(dist, recipe.method.name, recipe.model.gradient_checkpointing),
+    }
     return SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         learning_rate=t.learning_rate,
@@ -120,9 +192,9 @@ def _trainer_args(recipe: Recipe, run_dir: Path, dtype):
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         max_grad_norm=t.max_grad_norm,
         seed=t.seed,
-        bf16=dtype == torch.bfloat16,
-        fp16=recipe.model.dtype == "fp16",
-        activation_checkpointing=recipe.model.gradient_checkpointing,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),  # also makes multi-process CPU runs use gloo
         # Non-reentrant checkpointing works with frozen inputs (LoRA) and is the one PyTorch recommends.
         activation_checkpointing_kwargs={"use_reentrant": False},
         max_length=d.max_length,  # rows are already cut to this; TRL's own truncation is then a no-op
@@ -136,6 +208,7 @@ def _trainer_args(recipe: Recipe, run_dir: Path, dtype):
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         dataloader_pin_memory=torch.cuda.is_available(),
+        **strategy,
     )
 
 
@@ -159,6 +232,25 @@ def _make_trainer(model, args, data, tokenizer, method, metrics_path: Path):
         def _get_grad_norm(self, model, grad_norm=None):
             inner = self._in_backward_optimizer()
             return inner.step_grad_norm() if grad_norm is None and inner else super()._get_grad_norm(model, grad_norm)
+
+        def _prepare_for_training(self, *args, **kwargs):
+            from torch.nn.parallel import DistributedDataParallel
+
+            # DDP's reducer only covers parameters that require grad when it wraps the model; a method whose
+            # trainable set changes during the run (LISA) has every parameter registered, the idle ones unused.
+            idle = [p for p in self.model.parameters() if not p.requires_grad] if self.args.ddp_find_unused_parameters \
+                else []
+            for param in idle:
+                param.requires_grad_(True)
+            try:
+                model, dataloader = super()._prepare_for_training(*args, **kwargs)
+            finally:
+                for param in idle:
+                    param.requires_grad_(False)
+            inner = self._in_backward_optimizer()
+            if inner is not None and isinstance(model, DistributedDataParallel):
+                inner.step_after_allreduce(model)
+            return model, dataloader
 
     optimizers = method.optimizers(model, args.learning_rate, args.weight_decay, args.max_grad_norm) or (None, None)
     return Trainer(

@@ -162,9 +162,19 @@ def layer_switcher(method: LISA):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if self.switched and logs is not None:
                 logs["active_layers"] = list(method.active)
+                if args.world_size > 1:  # what every rank trains, so a divergence is visible in the metrics
+                    logs["active_layers_by_rank"] = all_ranks(list(method.active))
                 self.switched = False
 
     return LayerSwitcher()
+
+
+def all_ranks(value) -> list:
+    import torch.distributed as dist
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def build(**options) -> LISA:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import Field
@@ -45,8 +46,10 @@ class LoRA:
                 f"method.quantize: {self.quantize} (QLoRA) needs a CUDA GPU with bitsandbytes, and none is "
                 "available here. Set `method.quantize: none` to train plain LoRA on this machine."
             )
+        # Each process loads the quantized base onto its own GPU (DDP: one whole copy per rank).
+        placement = {"device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}}
         if self.quantize == "8bit":
-            return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+            return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), **placement}
         compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return {
             "quantization_config": BitsAndBytesConfig(
@@ -54,7 +57,8 @@ class LoRA:
                 bnb_4bit_quant_type="nf4",  # NF4 + double quant: the QLoRA paper's setting
                 bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=compute,
-            )
+            ),
+            **placement,
         }
 
     def prepare(self, model, new_token_ids):

@@ -101,10 +101,12 @@ class ParamStepper:
             self.inner = _adamw([self.proxy], lr, 0.0, bits)
 
     @torch.no_grad()
-    def step(self, lr: float, max_grad_norm: float = 0.0) -> float:
-        """Step on the parameter's current gradient at this LR; return its squared norm (before clipping)."""
+    def step(self, lr: float, max_grad_norm: float = 0.0, grad: torch.Tensor | None = None) -> float:
+        """Step on `grad` (default: the parameter's .grad) at this LR; return its squared norm (before clipping)."""
         for group in self.inner.param_groups:
             group["lr"] = lr
+        if grad is not None:
+            self.param.grad = grad
         grad = self.param.grad
         squared = torch.linalg.vector_norm(grad, dtype=torch.float32).item() ** 2
         if max_grad_norm > 0 and squared > max_grad_norm**2:
@@ -152,6 +154,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """`method_state`: (save, restore) for a method's own state in checkpoints; restore runs before the
         steppers' states load, so a method can first recreate the steppers the checkpoint has (LISA)."""
         self.layerwise = layerwise
+        self.under_ddp = False  # set by step_after_allreduce: DDP's communication hook steps, not grad hooks
         self.method_state = method_state
         self.max_grad_norm = max_grad_norm if layerwise else 0.0  # non-layer-wise: the trainer clips globally
         self.is_last_micro_batch = is_last_micro_batch
@@ -164,7 +167,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def add_stepper(self, name: str, stepper: ParamStepper) -> None:
         self.steppers[name] = stepper
-        if self.layerwise:
+        if self.layerwise and not self.under_ddp:
             self._hooks[name] = stepper.param.register_post_accumulate_grad_hook(self._hook(stepper))
 
     def remove_stepper(self, name: str) -> ParamStepper:
@@ -192,6 +195,38 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 param.grad = None  # freed as soon as it is used: no full set of gradients at once
 
         return step_now
+
+    def step_after_allreduce(self, ddp_model) -> None:
+        """Step layer-wise under DDP, on gradients averaged over every rank.
+
+        A post-accumulate-grad hook fires before DDP has all-reduced that gradient, so stepping there would let
+        the replicas drift apart (the reason peers refuse layer-wise optimizers under DDP). Instead we chain onto
+        DDP's own communication hook, as PyTorch's optimizer-overlap hooks do: when a bucket's all-reduce
+        completes, its parameters step on the averaged gradients while backward goes on. During accumulation
+        DDP's `no_sync` reduces nothing, so gradients accumulate locally and each parameter steps once, on the last
+        micro-batch. DDP keeps its own gradient buckets for every parameter, so under DDP the saving is the
+        optimizer step overlapped with backward, not gradient memory.
+        """
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        for hook in self._hooks.values():
+            hook.remove()
+        self._hooks.clear()
+        self.under_ddp = True
+
+        def reduce_then_step(process_group, bucket):
+            def step_bucket(future):
+                by_param = {id(s.param): s for s in self.steppers.values()}  # LISA changes the set between steps
+                for param, grad in zip(bucket.parameters(), bucket.gradients()):
+                    stepper = by_param.get(id(param))
+                    if stepper is not None:
+                        self._squared_norm += stepper.step(self.lr, self.max_grad_norm, grad=grad)
+                        param.grad = None
+                return bucket.buffer()
+
+            return allreduce_hook(process_group, bucket).then(step_bucket)
+
+        ddp_model.register_comm_hook(None, reduce_then_step)
 
     def step_grad_norm(self) -> float:
         """Global gradient norm of the step in progress (layer-wise: all hooks of the step have run)."""

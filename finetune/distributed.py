@@ -1,0 +1,260 @@
+"""Scaling out on accelerate: the recipe's `distributed` section, its compatibility rules, and the launcher.
+
+Nothing here distributes work itself. accelerate starts the processes (torchrun underneath) and the HF Trainer
+drives PyTorch DDP, FSDP2 or DeepSpeed ZeRO. This module decides, from the recipe alone and so before any model
+loads, which combinations work; turns the section into Trainer arguments (the same whether `finetune train
+--nproc` launched the processes or the user's own `accelerate launch`/`torchrun` did); and writes the accelerate
+(and DeepSpeed) config it launches with into the run dir, where the user can read and reuse it.
+
+Importing this module loads no torch (`finetune validate` stays light).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field
+
+from finetune.errors import UserError
+from finetune.methods.base import Section
+
+#: Set by the launcher for the processes it starts: the run dir it has already claimed for them.
+LAUNCHED_RUN_DIR = "FINETUNE_LAUNCHED_RUN_DIR"
+
+
+class DistributedSection(Section):
+    """How many processes train and which engine (through accelerate) spreads the work across them."""
+
+    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = "none"
+    """`ddp`: every GPU holds the whole model, gradients are averaged (fastest when the model fits one GPU).
+    `fsdp`: PyTorch FSDP2 shards weights, gradients and optimizer states (ZeRO-3 style). `deepspeed`: ZeRO at
+    `zero_stage` (needs the `deepspeed` package)."""
+    num_processes: int = Field(1, ge=1)
+    """Processes (one per GPU) on each machine; `finetune train --nproc N` sets it."""
+    num_machines: int = Field(1, ge=1)
+    """Machines taking part; run the same command on each with its own `machine_rank`."""
+    machine_rank: int = Field(0, ge=0)
+    """This machine's index, 0 for the one at `main_process_ip` (only machine 0 writes the run dir)."""
+    main_process_ip: str | None = None
+    """Address of machine 0; required with more than one machine."""
+    main_process_port: int = Field(29500, ge=1, le=65535)
+    """Rendezvous port on machine 0 (29500 is torchrun's default)."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Compute precision. `auto` follows `model.dtype` (bf16 weights compute in bf16); `bf16` with fp32 weights
+    keeps fp32 master weights and computes in bf16 (FSDP then all-gathers bf16 and reduces in fp32)."""
+    cpu_offload: bool = False
+    """FSDP: keep sharded weights, gradients and states in CPU memory. DeepSpeed: offload optimizer states (and,
+    at stage 3, weights) to the CPU. Slower steps for the largest models that fit no other way."""
+    zero_stage: Literal[1, 2, 3] | None = None
+    """DeepSpeed ZeRO stage (default 2: states and gradients sharded, weights whole on every GPU, the fastest
+    stage when weights fit; 3 also shards weights)."""
+    fsdp_reshard_after_forward: bool | None = None
+    """FSDP: free gathered weights after forward (default true, ZeRO-3 memory); false keeps them until backward
+    (ZeRO-2 style: faster, more memory)."""
+    fsdp_wrap_layers: list[str] | None = None
+    """FSDP: decoder-layer class names to shard as units (default: the model's own `_no_split_modules`, which is
+    its decoder-layer class for transformers models)."""
+    fsdp_state_dict_type: Literal["sharded", "full"] | None = None
+    """FSDP checkpoints: `sharded` (default: one file per rank, fast) or `full`. The final weights are always
+    consolidated into one standard checkpoint."""
+
+    @property
+    def world_size(self) -> int:
+        return self.num_processes * self.num_machines
+
+
+def _uses_own_optimizer(method) -> bool:
+    """True when the method steps finetune.optim's per-parameter optimizers instead of the trainer's AdamW."""
+    return method.name in ("galore", "lisa") or (method.name == "full" and (method.optim_bits == 8 or method.layerwise))
+
+
+def compatibility_problems(method, dist: DistributedSection) -> list[str]:
+    """Every combination of method and strategy that would fail or silently misbehave, with the alternative."""
+    problems = []
+    if dist.strategy == "none" and dist.world_size > 1:
+        problems.append(f"distributed: {dist.world_size} processes need a strategy; set `distributed.strategy` to "
+                        "ddp, fsdp or deepspeed")
+    if dist.num_machines > 1 and not dist.main_process_ip:
+        problems.append("distributed.main_process_ip: required with more than one machine (the address of machine 0)")
+    if dist.machine_rank >= dist.num_machines:
+        problems.append(f"distributed.machine_rank {dist.machine_rank}: must be below num_machines "
+                        f"({dist.num_machines})")
+    if dist.zero_stage is not None and dist.strategy != "deepspeed":
+        problems.append("distributed.zero_stage: only means something with `strategy: deepspeed`")
+    fsdp_only = [k for k in ("fsdp_reshard_after_forward", "fsdp_wrap_layers", "fsdp_state_dict_type")
+                 if getattr(dist, k) is not None]
+    if fsdp_only and dist.strategy != "fsdp":
+        problems.append(f"distributed.{fsdp_only[0]}: only means something with `strategy: fsdp`")
+    if dist.cpu_offload and dist.strategy not in ("fsdp", "deepspeed"):
+        problems.append("distributed.cpu_offload: needs `strategy: fsdp` or `deepspeed` (DDP keeps a whole replica "
+                        "per GPU)")
+
+    sharded = dist.strategy in ("fsdp", "deepspeed")
+    if sharded and method.name == "galore":
+        problems.append(f"method galore with strategy {dist.strategy}: GaLore projects each weight's whole 2-D "
+                        "gradient and steps its own optimizer, while sharded engines split gradients across ranks and "
+                        "own the optimizer. Use `distributed.strategy: ddp` (layer-wise GaLore works there: each "
+                        "parameter steps after DDP has averaged its gradient)")
+    elif sharded and method.name == "lisa":
+        problems.append(f"method lisa with strategy {dist.strategy}: LISA changes which layers train during the run, "
+                        "while sharded engines fix the trainable set when they wrap the model. Use "
+                        "`distributed.strategy: ddp` (every rank samples the same layers)")
+    elif sharded and _uses_own_optimizer(method):
+        problems.append(f"method full with optim_bits {method.optim_bits} / layerwise {method.layerwise} and strategy "
+                        f"{dist.strategy}: the per-parameter (8-bit, layer-wise) optimizers need whole gradients on "
+                        "every rank. Use `distributed.strategy: ddp`, or 32-bit AdamW without layerwise (sharding "
+                        "already divides the optimizer states by the number of GPUs)")
+    quantized = method.name == "lora" and method.quantize != "none"
+    if quantized and dist.strategy == "fsdp":
+        problems.append("method lora with quantize (QLoRA) and strategy fsdp: FSDP2, the FSDP of the installed "
+                        "transformers, cannot shard bitsandbytes' quantized weights (FSDP1 could, and is deprecated). "
+                        "Use `distributed.strategy: ddp` (each GPU holds the whole quantized base: ~4 GiB for 7B) or "
+                        "LoRA without `quantize` under fsdp")
+    if quantized and dist.strategy == "deepspeed" and (dist.zero_stage or 2) == 3:
+        problems.append("method lora with quantize (QLoRA) and ZeRO-3: ZeRO-3 partitions weights and the quantized "
+                        "base cannot be partitioned. Use `zero_stage: 2` or `strategy: ddp`")
+    return problems
+
+
+def launched() -> bool:
+    """True inside a process started by accelerate launch / torchrun (ours or the user's)."""
+    return "LOCAL_RANK" in os.environ
+
+
+def world_rank() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def check_runtime(dist: DistributedSection) -> None:
+    """Refuse before anything loads when this machine cannot run the chosen engine."""
+    import accelerate
+    import torch
+
+    if dist.strategy in ("fsdp", "deepspeed") and not torch.cuda.is_available():
+        # accelerate turns FSDP on only for GPU-like process groups: on CPU (gloo) it would quietly train plain DDP.
+        raise UserError(f"distributed.strategy: {dist.strategy} needs CUDA GPUs, and this machine has none (accelerate "
+                        f"{accelerate.__version__} runs FSDP and DeepSpeed only on accelerators; on CPU it would fall "
+                        "back to DDP without saying so). Use `distributed.strategy: ddp` here")
+    if dist.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise UserError("distributed.strategy: deepspeed needs the `deepspeed` package, which is not installed. "
+                        "Install it on a CUDA machine with `pip install 'finetune[deepspeed]'`, or use "
+                        "`distributed.strategy: fsdp` (PyTorch's own ZeRO-3) or ddp")
+
+
+def mixed_precision(dist: DistributedSection, model_dtype: str, weights_are_bf16: bool) -> str:
+    if dist.mixed_precision != "auto":
+        return dist.mixed_precision
+    return "bf16" if weights_are_bf16 else "fp16" if model_dtype == "fp16" else "no"
+
+
+def trainer_kwargs(dist: DistributedSection, method_name: str, gradient_checkpointing: bool) -> dict:
+    """Arguments for the Trainer that select and configure the strategy in every process."""
+    if dist.strategy == "fsdp":
+        config = {
+            "version": 2,
+            "reshard_after_forward": dist.fsdp_reshard_after_forward is not False,
+            "cpu_offload": dist.cpu_offload,
+            "state_dict_type": "FULL_STATE_DICT" if dist.fsdp_state_dict_type == "full" else "SHARDED_STATE_DICT",
+            # FSDP's own checkpointing wraps each sharded layer; the trainer's would add an all-gather in backward.
+            "activation_checkpointing": gradient_checkpointing,
+        }
+        if dist.fsdp_wrap_layers:
+            config["transformer_layer_cls_to_wrap"] = dist.fsdp_wrap_layers
+        return {"fsdp": True, "fsdp_config": config, "activation_checkpointing": False}
+    if dist.strategy == "deepspeed":
+        return {"deepspeed": deepspeed_config(dist)}
+    if dist.strategy == "ddp" and method_name == "lisa":
+        # DDP's reducer covers only the parameters that require grad when it wraps the model; LISA makes every
+        # decoder layer trainable at that moment (finetune.train) and the inactive ones are then "unused".
+        return {"ddp_find_unused_parameters": True}
+    if dist.strategy == "ddp":
+        # Every other method uses every trainable parameter each step; the trainer would otherwise turn on the
+        # per-step search for unused ones whenever checkpointing is off.
+        return {"ddp_find_unused_parameters": False}
+    return {}
+
+
+def deepspeed_config(dist: DistributedSection) -> dict:
+    """A ZeRO config whose batch, clipping and precision fields ("auto") the Trainer fills from the recipe."""
+    stage = dist.zero_stage or 2
+    zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
+    if dist.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # the final save is one consolidated checkpoint
+    return {
+        "zero_optimization": zero,
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "gradient_clipping": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+    }
+
+
+def accelerate_config(dist: DistributedSection, precision: str, deepspeed_file: Path | None) -> dict:
+    """The `accelerate launch --config_file` contents for this section (static rendezvous, one port)."""
+    kind = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed": "DEEPSPEED"}[dist.strategy]
+    config = {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": kind,
+        "num_processes": dist.world_size,  # accelerate counts processes over all machines
+        "num_machines": dist.num_machines,
+        "machine_rank": dist.machine_rank,
+        "main_process_port": dist.main_process_port,
+        "rdzv_backend": "static",
+        "same_network": True,
+        "mixed_precision": precision,
+        "use_cpu": False,  # on a machine without GPUs the trainer picks gloo over CPU itself
+    }
+    if dist.main_process_ip:
+        config["main_process_ip"] = dist.main_process_ip
+    if dist.strategy == "fsdp":
+        fsdp = trainer_kwargs(dist, "", False)["fsdp_config"]
+        config["fsdp_config"] = {
+            "fsdp_version": 2,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_reshard_after_forward": fsdp["reshard_after_forward"],
+            "fsdp_offload_params": fsdp["cpu_offload"],
+            "fsdp_state_dict_type": fsdp["state_dict_type"],
+        }
+        if dist.fsdp_wrap_layers:
+            config["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] = ",".join(dist.fsdp_wrap_layers)
+    if dist.strategy == "deepspeed":
+        config["deepspeed_config"] = {"deepspeed_config_file": str(deepspeed_file)}
+    return config
+
+
+def write_launch_files(dist: DistributedSection, precision: str, where: Path) -> Path:
+    """Write accelerate.yaml (and deepspeed.json) into `where`; return the accelerate config's path."""
+    deepspeed_file = None
+    if dist.strategy == "deepspeed":
+        deepspeed_file = (where / "deepspeed.json").resolve()
+        deepspeed_file.write_text(json.dumps(deepspeed_config(dist), indent=2) + "\n")
+    path = where / "accelerate.yaml"
+    header = "# Written by `finetune train`; reuse with: accelerate launch --config_file THIS -m finetune.cli train ...\n"
+    path.write_text(header + yaml.safe_dump(accelerate_config(dist, precision, deepspeed_file), sort_keys=False))
+    return path
+
+
+def launch(config_file: Path, recipe_path: Path, run_dir: Path, overrides: list[str], resume: bool, log=print) -> int:
+    """Start the recipe's processes through accelerate's launcher; return their exit status."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+               "-m", "finetune.cli", "train", str(recipe_path), "--output", str(run_dir)]
+    for override in overrides:
+        command += ["--set", override]
+    if resume:
+        command.append("--resume")
+    log(f"launching: {' '.join(command[2:])}")
+    env = {**os.environ, LAUNCHED_RUN_DIR: str(run_dir.resolve())}
+    return subprocess.run(command, env=env).returncode
