@@ -129,7 +129,9 @@ def plan(
     setup, estimates = result["setup"], result["estimates"]
     table = Table(title=f"peak memory (GiB), {result['parameters'] / 1e9:.2f}B parameters, seq {setup.seq_len} x "
                         f"batch {setup.batch}, {setup.weight_bytes * 8}-bit weights, checkpointing "
-                        f"{'on' if setup.checkpointing else 'off'}")
+                        f"{'on' if setup.checkpointing else 'off'}" + (
+                            f", per GPU of {setup.processes} ({loaded.distributed.strategy}; methods it refuses are "
+                            "planned as DDP)" if setup.processes > 1 else ""))
     table.add_column("component")
     labels = [f"recipe ({loaded.method.name})" if k == "recipe" else k for k in estimates]
     for label in labels:

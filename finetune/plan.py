@@ -7,6 +7,10 @@ optimizer-step temporaries come and go within a step. The peak is the resident p
 moments of a step: the loss backward (all saved activations, the LM-head tiles and head gradient buffer), the
 end of backward (activations still held plus every gradient alive), and the optimizer step (gradients plus the
 optimizer's temporaries).
+
+Everything is per GPU. Under a sharded strategy (`distributed`), FSDP and ZeRO-3 divide weights, gradients and
+optimizer states by the number of processes and add the decoder layers gathered whole at one time (the one
+computing and the one prefetched); ZeRO-2 divides gradients and states, ZeRO-1 states only.
 """
 
 from __future__ import annotations
@@ -43,6 +47,13 @@ class Setup:
     attention: str  # sdpa, flash_attention_2 or eager
     overhead_bytes: float = CUDA_OVERHEAD
     device: str = "cuda"  # optimizer kernels differ: fused on CUDA, per-tensor with temporaries on CPU
+    processes: int = 1  # GPUs sharing the work
+    sharded: tuple[str, ...] = ()  # components divided over them: "weights", "gradients", "optimizer states"
+
+
+#: What each strategy splits over the processes (DDP: nothing, every GPU holds a replica).
+SHARDED = {"fsdp": ("weights", "gradients", "optimizer states"), 1: ("optimizer states",),
+           2: ("gradients", "optimizer states"), 3: ("weights", "gradients", "optimizer states")}
 
 
 def load_config(name_or_path: str):
@@ -211,8 +222,16 @@ def estimate(config, method, setup: Setup) -> dict[str, float]:
     rows["loss (LM-head tiles)"] = loss_bytes(config, setup, head_trains)
     rows.setdefault("transient", 0.0)
     rows["framework overhead"] = setup.overhead_bytes
+    if setup.processes > 1 and setup.sharded:
+        for component in setup.sharded:
+            rows[component] /= setup.processes
+        if "weights" in setup.sharded:
+            from finetune.methods.lisa import decoder_layers
+
+            layer = decoder_layers(model)[1][0]
+            rows["gathered layers"] = 2 * sum(p.numel() for p in layer.parameters()) * wb
     resident = sum(rows.get(k, 0.0) for k in ("weights", "optimizer states", "galore projectors", "lora adapters",
-                                               "framework overhead"))
+                                               "framework overhead", "gathered layers"))
     grads = rows["gradients"]
     layerwise_steps = layerwise or method.name == "lora"  # no large optimizer step after backward
     moments = [
@@ -279,9 +298,12 @@ def setup_for(recipe, seq_len: int | None, batch: int | None, on_gpu: bool = Tru
     weight_bytes = 4 if dtype in ("fp32", "fp16") or (dtype == "auto" and not on_gpu) else 2
     attention = "sdpa" if recipe.model.attn_implementation in ("auto", "flash_attention_2") else \
         recipe.model.attn_implementation
+    dist = recipe.distributed
+    key = "fsdp" if dist.strategy == "fsdp" else (dist.zero_stage or 2) if dist.strategy == "deepspeed" else None
     return Setup(weight_bytes=weight_bytes, seq_len=seq_len or recipe.data.max_length,
                  batch=batch or recipe.train.batch_size, accumulation=recipe.train.gradient_accumulation_steps,
-                 checkpointing=recipe.model.gradient_checkpointing, attention=attention)
+                 checkpointing=recipe.model.gradient_checkpointing, attention=attention,
+                 processes=dist.world_size, sharded=SHARDED.get(key, ()))
 
 
 def cheapest_fix(config, method, setup: Setup, budget: float) -> str | None:
@@ -321,8 +343,13 @@ def cheapest_fix(config, method, setup: Setup, budget: float) -> str | None:
 
 def plan_recipe(recipe, budget: float, seq_len: int | None = None, batch: int | None = None) -> dict:
     config = load_config(recipe.model.name_or_path)
+    from finetune.distributed import compatibility_problems
+
     setup = setup_for(recipe, seq_len, batch)
-    estimates = {label: estimate(config, method, setup) for label, method in comparison_methods(recipe.method).items()}
+    # A method the recipe's strategy refuses is planned as it would run instead: a whole replica per GPU (DDP).
+    estimates = {label: estimate(config, method, setup if not compatibility_problems(method, recipe.distributed)
+                                 else replace(setup, sharded=()))
+                 for label, method in comparison_methods(recipe.method).items()}
     fits = estimates["recipe"]["total"] <= budget
     fix = None if fits else cheapest_fix(config, recipe.method, setup, budget)
     return {"setup": setup, "estimates": estimates, "fits": fits, "fix": fix, "budget": budget,

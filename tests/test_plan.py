@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.methods import METHODS
-from finetune.plan import GIB, Setup, estimate, load_config, meta_model, trainable_parameters
+from finetune.plan import GIB, Setup, estimate, load_config, meta_model, plan_recipe, trainable_parameters
 from finetune.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,3 +133,28 @@ def test_prediction_on_the_embedded_model(method, tmp_path):
     if not (model / "config.json").exists():
         pytest.skip(f"embedded SmolLM2 not cached at {model}; run `make model`")
     check_prediction(str(model), method, tmp_path, rel=TOLERANCE.get(method["name"], 0.15))
+
+
+def test_plan_is_per_gpu_under_sharded_strategies():
+    """FSDP / ZeRO-3 divide weights, gradients and states by the GPUs (plus two gathered layers); ZeRO-2 keeps
+    whole weights; DDP divides nothing. A 7B full fine-tune over 8 GPUs then fits a 24 GiB card."""
+    fsdp = load_recipe(ROOT / "recipes" / "llama7b-fsdp.yaml")
+    plans = {}
+    for name, sets in {"ddp": ["distributed.strategy=ddp", "distributed.fsdp_reshard_after_forward=null",
+                               "distributed.fsdp_state_dict_type=null"],
+                       "fsdp": [], "zero2": ["distributed.strategy=deepspeed", "distributed.zero_stage=2",
+                                             "distributed.fsdp_reshard_after_forward=null",
+                                             "distributed.fsdp_state_dict_type=null"]}.items():
+        recipe = load_recipe(ROOT / "recipes" / "llama7b-fsdp.yaml", sets)
+        plans[name] = plan_recipe(recipe, 24 * GIB)
+    one, fsdp_plan, zero2 = (plans[k]["estimates"]["recipe"] for k in ("ddp", "fsdp", "zero2"))
+    assert fsdp.distributed.world_size == 8
+    for component in ("weights", "gradients", "optimizer states"):
+        assert fsdp_plan[component] == pytest.approx(one[component] / 8)
+    assert zero2["weights"] == one["weights"] and zero2["optimizer states"] == pytest.approx(one["optimizer states"] / 8)
+    layer = sum(p.numel() for p in meta_model(load_config("llama2-7b")).model.layers[0].parameters())
+    assert fsdp_plan["gathered layers"] == 2 * layer * 2  # two decoder layers in bf16, gathered whole
+    assert not plans["ddp"]["fits"] and plans["fsdp"]["fits"]
+    # GaLore is refused under FSDP, so its column is what it would cost as a DDP replica.
+    galore = next(k for k in plans["fsdp"]["estimates"] if k.startswith("GaLore"))
+    assert plans["fsdp"]["estimates"][galore]["weights"] == one["weights"]
