@@ -204,3 +204,23 @@ def test_two_machines_on_localhost_train_like_two_processes(ddp_recipe, tmp_path
     assert max_diff(tmp_path / "run" / "model", tmp_path / "one" / "model") < 1e-4
     config = yaml.safe_load((tmp_path / "run" / "accelerate.yaml").read_text())
     assert config["num_machines"] == 2 and config["machine_rank"] == 0 and config["main_process_ip"] == "127.0.0.1"
+
+
+def test_under_the_users_own_torchrun_rank_0_claims_the_run_dir(ddp_recipe, tmp_path):
+    import subprocess
+    import sys
+
+    recipe = ddp_recipe()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "precious.txt").write_text("keep me")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), "-m", "finetune.cli", "train", str(recipe), "--output", str(tmp_path / "run")]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "is not empty" in " ".join(refused.stderr.split())
+    assert (tmp_path / "run" / "precious.txt").read_text() == "keep me"  # nothing lost
+    (tmp_path / "run" / "precious.txt").unlink()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (tmp_path / "run" / "accelerate.yaml").exists()  # the user's launcher, not ours
+    assert single(recipe, tmp_path / "one").exit_code == 0
+    assert max_diff(tmp_path / "run" / "model", tmp_path / "one" / "model") < 1e-4
