@@ -224,3 +224,24 @@ def test_under_the_users_own_torchrun_rank_0_claims_the_run_dir(ddp_recipe, tmp_
     assert not (tmp_path / "run" / "accelerate.yaml").exists()  # the user's launcher, not ours
     assert single(recipe, tmp_path / "one").exit_code == 0
     assert max_diff(tmp_path / "run" / "model", tmp_path / "one" / "model") < 1e-4
+
+
+def test_fsdp_section_becomes_transformers_fsdp2_plugin(tmp_path):
+    """What can be checked of FSDP without GPUs: the recipe reaches accelerate's FSDP2 plugin as intended, with
+    FSDP's own per-layer checkpointing instead of the trainer's."""
+    from pathlib import Path
+
+    from finetune.recipe import load_recipe
+    from finetune.train import _trainer_args
+
+    root = Path(__file__).resolve().parent.parent
+    recipe = load_recipe(root / "recipes" / "llama7b-fsdp.yaml",
+                         ["distributed.fsdp_wrap_layers=[LlamaDecoderLayer]", "distributed.cpu_offload=true",
+                          "distributed.fsdp_reshard_after_forward=false"])
+    args = _trainer_args(recipe, tmp_path, torch.bfloat16)
+    plugin = args.fsdp_plugin_args
+    assert plugin["fsdp_version"] == 2 and plugin["cpu_offload"] is True
+    assert plugin["reshard_after_forward"] is False and plugin["state_dict_type"] == "SHARDED_STATE_DICT"
+    assert plugin["transformer_cls_names_to_wrap"] == "LlamaDecoderLayer"
+    assert plugin["activation_checkpointing"] is True and args.activation_checkpointing is False
+    assert args.bf16
