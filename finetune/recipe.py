@@ -24,6 +24,8 @@ from finetune.methods.base import Section
 #: Names `model.name_or_path` accepts besides paths and hub ids; resolved by `finetune.modeling`.
 MODEL_ALIASES = ("smollm2-135m-instruct",)
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
+#: Joins the cross-section problems pydantic must carry as one error; `load_recipe` splits them again.
+CROSS_CHECK_SEPARATOR = "\n\x1f"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -158,7 +160,7 @@ class Recipe(Section):
             problems.append("`train.eval_steps` is set but there is no held-out data: set `data.eval` or "
                             "`data.eval_fraction`")
         if problems:
-            raise ValueError("\n  - ".join(problems))  # one bullet each in the error
+            raise ValueError(CROSS_CHECK_SEPARATOR.join(problems))  # load_recipe lists each on its own
         return self
 
 
@@ -175,7 +177,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
-        problems.extend(_describe(e) for e in err.errors())
+        for error in err.errors():
+            if error["type"] == "value_error" and not error["loc"]:  # the cross-section checks, one per line
+                problems.extend(str(error["ctx"]["error"]).split(CROSS_CHECK_SEPARATOR))
+            else:
+                problems.append(_describe(error))
     if problems:
         count = f"{len(problems)} problem" + ("s" if len(problems) > 1 else "")
         raise UserError(f"{path}: {count}:\n" + "\n".join(f"  - {p}" for p in problems))

@@ -184,6 +184,7 @@ def test_validate_reports_every_distributed_problem(write_recipe):
     result = runner.invoke(app, ["validate", str(recipe)])
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and "method lisa with strategy fsdp" in text and "zero_stage: only means" in text
+    assert "2 problems" in text and "recipe:" not in text  # each cross-section problem counted and listed alone
 
 
 def test_two_machines_on_localhost_train_like_two_processes(ddp_recipe, tmp_path):
