@@ -14,8 +14,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Literal
 
@@ -248,13 +246,25 @@ def write_launch_files(dist: DistributedSection, precision: str, where: Path) ->
 
 
 def launch(config_file: Path, recipe_path: Path, run_dir: Path, overrides: list[str], resume: bool, log=print) -> int:
-    """Start the recipe's processes through accelerate's launcher; return their exit status."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
-               "-m", "finetune.cli", "train", str(recipe_path), "--output", str(run_dir)]
+    """Start the recipe's processes through accelerate's launcher (in this process, which becomes torchrun's
+    agent) and return their exit status: 0, or the highest a process failed with (2: an error it has printed)."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    command = ["--config_file", str(config_file), "-m", "finetune.cli", "train", str(recipe_path),
+               "--output", str(run_dir)]
     for override in overrides:
         command += ["--set", override]
     if resume:
         command.append("--resume")
-    log(f"launching: {' '.join(command[2:])}")
-    env = {**os.environ, LAUNCHED_RUN_DIR: str(run_dir.resolve())}
-    return subprocess.run(command, env=env).returncode
+    log(f"launching: accelerate launch {' '.join(command)}")
+    os.environ[LAUNCHED_RUN_DIR] = str(run_dir.resolve())
+    try:
+        launch_command(launch_command_parser().parse_args(command))
+    except ChildFailedError as err:  # the processes printed their own errors; the agent's traceback adds nothing
+        return max(failure.exitcode for failure in err.failures.values())
+    except SystemExit as err:  # the DeepSpeed launcher exits instead of raising
+        return int(err.code or 0)
+    finally:
+        del os.environ[LAUNCHED_RUN_DIR]
+    return 0

@@ -81,8 +81,8 @@ def _launch(recipe: Recipe, recipe_path: Path, run_dir: Path, overwrite: bool, r
     config = distributed.write_launch_files(dist, precision, where)
     code = distributed.launch(config, recipe_path, run_dir, overrides, resume, log)
     if code != 0:
-        raise UserError(f"distributed run failed (exit status {code}); the processes' errors are above. The launch "
-                        f"config is {config}")
+        raise UserError(f"the distributed run stopped: its processes' errors are above (exit status {code}). It was "
+                        f"launched with {config}")
     return run_dir
 
 

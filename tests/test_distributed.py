@@ -246,3 +246,14 @@ def test_fsdp_section_becomes_transformers_fsdp2_plugin(tmp_path):
     assert plugin["transformer_cls_names_to_wrap"] == "LlamaDecoderLayer"
     assert plugin["activation_checkpointing"] is True and args.activation_checkpointing is False
     assert args.bf16
+
+
+def test_an_error_inside_the_processes_exits_2_without_a_launcher_traceback(ddp_recipe, tmp_path, capfd):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"foo": 1}\n')
+    result = launch(ddp_recipe(data={"train": str(bad)}), tmp_path / "run")
+    printed = capfd.readouterr()
+    text = " ".join((result.output + printed.out + printed.err).split())
+    assert result.exit_code == 2
+    assert "bad.jsonl:1:" in text  # the row-level data error, printed by the processes
+    assert "the distributed run stopped" in text and "Traceback" not in text and "ChildFailedError" not in text
