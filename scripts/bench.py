@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -357,7 +358,7 @@ def main() -> None:
             print(f"running {name} ...", file=sys.stderr, flush=True)
             results[name] = run_variant(name, VARIANTS[name], common, workdir)
     table = summarise(results, args.warmup, args.seq_len, args.batch)
-    command = "python scripts/bench.py " + " ".join(sys.argv[1:])
+    command = "python scripts/bench.py " + shlex.join(sys.argv[1:])  # quoted: variant names have spaces
     header = (f"`{command}` — {time.strftime('%Y-%m-%d')} — {machine()}\n"
               f"model {args.arch + ' (random weights)' if args.arch else args.model}, seq {args.seq_len} x batch {args.batch}, {args.steps} steps "
               f"(median over steps after the first {args.warmup}), GaLore rank {args.galore_rank} gap {args.gap}, "
