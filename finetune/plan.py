@@ -152,15 +152,17 @@ def activation_bytes(config, setup: Setup) -> dict[str, float]:
 #: TRL's fused LM head (trl.trainer.utils.add_fused_lm_head) never materialises the (tokens, vocab) logits: it
 #: projects tiles of up to 4096 tokens x 32768 vocabulary entries. On CUDA (Triton) a backward tile costs the tile
 #: itself and one fp32 working copy; the torch fallback used elsewhere (CPU) materialises about nine fp32 tiles
-#: (scaled logits, log-probs, probs, the gradient and its intermediate products).
-LM_HEAD_TOKENS, LM_HEAD_VOCAB = 4096, 32768
+#: (scaled logits, log-probs, probs, the gradient and its intermediate products); there finetune narrows the
+#: tiles to 8192 entries (finetune.train.CPU_LM_HEAD_TILE).
+LM_HEAD_TOKENS, LM_HEAD_VOCAB, CPU_LM_HEAD_VOCAB = 4096, 32768, 8192
 
 
 def loss_bytes(config, setup: Setup, head_trains: bool) -> float:
     """The loss backward's LM-head tiles, plus the fp32 head-gradient buffer the kernel fills when the head
     trains (and its cast to the weight dtype)."""
     tokens = setup.seq_len * setup.batch
-    tile = min(tokens, LM_HEAD_TOKENS) * min(config.vocab_size, LM_HEAD_VOCAB)
+    width = CPU_LM_HEAD_VOCAB if setup.device == "cpu" else LM_HEAD_VOCAB
+    tile = min(tokens, LM_HEAD_TOKENS) * min(config.vocab_size, width)
     tiles = tile * 4 * (9 if setup.device == "cpu" else 2)
     head = config.vocab_size * config.hidden_size * (4 + (setup.weight_bytes if setup.weight_bytes != 4 else 0))
     return tiles + (head if head_trains else 0)

@@ -38,6 +38,8 @@ sys.path.insert(0, str(ROOT))
 VARIANTS = {
     "full AdamW": {"method": {"name": "full"}},
     "full AdamW 8-bit layer-wise": {"method": {"name": "full", "optim_bits": 8, "layerwise": True}},
+    # TRL's own 32768-wide LM-head tiles instead of finetune's narrower CPU tiles (finetune.train.CPU_LM_HEAD_TILE)
+    "full AdamW, TRL-width LM-head tiles": {"method": {"name": "full"}, "lm_head_tile": 32768},
     "LoRA r=16 all-linear": {"method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0}},
     "GaLore 8-bit layer-wise": {"method": {"name": "galore", "optim_bits": 8, "layerwise": True}},
     "GaLore 8-bit": {"method": {"name": "galore", "optim_bits": 8, "layerwise": False}},
@@ -114,6 +116,8 @@ def child(spec: dict) -> dict:
 
     import finetune.train as train_module
 
+    if spec.get("lm_head_tile"):
+        train_module.CPU_LM_HEAD_TILE = spec["lm_head_tile"]
     original, measure = train_module._make_trainer, Measure()
 
     def with_measure(*args, **kwargs):  # the production trainer, plus the measuring callback

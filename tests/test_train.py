@@ -178,3 +178,24 @@ def test_packing_and_a_dataset_directory_source(write_recipe, tmp_path, train_fi
     missing = write_recipe(name="m.yaml", data={"train": str(folder), "train_split": "nope"})
     result = train(missing, "--overwrite")
     assert result.exit_code == 2 and "split `nope`" in result.output
+
+
+def test_narrow_cpu_lm_head_tiles_give_the_same_log_probs(monkeypatch):
+    """finetune narrows TRL's fused LM-head tiles on CPU (memory); TRL must pick the width up and score the same."""
+    import trl.trainer.utils as trl_utils
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import finetune.train as train_module
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=20000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    trl_utils.add_fused_lm_head(model)
+    ids = torch.randint(0, 20000, (2, 16))
+    monkeypatch.setattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)
+    wide = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+    if not torch.cuda.is_available():
+        train_module._narrow_cpu_lm_head_tiles()
+        assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == train_module.CPU_LM_HEAD_TILE < 20000  # several tiles
+    narrow = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+    torch.testing.assert_close(narrow, wide, rtol=1e-5, atol=1e-5)
