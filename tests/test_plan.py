@@ -118,9 +118,9 @@ def test_prediction_within_15_percent_on_the_tiny_model(tiny4_model_dir, method,
     check_prediction(str(tiny4_model_dir), method, tmp_path)
 
 
-#: Known gap (issue 6 stays open): on SmolLM2 the plan under-predicts LoRA by 15-21% of resident memory
-#: (scripts/plan_check.py: 1.33 vs ~1.6 GiB; the measurement moves by a few percent between runs), a per-token
-#: term not yet identified. LoRA is held to the accuracy it has today, 25%; the other methods to 15%.
+#: Known gap (issue 6 stays open): on SmolLM2 the plan under-predicts LoRA by about a fifth of its measured peak
+#: (`python scripts/plan_check.py`; the measurement moves by a few percent between runs), a term not yet
+#: identified. LoRA is held to the accuracy it has today, 25%; the other methods to 15%.
 TOLERANCE = {"lora": 0.25}
 
 
