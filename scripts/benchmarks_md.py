@@ -7,8 +7,7 @@ SECTIONS = [
     ("GaLore vs full AdamW, LoRA and the plain-Trainer peer (issue 4), CPU", "galore-smollm2-cpu.md"),
     ("GaLore at 1024 tokens per step (seq 256 x batch 4; issue 4), CPU", "galore-smollm2-cpu-1024tok.md"),
     ("LISA vs LoRA and full AdamW (issue 5), CPU", "lisa-smollm2-cpu.md"),
-    ("Every method (`make bench`), CPU; recorded before finetune narrowed TRL's CPU LM-head tiles (finetune.train"
-     ".CPU_LM_HEAD_TILE), which lowered every method's CPU peak", "all-smollm2-cpu.md"),
+    ("Every method (`make bench`), CPU", "all-smollm2-cpu.md"),
 ]
 GPU = ("## GPU: `python scripts/bench.py --arch llama2-7b --seq-len 2048` (bf16, flash attention if available)\n\n"
        "Not measured: no GPU machine was available to the sessions that wrote this file. No figures are estimated "
