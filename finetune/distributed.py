@@ -22,6 +22,7 @@ from pydantic import Field
 
 from finetune.errors import UserError
 from finetune.methods.base import Section
+from finetune.methods.full import uses_trainer_adamw
 
 #: Set by the launcher for the processes it starts: the run dir it has already claimed for them.
 LAUNCHED_RUN_DIR = "FINETUNE_LAUNCHED_RUN_DIR"
@@ -70,7 +71,8 @@ class DistributedSection(Section):
 
 def _uses_own_optimizer(method) -> bool:
     """True when the method steps finetune.optim's per-parameter optimizers instead of the trainer's AdamW."""
-    return method.name in ("galore", "lisa") or (method.name == "full" and (method.optim_bits == 8 or method.layerwise))
+    return method.name in ("galore", "lisa") or (
+        method.name == "full" and not uses_trainer_adamw(method.optim_bits, method.layerwise))
 
 
 def compatibility_problems(method, dist: DistributedSection) -> list[str]:
@@ -152,20 +154,26 @@ def mixed_precision(dist: DistributedSection, model_dtype: str, weights_are_bf16
     return "bf16" if weights_are_bf16 else "fp16" if model_dtype == "fp16" else "no"
 
 
+def fsdp_config(dist: DistributedSection, gradient_checkpointing: bool) -> dict:
+    """transformers' `fsdp_config` for the section (FSDP2)."""
+    config = {
+        "version": 2,
+        "reshard_after_forward": dist.fsdp_reshard_after_forward is not False,
+        "cpu_offload": dist.cpu_offload,
+        "state_dict_type": "FULL_STATE_DICT" if dist.fsdp_state_dict_type == "full" else "SHARDED_STATE_DICT",
+        # FSDP's own checkpointing wraps each sharded layer; the trainer's would add an all-gather in backward.
+        "activation_checkpointing": gradient_checkpointing,
+    }
+    if dist.fsdp_wrap_layers:
+        config["transformer_layer_cls_to_wrap"] = dist.fsdp_wrap_layers
+    return config
+
+
 def trainer_kwargs(dist: DistributedSection, method_name: str, gradient_checkpointing: bool) -> dict:
     """Arguments for the Trainer that select and configure the strategy in every process."""
     if dist.strategy == "fsdp":
-        config = {
-            "version": 2,
-            "reshard_after_forward": dist.fsdp_reshard_after_forward is not False,
-            "cpu_offload": dist.cpu_offload,
-            "state_dict_type": "FULL_STATE_DICT" if dist.fsdp_state_dict_type == "full" else "SHARDED_STATE_DICT",
-            # FSDP's own checkpointing wraps each sharded layer; the trainer's would add an all-gather in backward.
-            "activation_checkpointing": gradient_checkpointing,
-        }
-        if dist.fsdp_wrap_layers:
-            config["transformer_layer_cls_to_wrap"] = dist.fsdp_wrap_layers
-        return {"fsdp": True, "fsdp_config": config, "activation_checkpointing": False}
+        return {"fsdp": True, "fsdp_config": fsdp_config(dist, gradient_checkpointing),
+                "activation_checkpointing": False}
     if dist.strategy == "deepspeed":
         return {"deepspeed": deepspeed_config(dist)}
     if dist.strategy == "ddp" and method_name == "lisa":
@@ -218,7 +226,7 @@ def accelerate_config(dist: DistributedSection, precision: str, deepspeed_file: 
     if dist.main_process_ip:
         config["main_process_ip"] = dist.main_process_ip
     if dist.strategy == "fsdp":
-        fsdp = trainer_kwargs(dist, "", False)["fsdp_config"]
+        fsdp = fsdp_config(dist, gradient_checkpointing=False)
         config["fsdp_config"] = {
             "fsdp_version": 2,
             "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",

@@ -65,6 +65,7 @@ def _launch(recipe: Recipe, recipe_path: Path, run_dir: Path, overwrite: bool, r
     """Claim the run dir here, write the launch config into it, and start the processes through accelerate."""
     import tempfile
 
+    import torch
     from transformers.trainer_utils import get_last_checkpoint
 
     from finetune.modeling import resolve_dtype
@@ -75,8 +76,6 @@ def _launch(recipe: Recipe, recipe_path: Path, run_dir: Path, overwrite: bool, r
         where = run_dir
     else:
         where = Path(tempfile.mkdtemp(prefix="finetune-launch-"))
-    import torch
-
     precision = distributed.mixed_precision(dist, recipe.model.dtype, resolve_dtype(recipe.model.dtype) == torch.bfloat16)
     config = distributed.write_launch_files(dist, precision, where)
     code = distributed.launch(config, recipe_path, run_dir, overrides, resume, log)

@@ -17,6 +17,11 @@ class Options(Section):
     """Step each parameter inside backward and free its gradient at once (finetune.optim.layerwise)."""
 
 
+def uses_trainer_adamw(optim_bits: int, layerwise: bool) -> bool:
+    """32-bit, stepped after backward: the trainer's own AdamW does it; anything else is finetune.optim's engine."""
+    return optim_bits == 32 and not layerwise
+
+
 class FullFineTune:
     name = "full"
     artifact = "model"
@@ -31,8 +36,8 @@ class FullFineTune:
         return train_all(model)
 
     def optimizers(self, model, learning_rate, weight_decay, max_grad_norm):
-        if self.bits == 32 and not self.layerwise:
-            return None  # the trainer's own AdamW
+        if uses_trainer_adamw(self.bits, self.layerwise):
+            return None
         from finetune.optim.layerwise import build_optimizer
 
         return build_optimizer(model, learning_rate, weight_decay, self.bits, self.layerwise, max_grad_norm), None

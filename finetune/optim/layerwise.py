@@ -161,18 +161,21 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._squared_norm = 0.0
         super().__init__([s.param for s in steppers.values()], {"lr": lr})
         self.steppers: dict[str, ParamStepper] = {}
+        self._by_param: dict[int, ParamStepper] = {}  # id(param) -> stepper, for DDP buckets (which hold params)
         self._hooks: dict[str, object] = {}
         for name, stepper in steppers.items():
             self.add_stepper(name, stepper)
 
     def add_stepper(self, name: str, stepper: ParamStepper) -> None:
         self.steppers[name] = stepper
+        self._by_param[id(stepper.param)] = stepper
         if self.layerwise and not self.under_ddp:
             self._hooks[name] = stepper.param.register_post_accumulate_grad_hook(self._hook(stepper))
 
     def remove_stepper(self, name: str) -> ParamStepper:
         """Forget a parameter: its hook, its gradient and its optimizer state go (the memory is released)."""
         stepper = self.steppers.pop(name)
+        del self._by_param[id(stepper.param)]
         hook = self._hooks.pop(name, None)
         if hook is not None:
             hook.remove()
@@ -216,9 +219,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
         def reduce_then_step(process_group, bucket):
             def step_bucket(future):
-                by_param = {id(s.param): s for s in self.steppers.values()}  # LISA changes the set between steps
                 for param, grad in zip(bucket.parameters(), bucket.gradients()):
-                    stepper = by_param.get(id(param))
+                    stepper = self._by_param.get(id(param))  # None: a parameter LISA has frozen
                     if stepper is not None:
                         self._squared_norm += stepper.step(self.lr, self.max_grad_norm, grad=grad)
                         param.grad = None
