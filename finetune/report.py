@@ -25,10 +25,9 @@ class RSSSampler:
     """Peak resident memory over a stretch of time, sampled from /proc every few milliseconds.
 
     `ru_maxrss` never goes down, so it also counts the model-loading peak; this measures only the span between
-    start() and stop(), e.g. the training steps. Run with MALLOC_MMAP_THRESHOLD_=4194304 so that tensors of
-    4 MiB and more are mapped and unmapped (their release shows in RSS; glibc's dynamic threshold would keep
-    them in its heap) while smaller temporaries still come from the heap: a lower threshold makes every small
-    allocation a fresh mapping and slows allocation-heavy code (measured: GaLore steps 1.7x slower at 64 KiB).
+    start() and stop(), e.g. the training steps. Resident memory counts the freed blocks glibc keeps in its heap
+    (every allocation below its mmap threshold); scripts/measure.py sets that threshold for timing runs and,
+    lower, for runs checked against the plan.
     """
 
     def __init__(self, interval_s: float = 0.005):

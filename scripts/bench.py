@@ -1,12 +1,13 @@
 """Benchmark training methods against each other and against the plain-Trainer peer, in one invocation.
 
-Each variant runs in a fresh subprocess for N optimizer steps on fixed-length rows (every row is cut to
-exactly --seq-len tokens) and reports the median step time (first --warmup steps dropped), tokens/s, and
-the peak resident memory *during training* (sampled from /proc every 5 ms, so model loading is not counted;
-MALLOC_MMAP_THRESHOLD_=4194304 makes freed large tensors return to the OS). "Above baseline" subtracts the
-process's resident memory before any model was loaded (interpreter and libraries): the CPU counterpart of
-torch.cuda.max_memory_allocated, which is what the GPU rows report. Ratios are to our full AdamW run from
-the same invocation.
+Each variant runs in a fresh subprocess (scripts/measure.py, under its TIMING_ENV) for N optimizer steps on
+fixed-length rows (every row is cut to exactly --seq-len tokens) and reports the median step time (first
+--warmup steps dropped), tokens/s, the peak memory during training (resident memory on a CPU,
+torch.cuda.max_memory_allocated on a GPU) and `finetune plan`'s prediction for the same run. "Above baseline"
+subtracts the process's resident memory just before the model loaded (interpreter, libraries, tokenizer,
+data). On a CPU the measured peak also holds freed heap blocks glibc keeps (see scripts/measure.py): "plan /
+peak" below 1 by up to ~0.15 here is that, not the plan; scripts/plan_check.py measures with the heap kept
+small. Ratios are to our full AdamW run from the same invocation.
 
     python scripts/bench.py --model smollm2-135m-instruct --seq-len 128 --batch 2 --steps 12
     python scripts/bench.py --quick          # tiny model, seconds: a smoke test of the harness itself
@@ -22,17 +23,14 @@ import json
 import math
 import os
 import platform
-import random
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from measure import ROOT, TIMING_ENV, planned_gb, run_child, write_rows
 
 #: name -> (method section or peer spec). Peers use plain transformers.Trainer (+ peft) with the same rows.
 VARIANTS = {
@@ -58,203 +56,12 @@ QUICK_SET = ["full AdamW", "GaLore 8-bit layer-wise", "peer: Trainer + peft LoRA
 LISA_SET = ["full AdamW", "LoRA r=8 all-linear", "LISA g=2 K=2", "LISA g=2 K=2 8-bit layer-wise"]
 
 
-def write_rows(path: Path, n: int, seq_len: int, seed: int = 0) -> None:
-    """Rows whose assistant answer alone exceeds seq_len tokens, so every row is cut to exactly seq_len."""
-    rng = random.Random(seed)
-    words = "alpha beta gamma delta zeta theta kappa lambda sigma river stone cloud".split()  # ids < 32000
-    with path.open("w") as handle:
-        for _ in range(n):
-            answer = " ".join(rng.choice(words) for _ in range(seq_len * 2))
-            handle.write(json.dumps({"messages": [{"role": "user", "content": "Write."},
-                                                  {"role": "assistant", "content": answer}]}) + "\n")
-
-
-def child(spec: dict) -> dict:
-    """Runs inside the subprocess: one variant, measured."""
-    import torch
-
-    from finetune.report import RSSSampler
-
-    torch.manual_seed(0)
-    if "peer" in spec:
-        return peer_child(spec)
-    import datasets, peft, transformers, trl  # noqa: F401, E401 - loaded before the baseline is read
-
-    baseline = process_baseline()
-    if spec.get("arch"):
-        use_random_weights(spec["arch"])
-    from transformers import TrainerCallback
-
-    from finetune.recipe import Recipe
-    from finetune.train import run_training
-
-    recipe = Recipe.model_validate({
-        "model": {"name_or_path": spec["model"], "gradient_checkpointing": spec["checkpointing"]},
-        "data": {"train": spec["data"], "max_length": spec["seq_len"]},
-        "method": spec["method"] | ({"rank": spec["galore_rank"], "update_proj_gap": spec["gap"]}
-                                   if spec["method"]["name"] == "galore" else {}),
-        "train": {"max_steps": spec["steps"], "batch_size": spec["batch"], "logging_steps": 1,
-                  "learning_rate": 1e-5, "lr_scheduler": "constant", "warmup_ratio": 0.0,
-                  "save_steps": 10**6, "output_dir": spec["out"]},
-    })
-    sampler, step_peaks = RSSSampler(), []
-    refresh = time_refreshes()
-
-    class Measure(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            sampler.start()
-
-        def on_train_end(self, *a, **k):
-            self.final_peak = sampler.stop()  # the steps alone: not the final save that follows
-
-        def on_step_end(self, *a, **k):
-            # peak since the previous step end: per-step peaks show whether memory stays flat (LISA switches)
-            step_peaks.append(sampler.peak_bytes / 2**30)
-            sampler.peak_bytes = 0
-
-    import finetune.train as train_module
-
-    if spec.get("lm_head_tile"):
-        train_module.CPU_LM_HEAD_TILE = spec["lm_head_tile"]
-    original, measure = train_module._make_trainer, Measure()
-
-    def with_measure(*args, **kwargs):  # the production trainer, plus the measuring callback
-        trainer = original(*args, **kwargs)
-        trainer.add_callback(measure)
-        return trainer
-
-    train_module._make_trainer = with_measure
-    run_training(recipe, Path("bench.yaml"), log=lambda *_: None)
-    records = [r for r in map(json.loads, (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines())
-               if "step_seconds" in r]
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else max(step_peaks + [measure.final_peak])
-    return {"step_seconds": [r["step_seconds"] for r in records], "peak_gb": peak, "step_peaks_gb": step_peaks,
-            "baseline_gb": baseline, **refresh}
-
-
-def time_refreshes() -> dict:
-    """Time every GaLore subspace refresh (the SVDs) of the run; returned dict fills in as training runs."""
-    from finetune.optim.galore import Projector
-
-    totals = {"refresh_seconds": 0.0, "refreshes": 0}
-    original = Projector.get_orthogonal_matrix
-
-    def timed(self, *args, **kwargs):
-        start = time.perf_counter()
-        result = original(self, *args, **kwargs)
-        totals["refresh_seconds"] += time.perf_counter() - start
-        totals["refreshes"] += 1
-        return result
-
-    Projector.get_orthogonal_matrix = timed
-    return totals
-
-
-def process_baseline() -> float:
-    """Resident GiB before any model (interpreter, libraries); 0 on a GPU, whose peak counts tensors only."""
-    import torch
-
-    from finetune.report import RSSSampler
-
-    return 0.0 if torch.cuda.is_available() else RSSSampler().start().stop()
-
-
-def use_random_weights(arch: str) -> None:
-    """Train a randomly initialised model of a known architecture (same compute and memory as the real one,
-    no download): the production loader is swapped for one that builds the model from the bundled config.
-    The embedded model's tokenizer encodes the rows; the bench's words all map below 32000, the smallest
-    vocabulary among the known architectures."""
-    import finetune.modeling as modeling
-    from finetune.plan import load_config
-
-    config = load_config(arch)
-
-    def random_model(path, dtype, attn_implementation, trust_remote_code=False, vocab_size=None, **kwargs):
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-        if torch.cuda.is_available():
-            model = model.cuda()
-        model.config.use_cache = False
-        return model
-
-    import torch
-
-    modeling.load_model = random_model
-
-
-def peer_child(spec: dict) -> dict:
-    """The same rows through plain transformers.Trainer: what a user of the libraries alone gets."""
-    import torch
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
-
-    from finetune.data import build_datasets
-    from finetune.modeling import load_tokenizer, resolve_model_path
-    from finetune.report import RSSSampler
-
-    import peft, trl  # noqa: F401, E401 - loaded before the baseline is read
-
-    baseline = process_baseline()
-    path = resolve_model_path(spec["model"])
-    tokenizer, _ = load_tokenizer(path)
-    data = build_datasets(tokenizer, train=spec["data"], train_split="train", eval=None, eval_split="test",
-                          eval_fraction=0.0, format="auto", max_length=spec["seq_len"], max_bad_fraction=0.0,
-                          seed=0, log=lambda *_: None)
-    dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    if spec.get("arch"):
-        from finetune.plan import load_config
-
-        model = AutoModelForCausalLM.from_config(load_config(spec["arch"]), dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    extra = {}
-    if spec["peer"] == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                                 task_type="CAUSAL_LM"))
-    else:
-        extra = {"optim": spec["peer"], "optim_target_modules": ["attn", "mlp"],
-                 "optim_args": f"rank={spec['galore_rank']}, update_proj_gap={spec['gap']}, scale=0.25"}
-    sampler, times = RSSSampler(), []
-
-    class Measure(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            sampler.start()
-
-        def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t)
-
-    args = TrainingArguments(output_dir=spec["out"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch"],
-                             learning_rate=1e-5, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
-                             report_to="none", activation_checkpointing=spec["checkpointing"],
-                             bf16=dtype == torch.bfloat16, dataloader_pin_memory=torch.cuda.is_available(), **extra)
-
-    def collate(rows):
-        return {"input_ids": torch.tensor([r["input_ids"] for r in rows]),
-                "labels": torch.tensor([r["labels"] for r in rows])}
-
-    trainer = Trainer(model=model, args=args, train_dataset=data.train, data_collator=collate,
-                      callbacks=[Measure()])
-    trainer.train()
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else sampler.stop()
-    return {"step_seconds": times, "peak_gb": peak, "baseline_gb": baseline}
-
-
 def run_variant(name: str, variant: dict, common: dict, workdir: Path) -> dict:
     spec = {**common, **variant, "out": str(workdir / name.replace(" ", "_").replace(":", ""))}
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "4194304", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                          env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-3:]
-        return {"error": " | ".join(tail)}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_child(spec, TIMING_ENV)
+    if "error" not in result:
+        result["plan_gb"] = planned_gb(spec, result)
+    return result
 
 
 def summarise(results: dict, warmup: int, seq_len: int, batch: int) -> dict:
@@ -267,7 +74,7 @@ def summarise(results: dict, warmup: int, seq_len: int, batch: int) -> dict:
         median = statistics.median(steps)
         table[name] = {"median_step_s": median, "tokens_per_s": seq_len * batch / median, "peak_gb": result["peak_gb"],
                        "step_seconds": result["step_seconds"], "step_peaks_gb": result.get("step_peaks_gb"),
-                       "baseline_gb": result.get("baseline_gb", 0.0)}
+                       "baseline_gb": result.get("baseline_gb", 0.0), "plan_gb": result.get("plan_gb")}
         table[name]["above_baseline_gb"] = result["peak_gb"] - table[name]["baseline_gb"]
         if result.get("refreshes"):
             table[name]["refresh_seconds"] = result["refresh_seconds"]
@@ -283,15 +90,18 @@ def summarise(results: dict, warmup: int, seq_len: int, batch: int) -> dict:
 
 def markdown(table: dict) -> str:
     lines = ["| variant | median step (s) | tokens/s | peak memory (GiB) | peak / full | above baseline (GiB) | "
-             "above baseline / full | step time / full |", "|---|---|---|---|---|---|---|---|"]
+             "above baseline / full | step time / full | plan (GiB) | plan / peak |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in table.items():
         if "error" in row:
-            lines.append(f"| {name} | failed: {row['error'][:120]} | | | | | | |")
+            lines.append(f"| {name} | failed: {row['error'][:120]} | | | | | | | | |")
             continue
+        plan = row.get("plan_gb")
         lines.append(f"| {name} | {row['median_step_s']:.3f} | {row['tokens_per_s']:.0f} | {row['peak_gb']:.3f} | "
                      f"{row.get('peak_vs_full', float('nan')):.2f} | {row['above_baseline_gb']:.3f} | "
                      f"{row.get('above_baseline_vs_full', float('nan')):.2f} | "
-                     f"{row.get('time_vs_full', float('nan')):.2f} |")
+                     f"{row.get('time_vs_full', float('nan')):.2f} | "
+                     + (f"{plan:.3f} | {plan / row['peak_gb']:.2f} |" if plan else "— | — |"))
     return "\n".join(lines)
 
 
@@ -325,7 +135,6 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--arch", default=None, help="a known architecture (e.g. llama2-7b) with random weights")
     parser.add_argument("--seq-len", type=int, default=128)
@@ -341,9 +150,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, 4 steps: checks the harness")
     parser.add_argument("--out", type=Path, default=None, help="write the table here (.md) and JSON beside it")
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
-        return
     names = args.variants or {"galore": GALORE_SET, "lisa": LISA_SET, "all": list(VARIANTS)}[args.variant_set]
     if args.quick and not args.variants:
         names = QUICK_SET

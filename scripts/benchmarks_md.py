@@ -1,4 +1,5 @@
-"""Assemble BENCHMARKS.md from the tables scripts/bench.py wrote into bench/ (verbatim: nothing typed by hand)."""
+"""Assemble BENCHMARKS.md from the tables scripts/bench.py and scripts/plan_check.py wrote into bench/ (verbatim:
+nothing typed by hand)."""
 
 from pathlib import Path
 
@@ -8,6 +9,8 @@ SECTIONS = [
     ("GaLore at 1024 tokens per step (seq 256 x batch 4; issue 4), CPU", "galore-smollm2-cpu-1024tok.md"),
     ("LISA vs LoRA and full AdamW (issue 5), CPU", "lisa-smollm2-cpu.md"),
     ("Every method (`make bench`), CPU", "all-smollm2-cpu.md"),
+    ("`finetune plan` against measured peaks (issue 6), CPU", "plan-check-smollm2-cpu.md"),
+    ("`finetune plan` against measured peaks at 1024 tokens per step (issue 6), CPU", "plan-check-smollm2-cpu-1024tok.md"),
 ]
 GPU = ("## GPU: `python scripts/bench.py --arch llama2-7b --seq-len 2048` (bf16, flash attention if available)\n\n"
        "Not measured: no GPU machine was available to the sessions that wrote this file. No figures are estimated "
@@ -15,7 +18,7 @@ GPU = ("## GPU: `python scripts/bench.py --arch llama2-7b --seq-len 2048` (bf16,
 
 
 def main() -> None:
-    parts = ["# Benchmarks\n", "Every table below is the verbatim output of `scripts/bench.py` (command, date, machine and "
+    parts = ["# Benchmarks\n", "Every table below is the verbatim output of `scripts/bench.py` or `scripts/plan_check.py` (command, date, machine and "
              "versions in its first line); `python scripts/benchmarks_md.py` rebuilds this file from `bench/`.\n"]
     for title, name in SECTIONS:
         path = ROOT / "bench" / name

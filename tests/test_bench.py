@@ -22,9 +22,15 @@ def test_quick_bench_writes_a_well_formed_table(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
     assert [r.split(" | ")[0].lstrip("| ") for r in rows] == ["full AdamW", "GaLore 8-bit layer-wise",
                                                               "peer: Trainer + peft LoRA r=16"]
+    number = r"\d+(\.\d+)?"
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")[1:]]
-        assert len(cells) == 7 and all(re.fullmatch(r"\d+(\.\d+)?", c) for c in cells), row
+        measured, plan = cells[:7], cells[7:]
+        assert len(cells) == 9 and all(re.fullmatch(number, c) for c in measured), row
+        # the plan models finetune's own methods; the peer rows have none
+        expected = r"—" if row.startswith("| peer:") else number
+        assert all(re.fullmatch(expected, c) for c in plan), row
     results = json.loads((tmp_path / "quick.json").read_text())["results"]
     assert results["full AdamW"]["peak_vs_full"] == 1.0
     assert all(r["median_step_s"] > 0 and r["peak_gb"] > 0 for r in results.values())
+    assert results["GaLore 8-bit layer-wise"]["plan_gb"] > 0 and results["peer: Trainer + peft LoRA r=16"]["plan_gb"] is None

@@ -1,0 +1,288 @@
+"""One measured training run in a fresh process, and the plan's prediction for it (used by scripts/bench.py,
+scripts/plan_check.py and tests/test_plan.py).
+
+    python scripts/measure.py SPEC_JSON     # prints one JSON line: step times, peak memory, baseline, ...
+
+Memory on a GPU is `torch.cuda.max_memory_allocated` (tensors only). On a CPU it is the process's peak resident
+memory while the steps run (sampled from /proc every 5 ms, so model loading is not counted), and "baseline" is
+the resident memory just before the model loads (interpreter, libraries, tokenizer, tokenized rows): the part
+that the plan's framework-overhead row stands for. glibc keeps freed heap blocks resident, and every allocation
+below its mmap threshold comes from that heap; how much RSS overstates live memory therefore depends on the
+threshold, not on the training method (see MEMORY_CHECK_ENV).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+#: Timing runs: tensors of 4 MiB and more are mapped and unmapped, smaller ones reuse glibc's heap (a lower
+#: threshold makes every allocation a fresh mapping: full AdamW steps 1.8x slower at 1 MiB).
+TIMING_ENV = {"MALLOC_MMAP_THRESHOLD_": "4194304", "TOKENIZERS_PARALLELISM": "false"}
+#: Runs checked against the plan: at 64 KiB the heap's retained free blocks stay small and RSS follows live
+#: memory. At 4 MiB, SmolLM2 LoRA r=16 (seq 128 x batch 2) peaked 1.378 GiB against 1.207 at 64 KiB, the same
+#: run: the heap kept ~0.17 GiB of freed activations resident, the one term the plan does not (cannot) model.
+MEMORY_CHECK_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_child(spec: dict, env: dict) -> dict:
+    """Runs one spec in a fresh process; {"error": last stderr lines} when it fails."""
+    proc = subprocess.run([sys.executable, __file__, json.dumps(spec)], capture_output=True, text=True,
+                          env={**os.environ, **env}, cwd=ROOT)
+    if proc.returncode != 0:
+        return {"error": " | ".join(proc.stderr.strip().splitlines()[-3:])}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def method_options(spec: dict):
+    """The validated method section the child trains with (GaLore gets the spec's rank and gap)."""
+    from finetune.methods import METHODS
+
+    method = spec["method"] | ({"rank": spec["galore_rank"], "update_proj_gap": spec["gap"]}
+                               if spec["method"]["name"] == "galore" else {})
+    return METHODS[method["name"]].Options(**method)
+
+
+def planned_gb(spec: dict, measured: dict) -> float | None:
+    """`finetune plan`'s peak for the measured run (None for the peer rows: the plan models finetune's methods).
+    The framework-overhead row is the run's own baseline (0 on a GPU, where the peak counts tensors only)."""
+    from finetune.plan import GIB, Setup, estimate, load_config
+
+    if "method" not in spec or "weight_bytes" not in measured or spec.get("lm_head_tile"):
+        return None
+    setup = Setup(weight_bytes=measured["weight_bytes"], seq_len=spec["seq_len"], batch=spec["batch"],
+                  accumulation=1, checkpointing=spec["checkpointing"], attention=measured["attention"],
+                  overhead_bytes=measured["baseline_gb"] * GIB, device=measured["device"])
+    return estimate(load_config(spec.get("arch") or spec["model"]), method_options(spec), setup)["total"] / GIB
+
+
+def plan_check(model: str, method: dict, seq_len: int, batch: int, workdir: Path) -> tuple[dict, float]:
+    """Three steps of one method measured under MEMORY_CHECK_ENV, and the plan's prediction for them."""
+    data = workdir / "rows.jsonl"
+    write_rows(data, batch * 3, seq_len)
+    spec = {"model": model, "data": str(data), "seq_len": seq_len, "batch": batch, "steps": 3, "galore_rank": 64,
+            "gap": 200, "checkpointing": True, "method": method, "out": str(workdir / method["name"])}
+    measured = run_child(spec, MEMORY_CHECK_ENV)
+    if "error" in measured:
+        raise RuntimeError(measured["error"])
+    return measured, planned_gb(spec, measured)
+
+
+def write_rows(path: Path, n: int, seq_len: int, seed: int = 0) -> None:
+    """Rows whose assistant answer alone exceeds seq_len tokens, so every row is cut to exactly seq_len."""
+    rng = random.Random(seed)
+    words = "alpha beta gamma delta zeta theta kappa lambda sigma river stone cloud".split()  # ids < 32000
+    with path.open("w") as handle:
+        for _ in range(n):
+            answer = " ".join(rng.choice(words) for _ in range(seq_len * 2))
+            handle.write(json.dumps({"messages": [{"role": "user", "content": "Write."},
+                                                  {"role": "assistant", "content": answer}]}) + "\n")
+
+
+def child(spec: dict) -> dict:
+    """Runs inside the subprocess: one variant, measured."""
+    import torch
+
+    from finetune.report import RSSSampler
+
+    torch.manual_seed(0)
+    if "peer" in spec:
+        return peer_child(spec)
+    import datasets, peft, transformers, trl  # noqa: F401, E401 - loaded before the baseline is read
+
+    if spec.get("arch"):
+        use_random_weights(spec["arch"])
+    baseline = baseline_before_model_load()
+    from transformers import TrainerCallback
+
+    from finetune.recipe import Recipe
+    from finetune.train import run_training
+
+    recipe = Recipe.model_validate({
+        "model": {"name_or_path": spec["model"], "gradient_checkpointing": spec["checkpointing"]},
+        "data": {"train": spec["data"], "max_length": spec["seq_len"]},
+        "method": method_options(spec).model_dump(),
+        "train": {"max_steps": spec["steps"], "batch_size": spec["batch"], "logging_steps": 1,
+                  "learning_rate": 1e-5, "lr_scheduler": "constant", "warmup_ratio": 0.0,
+                  "save_steps": 10**6, "output_dir": spec["out"]},
+    })
+    sampler, step_peaks = RSSSampler(), []
+    refresh = time_refreshes()
+
+    trained = {}
+
+    class Measure(TrainerCallback):
+        def on_train_begin(self, *a, model=None, **k):
+            trained.update(weight_bytes=model.get_input_embeddings().weight.element_size(),
+                           attention=model.config._attn_implementation,
+                           device="cuda" if torch.cuda.is_available() else "cpu")
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            sampler.start()
+
+        def on_train_end(self, *a, **k):
+            self.final_peak = sampler.stop()  # the steps alone: not the final save that follows
+
+        def on_step_end(self, *a, **k):
+            # peak since the previous step end: per-step peaks show whether memory stays flat (LISA switches)
+            step_peaks.append(sampler.peak_bytes / 2**30)
+            sampler.peak_bytes = 0
+
+    import finetune.train as train_module
+
+    if spec.get("lm_head_tile"):
+        train_module.CPU_LM_HEAD_TILE = spec["lm_head_tile"]
+    original, measure = train_module._make_trainer, Measure()
+
+    def with_measure(*args, **kwargs):  # the production trainer, plus the measuring callback
+        trainer = original(*args, **kwargs)
+        trainer.add_callback(measure)
+        return trainer
+
+    train_module._make_trainer = with_measure
+    run_training(recipe, Path("bench.yaml"), log=lambda *_: None)
+    records = [r for r in map(json.loads, (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines())
+               if "step_seconds" in r]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else max(step_peaks + [measure.final_peak])
+    return {"step_seconds": [r["step_seconds"] for r in records], "peak_gb": peak, "step_peaks_gb": step_peaks,
+            "baseline_gb": baseline["gb"], **trained, **refresh}
+
+
+def time_refreshes() -> dict:
+    """Time every GaLore subspace refresh (the SVDs) of the run; returned dict fills in as training runs."""
+    from finetune.optim.galore import Projector
+
+    totals = {"refresh_seconds": 0.0, "refreshes": 0}
+    original = Projector.get_orthogonal_matrix
+
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        result = original(self, *args, **kwargs)
+        totals["refresh_seconds"] += time.perf_counter() - start
+        totals["refreshes"] += 1
+        return result
+
+    Projector.get_orthogonal_matrix = timed
+    return totals
+
+
+def process_baseline() -> float:
+    """Resident GiB before any model (interpreter, libraries); 0 on a GPU, whose peak counts tensors only."""
+    import torch
+
+    from finetune.report import RSSSampler
+
+    return 0.0 if torch.cuda.is_available() else RSSSampler().start().stop()
+
+
+def baseline_before_model_load() -> dict:
+    """Fills {"gb": ...} with the resident GiB just before the production loader builds the model: the interpreter
+    and libraries plus the tokenizer and the tokenized data (host memory that a GPU's peak does not count, and
+    that the plan's framework-overhead row stands for)."""
+    import finetune.modeling as modeling
+
+    load, baseline = modeling.load_model, {"gb": process_baseline()}
+
+    def measured_load(*args, **kwargs):
+        baseline["gb"] = process_baseline()
+        return load(*args, **kwargs)
+
+    modeling.load_model = measured_load
+    return baseline
+
+
+def use_random_weights(arch: str) -> None:
+    """Train a randomly initialised model of a known architecture (same compute and memory as the real one,
+    no download): the production loader is swapped for one that builds the model from the bundled config.
+    The embedded model's tokenizer encodes the rows; the bench's words all map below 32000, the smallest
+    vocabulary among the known architectures."""
+    import finetune.modeling as modeling
+    from finetune.plan import load_config
+
+    config = load_config(arch)
+
+    def random_model(path, dtype, attn_implementation, trust_remote_code=False, vocab_size=None, **kwargs):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        if torch.cuda.is_available():
+            model = model.cuda()
+        model.config.use_cache = False
+        return model
+
+    import torch
+
+    modeling.load_model = random_model
+
+
+def peer_child(spec: dict) -> dict:
+    """The same rows through plain transformers.Trainer: what a user of the libraries alone gets."""
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from finetune.data import build_datasets
+    from finetune.modeling import load_tokenizer, resolve_model_path
+    from finetune.report import RSSSampler
+
+    import peft, trl  # noqa: F401, E401 - loaded before the baseline is read
+
+    path = resolve_model_path(spec["model"])
+    tokenizer, _ = load_tokenizer(path)
+    data = build_datasets(tokenizer, train=spec["data"], train_split="train", eval=None, eval_split="test",
+                          eval_fraction=0.0, format="auto", max_length=spec["seq_len"], max_bad_fraction=0.0,
+                          seed=0, log=lambda *_: None)
+    dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    baseline = process_baseline()  # as for our runs: after the tokenizer and data, before the model
+    if spec.get("arch"):
+        from finetune.plan import load_config
+
+        model = AutoModelForCausalLM.from_config(load_config(spec["arch"]), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    extra = {}
+    if spec["peer"] == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+    else:
+        extra = {"optim": spec["peer"], "optim_target_modules": ["attn", "mlp"],
+                 "optim_args": f"rank={spec['galore_rank']}, update_proj_gap={spec['gap']}, scale=0.25"}
+    sampler, times = RSSSampler(), []
+
+    class Measure(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            sampler.start()
+
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t)
+
+    args = TrainingArguments(output_dir=spec["out"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch"],
+                             learning_rate=1e-5, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
+                             report_to="none", activation_checkpointing=spec["checkpointing"],
+                             bf16=dtype == torch.bfloat16, dataloader_pin_memory=torch.cuda.is_available(), **extra)
+
+    def collate(rows):
+        return {"input_ids": torch.tensor([r["input_ids"] for r in rows]),
+                "labels": torch.tensor([r["labels"] for r in rows])}
+
+    trainer = Trainer(model=model, args=args, train_dataset=data.train, data_collator=collate,
+                      callbacks=[Measure()])
+    trainer.train()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else sampler.stop()
+    return {"step_seconds": times, "peak_gb": peak, "baseline_gb": baseline}
+
+
+if __name__ == "__main__":
+    print(json.dumps(child(json.loads(sys.argv[1]))))
