@@ -11,6 +11,8 @@ SECTIONS = [
     ("Every method (`make bench`), CPU", "all-smollm2-cpu.md"),
     ("`finetune plan` against measured peaks (issue 6), CPU", "plan-check-smollm2-cpu.md"),
     ("`finetune plan` against measured peaks at 1024 tokens per step (issue 6), CPU", "plan-check-smollm2-cpu-1024tok.md"),
+    ("The same check with the timing runs' allocator (freed heap blocks stay resident; issue 6), CPU",
+     "plan-check-smollm2-cpu-4mib.md"),
 ]
 GPU = ("## GPU: `python scripts/bench.py --arch llama2-7b --seq-len 2048` (bf16, flash attention if available)\n\n"
        "Not measured: no GPU machine was available to the sessions that wrote this file. No figures are estimated "

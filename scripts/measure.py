@@ -25,11 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 #: Timing runs: tensors of 4 MiB and more are mapped and unmapped, smaller ones reuse glibc's heap (a lower
-#: threshold makes every allocation a fresh mapping: full AdamW steps 1.8x slower at 1 MiB).
+#: threshold makes many more allocations fresh mappings, whose page faults slow the steps).
 TIMING_ENV = {"MALLOC_MMAP_THRESHOLD_": "4194304", "TOKENIZERS_PARALLELISM": "false"}
 #: Runs checked against the plan: at 64 KiB the heap's retained free blocks stay small and RSS follows live
-#: memory. At 4 MiB, SmolLM2 LoRA r=16 (seq 128 x batch 2) peaked 1.378 GiB against 1.207 at 64 KiB, the same
-#: run: the heap kept ~0.17 GiB of freed activations resident, the one term the plan does not (cannot) model.
+#: memory; at 4 MiB the heap keeps freed activations resident, the one term the plan does not (cannot) model
+#: (compare `scripts/plan_check.py` with `--mmap-threshold 4194304`).
 MEMORY_CHECK_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -64,13 +64,14 @@ def planned_gb(spec: dict, measured: dict) -> float | None:
     return estimate(load_config(spec.get("arch") or spec["model"]), method_options(spec), setup)["total"] / GIB
 
 
-def plan_check(model: str, method: dict, seq_len: int, batch: int, workdir: Path) -> tuple[dict, float]:
-    """Three steps of one method measured under MEMORY_CHECK_ENV, and the plan's prediction for them."""
+def plan_check(model: str, method: dict, seq_len: int, batch: int, workdir: Path,
+               env: dict = MEMORY_CHECK_ENV) -> tuple[dict, float]:
+    """Three steps of one method measured (under MEMORY_CHECK_ENV unless told), and the plan's prediction."""
     data = workdir / "rows.jsonl"
     write_rows(data, batch * 3, seq_len)
     spec = {"model": model, "data": str(data), "seq_len": seq_len, "batch": batch, "steps": 3, "galore_rank": 64,
             "gap": 200, "checkpointing": True, "method": method, "out": str(workdir / method["name"])}
-    measured = run_child(spec, MEMORY_CHECK_ENV)
+    measured = run_child(spec, env)
     if "error" in measured:
         raise RuntimeError(measured["error"])
     return measured, planned_gb(spec, measured)

@@ -5,6 +5,7 @@ so resident memory follows live memory), peak resident memory during the steps. 
 framework-overhead row replaced by that process's resident memory just before the model loaded.
 
     python scripts/plan_check.py [--model smollm2-135m-instruct] [--seq-len 128] [--batch 2]
+    python scripts/plan_check.py --mmap-threshold 4194304   # the timing runs' allocator: heap blocks retained
 """
 
 from __future__ import annotations
@@ -30,15 +31,18 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--mmap-threshold", default=MEMORY_CHECK_ENV["MALLOC_MMAP_THRESHOLD_"],
+                        help="glibc MALLOC_MMAP_THRESHOLD_ for the measured runs (bytes)")
     args = parser.parse_args()
-    env = " ".join(f"{k}={v}" for k, v in MEMORY_CHECK_ENV.items())
+    allocator = {**MEMORY_CHECK_ENV, "MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)}
+    env = " ".join(f"{k}={v}" for k, v in allocator.items())
     command = shlex.join(["python", "scripts/plan_check.py", *sys.argv[1:]])
     print(f"`{command}` — model {args.model}, seq {args.seq_len} x "
           f"batch {args.batch}, fp32, checkpointing on, 3 steps, {env}\n")
     print("| method | predicted (GiB) | measured peak (GiB) | predicted / measured |\n|---|---|---|---|")
     for method in METHODS:
         with tempfile.TemporaryDirectory() as tmp:
-            measured, predicted = plan_check(args.model, method, args.seq_len, args.batch, Path(tmp))
+            measured, predicted = plan_check(args.model, method, args.seq_len, args.batch, Path(tmp), allocator)
         print(f"| {method['name']} | {predicted:.3f} | {measured['peak_gb']:.3f} | "
               f"{predicted / measured['peak_gb']:.2f} |", flush=True)
 
