@@ -185,12 +185,12 @@ def process_baseline() -> float:
 
 
 def baseline_before_model_load() -> dict:
-    """Fills {"gb": ...} with the resident GiB just before the production loader builds the model: the interpreter
-    and libraries plus the tokenizer and the tokenized data (host memory that a GPU's peak does not count, and
-    that the plan's framework-overhead row stands for)."""
+    """The returned dict gets {"gb": ...} when the production loader starts building the model: the resident GiB
+    then (interpreter, libraries, tokenizer, tokenized data: host memory that a GPU's peak does not count, and that
+    the plan's framework-overhead row stands for)."""
     import finetune.modeling as modeling
 
-    load, baseline = modeling.load_model, {"gb": process_baseline()}
+    load, baseline = modeling.load_model, {}
 
     def measured_load(*args, **kwargs):
         baseline["gb"] = process_baseline()
