@@ -138,13 +138,33 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
     if trainer.is_fsdp_enabled:  # checkpoints may be sharded; the final weights are one standard checkpoint
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(final))  # every rank takes part (sharded weights are gathered); rank 0 writes
-    if rank != 0:
-        return run_dir
-    tokenizer.save_pretrained(final)
-    _write_run_info(run_dir, m.name_or_path, model_path, method, trainer.state.global_step)
-    plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
-    log(f"[green]done:[/green] {final} ({trainer.state.global_step} steps); metrics in {run_dir / 'metrics.jsonl'}")
+    if rank == 0:
+        tokenizer.save_pretrained(final)
+        _write_run_info(run_dir, m.name_or_path, model_path, method, trainer.state.global_step)
+        plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+        log(f"[green]done:[/green] {final} ({trainer.state.global_step} steps); metrics in {run_dir / 'metrics.jsonl'}")
+    if args.world_size > 1:
+        trainer.accelerator.wait_for_everyone()
+        close_process_group(trainer.model_wrapped)
     return run_dir
+
+
+def close_process_group(wrapped_model) -> None:
+    """Every rank closes its process group before it returns, in an order that cannot deadlock.
+
+    Left to interpreter exit, gloo's worker threads sometimes outlive it and the rank aborts ("terminate called
+    without an active exception", status -6). Destroyed carelessly it hangs: if DDP's C++ Reducer holds the last
+    reference to the group, the group's destructor runs with the GIL held while a gloo thread waits for the GIL
+    to free a finished collective's tensors. Python-side references release the GIL when they destroy a group,
+    so the Reducer goes first, while the group is still registered, and the registry's reference goes last.
+    """
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(wrapped_model, DistributedDataParallel):
+        wrapped_model.logger = wrapped_model.reducer = None  # the logger holds the Reducer too
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def claim_run_dir(run_dir: Path, overwrite: bool, resume: bool, get_last_checkpoint) -> str | None:

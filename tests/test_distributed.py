@@ -196,11 +196,17 @@ def test_two_machines_on_localhost_train_like_two_processes(ddp_recipe, tmp_path
     recipe, port = ddp_recipe(), str(free_port())
     command = [sys.executable, "-m", "finetune.cli", "train", str(recipe), "--nproc", "1", "--num-machines", "2",
                "--main-process-ip", "127.0.0.1", "--main-process-port", port, "--output", str(tmp_path / "run")]
-    machines = [subprocess.Popen([*command, "--machine-rank", str(rank)], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    for machine in machines:
-        _, err = machine.communicate(timeout=300)
-        assert machine.returncode == 0, err[-3000:]
+    # stderr goes to files, not pipes: waiting on machine 0 while machine 1 fills its 64 KiB pipe with progress
+    # bars blocks machine 1 inside a collective and deadlocks both (a hang seen once in a full run).
+    logs = [tmp_path / f"machine{rank}.log" for rank in (0, 1)]
+    machines = []
+    for rank, log in enumerate(logs):
+        with log.open("w") as stderr:
+            machines.append(subprocess.Popen([*command, "--machine-rank", str(rank)], stdout=subprocess.DEVNULL,
+                                             stderr=stderr))
+    for machine, log in zip(machines, logs):
+        machine.wait(timeout=300)
+        assert machine.returncode == 0, log.read_text()[-3000:]
     assert single(recipe, tmp_path / "one").exit_code == 0
     assert max_diff(tmp_path / "run" / "model", tmp_path / "one" / "model") < 1e-4
     config = yaml.safe_load((tmp_path / "run" / "accelerate.yaml").read_text())
