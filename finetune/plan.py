@@ -246,13 +246,13 @@ def estimate(config, method, setup: Setup) -> dict[str, float]:
 
 
 def _cpu_step_temporaries(trainable, params, wb, bits, method) -> float:
-    """On CPU, torch's AdamW runs tensor by tensor and allocates about two fp32 temporaries the size of the
-    tensor it updates (the denominator and the step); finetune's chunked 8-bit update needs ~24 bytes per
-    value of one 1M-value chunk. On CUDA the fused kernels need neither."""
-    if method.name == "lora":
+    """bitsandbytes' 8-bit update on CPU dequantizes and works in fp32: finetune's chunked version needs ~24 bytes
+    per value of one 1M-value chunk. AdamW in 32 bits runs torch's fused kernel (CPU and CUDA), which needs no
+    temporaries; so do the 8-bit CUDA kernels."""
+    if method.name == "lora" or bits != 8:
         return 0.0
     largest = max((params[n].numel() for n in trainable if n in params), default=0)
-    return 24 * min(largest, 256 * 4096) if bits == 8 else 2 * largest * 4
+    return 24 * min(largest, 256 * 4096)
 
 
 def _gradient_bytes(trainable, params, wb, layerwise, accumulation) -> float:

@@ -114,8 +114,6 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
     dtype, attention = resolve_dtype(m.dtype), resolve_attention(m.attn_implementation)
     model = load_model(model_path, dtype, attention, m.trust_remote_code, vocab_size=len(tokenizer), **load_kwargs)
     model = method.prepare(model, added_tokens)
-    if m.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()  # frozen embeddings (LoRA) would otherwise cut the graph
 
     args = _trainer_args(recipe, run_dir, dtype)
     for label, value in start_summary(
@@ -274,6 +272,11 @@ def _make_trainer(model, args, data, tokenizer, method, metrics_path: Path):
         def _prepare_for_training(self, *args, **kwargs):
             from torch.nn.parallel import DistributedDataParallel
 
+            # Turning checkpointing on, transformers makes the embeddings' output require grad, which only
+            # reentrant checkpointing needs (we use non-reentrant). Kept, it makes backward run through every
+            # frozen layer below the lowest trained one, for a gradient nobody uses (LISA with frozen embeddings).
+            if self.args.activation_checkpointing and hasattr(self.model, "disable_input_require_grads"):
+                self.model.disable_input_require_grads()
             # DDP's reducer only covers parameters that require grad when it wraps the model; a method whose
             # trainable set changes during the run (LISA) has every parameter registered, the idle ones unused.
             idle = [p for p in self.model.parameters() if not p.requires_grad] if self.args.ddp_find_unused_parameters \

@@ -141,3 +141,35 @@ def test_bad_layer_indices_are_a_clear_error(write_recipe, tiny4_model_dir, tmp_
     path = lisa_recipe(write_recipe, tiny4_model_dir, tmp_path, always_active=[7])
     result = runner.invoke(app, ["train", str(path)])
     assert result.exit_code == 2 and "the model has 4 decoder layers (indices 0..3)" in result.output
+
+
+def test_frozen_embeddings_stop_backward_at_the_lowest_active_layer(write_recipe, tiny4_model_dir, tmp_path,
+                                                                    monkeypatch):
+    """With checkpointing, a layer runs forward again only if backward passes through it: layers below the
+    lowest active one must run once per micro-batch (nothing below needs a gradient), the active ones twice."""
+    import finetune.train as train_module
+
+    monkeypatch.setattr(LISA, "layers_for", lambda self, interval: [2, 3])
+    path = lisa_recipe(write_recipe, tiny4_model_dir, tmp_path, name="shallow", train_embeddings=False,
+                       train_head=False)
+    recipe = load_recipe(path, ["train.max_steps=2", "model.gradient_checkpointing=true"])
+    calls = {index: 0 for index in range(4)}
+    original_build = train_module._make_trainer
+
+    def make(model, *args, **kwargs):
+        for index, layer in enumerate(decoder_layers(model)[1]):
+            # a wrapped forward, not a forward hook: checkpointing's recompute runs no module hooks
+            def counted(*args, forward=layer.mlp.forward, index=index, **kwargs):
+                calls[index] += 1
+                return forward(*args, **kwargs)
+
+            layer.mlp.forward = counted
+        return original_build(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_make_trainer", make)
+    run_training(recipe, path, log=lambda _: None)
+    assert calls[0] == calls[1] == 2 and calls[2] == calls[3] == 4  # 2 steps: once, or forward + recompute
+    before = load_file(tiny4_model_dir / "model.safetensors")
+    after = load_file(tmp_path / "shallow" / "model" / "model.safetensors")
+    assert not torch.equal(before["model.layers.2.mlp.up_proj.weight"], after["model.layers.2.mlp.up_proj.weight"])
+    assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])

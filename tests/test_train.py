@@ -56,15 +56,16 @@ def test_lora_trains_only_adapter_params_and_loads_with_peft(write_recipe, tmp_p
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    # checkpointing on: with no grad-requiring embedding output, the first layer's adapters must still train
     recipe = write_recipe(method={"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-                          train={"learning_rate": 5e-3, "max_steps": 10})
+                          model={"gradient_checkpointing": True}, train={"learning_rate": 5e-3, "max_steps": 10})
     result = train(recipe)
     assert result.exit_code == 0, result.output
     run = tmp_path / "run"
     assert losses(run)[-1] < losses(run)[0]
     adapter = load_file(run / "adapter" / "adapter_model.safetensors")
     assert adapter and all("lora_" in name for name in adapter)
-    assert any("lora_B" in name and tensor.abs().sum() > 0 for name, tensor in adapter.items())
+    assert all(tensor.abs().sum() > 0 for name, tensor in adapter.items() if "lora_B" in name)  # B starts at 0
     # every linear layer but the head got an adapter (all-linear)
     targets = {name.split(".")[-3] for name in adapter}
     assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

@@ -35,7 +35,14 @@ from finetune.optim.galore import Projector, low_rank_shape
 def _adamw(params, lr: float, weight_decay: float, bits: int) -> torch.optim.Optimizer:
     if bits == 8:
         return _chunked_adamw8bit()(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    # torch's default for a single tensor is its per-tensor loop of ~10 elementwise passes with two tensor-sized
+    # fp32 temporaries; the fused kernel makes one pass and no temporaries (on CPU it is several times faster).
+    fused = all(p.device.type in FUSED_DEVICES and p.dtype in FUSED_DTYPES for p in params) or None
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
+
+
+#: Where torch's fused AdamW kernel exists (elsewhere, e.g. on MPS or for float64, AdamW's default loop runs).
+FUSED_DEVICES, FUSED_DTYPES = ("cpu", "cuda"), (torch.float32, torch.float16, torch.bfloat16)
 
 
 #: Elements per chunk of bitsandbytes' CPU 8-bit update: a multiple of its 256-value quantization block.
