@@ -76,6 +76,9 @@ def summarise(results: dict, warmup: int, seq_len: int, batch: int) -> dict:
         table[name] = {"median_step_s": median, "tokens_per_s": seq_len * batch / median, "peak_gb": result["peak_gb"],
                        "step_seconds": result["step_seconds"], "step_peaks_gb": result.get("step_peaks_gb"),
                        "baseline_gb": result.get("baseline_gb", 0.0), "plan_gb": result.get("plan_gb")}
+        if result.get("phase_seconds"):
+            kept = result["phase_seconds"][warmup:] or result["phase_seconds"]
+            table[name]["phase_median_s"] = {k: statistics.median(p[k] for p in kept) for k in kept[0]}
         table[name]["above_baseline_gb"] = result["peak_gb"] - table[name]["baseline_gb"]
         if result.get("refreshes"):
             table[name]["refresh_seconds"] = result["refresh_seconds"]
@@ -107,7 +110,8 @@ def markdown(table: dict) -> str:
 
 
 def extra_notes(table: dict, gap: int, steps: int) -> str:
-    """GaLore refresh cost amortised over the gap, and per-step peak memory for LISA (flat across switches?)."""
+    """Where each step's time goes (forward, backward, optimizer step after backward), GaLore refresh cost
+    amortised over the gap, and per-step peak memory for LISA (flat across switches?)."""
     lines = []
     for name, row in table.items():
         if row.get("refreshes"):
@@ -115,6 +119,9 @@ def extra_notes(table: dict, gap: int, steps: int) -> str:
             lines.append(f"- {name}: {row['refreshes']} projector refreshes took {row['refresh_seconds']:.2f} s "
                          f"({per_round:.2f} s per refresh of every projector) = "
                          f"{100 * per_round / gap / row['median_step_s']:.2f}% of step time amortised over gap {gap}")
+        if row.get("phase_median_s"):
+            lines.append(f"- {name}: median seconds per step in " + ", ".join(
+                f"{phase} {seconds:.3f}" for phase, seconds in row["phase_median_s"].items()))
         if name.startswith("LISA") and row.get("step_peaks_gb"):
             peaks = row["step_peaks_gb"]
             lines.append(f"- {name}: peak memory per step (GiB) {', '.join(f'{p:.3f}' for p in peaks)}; "

@@ -141,11 +141,12 @@ def child(spec: dict) -> dict:
 
     if spec.get("lm_head_tile"):
         train_module.CPU_LM_HEAD_TILE = spec["lm_head_tile"]
-    original, measure = train_module._make_trainer, Measure()
+    original, measure, phases = train_module._make_trainer, Measure(), PhaseTimer()
 
-    def with_measure(*args, **kwargs):  # the production trainer, plus the measuring callback
+    def with_measure(*args, **kwargs):  # the production trainer, plus the measuring callbacks
         trainer = original(*args, **kwargs)
         trainer.add_callback(measure)
+        phases.attach(trainer)
         return trainer
 
     train_module._make_trainer = with_measure
@@ -154,7 +155,45 @@ def child(spec: dict) -> dict:
                if "step_seconds" in r]
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else max(step_peaks + [measure.final_peak])
     return {"step_seconds": [r["step_seconds"] for r in records], "peak_gb": peak, "step_peaks_gb": step_peaks,
-            "baseline_gb": baseline["gb"], **trained, **refresh}
+            "baseline_gb": baseline["gb"], "phase_seconds": phases.steps, **trained, **refresh}
+
+
+class PhaseTimer:
+    """Splits each optimizer step into forward (the loss), backward (the rest of each micro-batch's training
+    step: a layer-wise optimizer's steps inside backward count here) and the optimizer step after backward
+    (clipping included), so a table can say where a method saves or spends time."""
+
+    def __init__(self):
+        self.steps: list[dict] = []
+
+    def attach(self, trainer) -> None:
+        from transformers import TrainerCallback
+
+        timer = self
+
+        def timed(function, key):
+            def run(*args, **kwargs):
+                start = time.perf_counter()
+                result = function(*args, **kwargs)
+                timer.current[key] += time.perf_counter() - start
+                timer.last_end = time.perf_counter()
+                return result
+
+            return run
+
+        class Phases(TrainerCallback):
+            def on_step_begin(self, *args, **kwargs):
+                timer.current = {"forward": 0.0, "training_step": 0.0}
+
+            def on_optimizer_step(self, *args, **kwargs):
+                step = timer.current
+                step["backward"] = step.pop("training_step") - step["forward"]
+                step["optimizer"] = time.perf_counter() - timer.last_end
+                timer.steps.append(step)
+
+        trainer.compute_loss = timed(trainer.compute_loss, "forward")
+        trainer.training_step = timed(trainer.training_step, "training_step")
+        trainer.add_callback(Phases())
 
 
 def time_refreshes() -> dict:

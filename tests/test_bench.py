@@ -33,4 +33,9 @@ def test_quick_bench_writes_a_well_formed_table(tmp_path):
     results = json.loads((tmp_path / "quick.json").read_text())["results"]
     assert results["full AdamW"]["peak_vs_full"] == 1.0
     assert all(r["median_step_s"] > 0 and r["peak_gb"] > 0 for r in results.values())
+    for name in ("full AdamW", "GaLore 8-bit layer-wise"):  # where the time goes: parts of the measured step
+        phases = results[name]["phase_median_s"]
+        assert set(phases) == {"forward", "backward", "optimizer"} and all(v >= 0 for v in phases.values())
+        assert phases["forward"] > 0 and phases["backward"] > 0
+        assert sum(phases.values()) <= 1.5 * results[name]["median_step_s"]
     assert results["GaLore 8-bit layer-wise"]["plan_gb"] > 0 and results["peer: Trainer + peft LoRA r=16"]["plan_gb"] is None
