@@ -48,13 +48,17 @@ VARIANTS = {
     "LISA g=2 K=2": {"method": {"name": "lisa", "activated_layers": 2, "interval_steps": 2}},
     "LISA g=2 K=2 8-bit layer-wise": {"method": {"name": "lisa", "activated_layers": 2, "interval_steps": 2,
                                                  "optim_bits": 8, "layerwise": True}},
+    # the paper trains embeddings and head; frozen, backward stops at the lowest active layer
+    "LISA g=2 K=2, embeddings and head frozen": {"method": {"name": "lisa", "activated_layers": 2, "interval_steps": 2,
+                                                            "train_embeddings": False, "train_head": False}},
     "peer: Trainer galore_adamw_layerwise": {"peer": "galore_adamw_layerwise"},
     "peer: Trainer + peft LoRA r=16": {"peer": "lora"},
 }
 GALORE_SET = ["full AdamW", "LoRA r=16 all-linear", "GaLore 8-bit layer-wise", "GaLore 8-bit",
               "GaLore 8-bit layer-wise, exact SVD", "peer: Trainer galore_adamw_layerwise"]
 QUICK_SET = ["full AdamW", "GaLore 8-bit layer-wise", "peer: Trainer + peft LoRA r=16"]
-LISA_SET = ["full AdamW", "LoRA r=8 all-linear", "LISA g=2 K=2", "LISA g=2 K=2 8-bit layer-wise"]
+LISA_SET = ["full AdamW", "LoRA r=8 all-linear", "LISA g=2 K=2", "LISA g=2 K=2 8-bit layer-wise",
+            "LISA g=2 K=2, embeddings and head frozen"]
 
 
 def run_variant(name: str, variant: dict, common: dict, workdir: Path) -> dict:

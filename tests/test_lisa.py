@@ -3,7 +3,7 @@
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 from typer.testing import CliRunner
 
 from finetune.cli import app
@@ -141,6 +141,20 @@ def test_bad_layer_indices_are_a_clear_error(write_recipe, tiny4_model_dir, tmp_
     path = lisa_recipe(write_recipe, tiny4_model_dir, tmp_path, always_active=[7])
     result = runner.invoke(app, ["train", str(path)])
     assert result.exit_code == 2 and "the model has 4 decoder layers (indices 0..3)" in result.output
+
+
+def test_a_tied_head_cannot_train_apart_from_the_embeddings(tiny4_model_dir):
+    from finetune.errors import UserError
+
+    untied = AutoModelForCausalLM.from_pretrained(tiny4_model_dir)
+    LISA(**{**OPTIONS, "train_embeddings": False}).prepare(untied, [])
+    assert untied.lm_head.weight.requires_grad and not untied.model.embed_tokens.weight.requires_grad
+    config = AutoConfig.from_pretrained(tiny4_model_dir)
+    config.tie_word_embeddings = True  # as SmolLM2 does
+    tied = AutoModelForCausalLM.from_config(config)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    with pytest.raises(UserError, match="ties its head to its input embeddings"):
+        LISA(**{**OPTIONS, "train_embeddings": False}).prepare(tied, [])
 
 
 def test_frozen_embeddings_stop_backward_at_the_lowest_active_layer(write_recipe, tiny4_model_dir, tmp_path,

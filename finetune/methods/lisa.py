@@ -63,6 +63,9 @@ def frozen_outside_layers(model, layers, train_embeddings: bool, train_head: boo
     head when the options say so (the final norm always trains)."""
     frozen = {id(p) for p in layers.parameters()}
     head = model.get_output_embeddings()
+    if head is not None and head.weight is model.get_input_embeddings().weight and train_embeddings != train_head:
+        raise UserError(f"method.train_embeddings is {train_embeddings} and method.train_head is {train_head}, but "
+                        "this model ties its head to its input embeddings (one tensor): set both to the same value")
     if not train_embeddings:
         frozen.add(id(model.get_input_embeddings().weight))
     if not train_head and head is not None:
