@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from finetune.cli import app
 from finetune.methods.galore import projected_weights
 from finetune.optim.galore import Projector
-from finetune.optim.layerwise import build_optimizer
+from finetune.optim.layerwise import build_optimizer, new_stepper
 from finetune.report import read_metrics
 
 LR, DECAY = 1e-3, 0.01
@@ -125,6 +125,20 @@ def test_step_grad_norm_is_the_true_global_norm(tiny_model_dir):
     optimizer = engine(model, layerwise=True, flag={"last": True})
     model(input_ids=ids, labels=ids).loss.backward()
     assert optimizer.step_grad_norm() == pytest.approx(expected, rel=1e-5) and expected > 0
+
+
+def test_per_parameter_clipping_caps_each_gradient_and_reports_the_norm_before(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    big, small = model.model.layers[0].mlp.up_proj.weight, model.model.layers[0].input_layernorm.weight
+    steppers = {name: new_stepper(param, LR, DECAY, 32) for name, param in (("big", big), ("small", small))}
+    big.grad = torch.full_like(big, 10.0 / big.numel() ** 0.5)  # norm 10
+    small.grad = torch.full_like(small, 0.5 / small.numel() ** 0.5)  # norm 0.5
+    small_grad = small.grad.clone()
+    squared = {name: stepper.step(LR, max_grad_norm=1.0).item() for name, stepper in steppers.items()}
+    assert squared == {"big": pytest.approx(100.0, rel=1e-5), "small": pytest.approx(0.25, rel=1e-5)}
+    assert torch.linalg.vector_norm(big.grad).item() == pytest.approx(1.0, rel=1e-5)  # scaled down to the cap
+    assert torch.equal(small.grad, small_grad)  # within the cap: untouched
+    assert steppers["big"].step(LR, measure=False) is None  # non-layer-wise: the trainer measures, not us
 
 
 def test_randomized_refresh_captures_the_exact_subspace_energy(tiny_model_dir):

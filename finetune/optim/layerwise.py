@@ -24,7 +24,6 @@ grad norm of 0, and checkpoint no per-parameter state. Here:
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -108,16 +107,23 @@ class ParamStepper:
             self.inner = _adamw([self.proxy], lr, 0.0, bits)
 
     @torch.no_grad()
-    def step(self, lr: float, max_grad_norm: float = 0.0, grad: torch.Tensor | None = None) -> float:
-        """Step on `grad` (default: the parameter's .grad) at this LR; return its squared norm (before clipping)."""
+    def step(self, lr: float, max_grad_norm: float = 0.0, grad: torch.Tensor | None = None,
+             measure: bool = True) -> torch.Tensor | None:
+        """Step on `grad` (default: the parameter's .grad) at this LR; return its squared norm before clipping
+        (a 0-d tensor on the gradient's device, or None when not `measure`d and not clipping).
+
+        The norm stays a tensor and clipping scales by a tensor factor, so stepping inside backward never waits
+        on the GPU per parameter (a `.item()` here would synchronise once per parameter)."""
         for group in self.inner.param_groups:
             group["lr"] = lr
         if grad is not None:
             self.param.grad = grad
         grad = self.param.grad
-        squared = torch.linalg.vector_norm(grad, dtype=torch.float32).item() ** 2
-        if max_grad_norm > 0 and squared > max_grad_norm**2:
-            grad.mul_(max_grad_norm / math.sqrt(squared))
+        squared = None
+        if measure or max_grad_norm > 0:
+            squared = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+        if max_grad_norm > 0:
+            grad.mul_((max_grad_norm / squared.sqrt()).clamp(max=1.0))  # a norm within the cap is scaled by 1
         if self.projector is None:
             self.inner.step()
         else:
@@ -165,7 +171,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.method_state = method_state
         self.max_grad_norm = max_grad_norm if layerwise else 0.0  # non-layer-wise: the trainer clips globally
         self.is_last_micro_batch = is_last_micro_batch
-        self._squared_norm = 0.0
+        self._squared_norms: list[torch.Tensor] = []  # this step's, one per stepped parameter
         super().__init__([s.param for s in steppers.values()], {"lr": lr})
         self.steppers: dict[str, ParamStepper] = {}
         self._by_param: dict[int, ParamStepper] = {}  # id(param) -> stepper, for DDP buckets (which hold params)
@@ -201,7 +207,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def _hook(self, stepper: ParamStepper):
         def step_now(param: torch.Tensor) -> None:
             if self.is_last_micro_batch():
-                self._squared_norm += stepper.step(self.lr, self.max_grad_norm)
+                self._squared_norms.append(stepper.step(self.lr, self.max_grad_norm))
                 param.grad = None  # freed as soon as it is used: no full set of gradients at once
 
         return step_now
@@ -229,7 +235,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 for param, grad in zip(bucket.parameters(), bucket.gradients()):
                     stepper = self._by_param.get(id(param))  # None: a parameter LISA has frozen
                     if stepper is not None:
-                        self._squared_norm += stepper.step(self.lr, self.max_grad_norm, grad=grad)
+                        self._squared_norms.append(stepper.step(self.lr, self.max_grad_norm, grad=grad))
                         param.grad = None
                 return bucket.buffer()
 
@@ -239,7 +245,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def step_grad_norm(self) -> float:
         """Global gradient norm of the step in progress (layer-wise: all hooks of the step have run)."""
-        return math.sqrt(self._squared_norm)
+        if not self._squared_norms:
+            return 0.0
+        device = self._squared_norms[0].device  # parameters may sit on several devices
+        return torch.stack([s.to(device) for s in self._squared_norms]).sum().sqrt().item()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -247,8 +256,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if not self.layerwise:
             for stepper in self.steppers.values():
                 if stepper.param.grad is not None:
-                    self._squared_norm += stepper.step(self.lr)
-        self._squared_norm = 0.0
+                    stepper.step(self.lr, measure=False)  # the trainer has measured and clipped globally
+        self._squared_norms = []
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
