@@ -42,6 +42,8 @@ VARIANTS = {
     "LoRA r=16 all-linear": {"method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0}},
     "GaLore 8-bit layer-wise": {"method": {"name": "galore", "optim_bits": 8, "layerwise": True}},
     "GaLore 8-bit": {"method": {"name": "galore", "optim_bits": 8, "layerwise": False}},
+    # what bitsandbytes' CPU 8-bit update costs: same projection, fused 32-bit AdamW on the low-rank states
+    "GaLore 32-bit layer-wise": {"method": {"name": "galore", "optim_bits": 32, "layerwise": True}},
     "GaLore 8-bit layer-wise, exact SVD": {"method": {"name": "galore", "optim_bits": 8, "layerwise": True,
                                                       "svd": "full"}},
     "LoRA r=8 all-linear": {"method": {"name": "lora", "r": 8, "alpha": 32, "dropout": 0.0}},
@@ -55,7 +57,7 @@ VARIANTS = {
     "peer: Trainer + peft LoRA r=16": {"peer": "lora"},
 }
 GALORE_SET = ["full AdamW", "LoRA r=16 all-linear", "GaLore 8-bit layer-wise", "GaLore 8-bit",
-              "GaLore 8-bit layer-wise, exact SVD", "peer: Trainer galore_adamw_layerwise"]
+              "GaLore 32-bit layer-wise", "GaLore 8-bit layer-wise, exact SVD", "peer: Trainer galore_adamw_layerwise"]
 QUICK_SET = ["full AdamW", "GaLore 8-bit layer-wise", "peer: Trainer + peft LoRA r=16"]
 LISA_SET = ["full AdamW", "LoRA r=8 all-linear", "LISA g=2 K=2", "LISA g=2 K=2 8-bit layer-wise",
             "LISA g=2 K=2, embeddings and head frozen"]
