@@ -6,6 +6,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = [
     ("GaLore vs full AdamW, LoRA and the plain-Trainer peer (issue 4), CPU", "galore-smollm2-cpu.md"),
+    ("GaLore at 512 tokens per step: rank / tokens 0.25, as seed 000's 1024 / (16 x 256) (issue 4), CPU",
+     "galore-smollm2-cpu-512tok.md"),
     ("GaLore at 1024 tokens per step (seq 256 x batch 4; issue 4), CPU", "galore-smollm2-cpu-1024tok.md"),
     ("LISA vs LoRA and full AdamW (issue 5), CPU", "lisa-smollm2-cpu.md"),
     ("Every method (`make bench`), CPU", "all-smollm2-cpu.md"),
