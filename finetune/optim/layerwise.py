@@ -24,6 +24,7 @@ grad norm of 0, and checkpoint no per-parameter state. Here:
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -171,7 +172,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.method_state = method_state
         self.max_grad_norm = max_grad_norm if layerwise else 0.0  # non-layer-wise: the trainer clips globally
         self.is_last_micro_batch = is_last_micro_batch
-        self._squared_norms: list[torch.Tensor] = []  # this step's, one per stepped parameter
+        # The step's summed squared gradient norms, one running 0-d tensor per device, zeroed (not replaced) each
+        # step: a tensor kept per parameter would pin small heap blocks among the freed gradients, and on CPU the
+        # heap then cannot shrink (`scripts/bench.py` showed the higher peak for 8-bit layer-wise full training).
+        self._squared_norms: dict[torch.device, torch.Tensor] = {}
         super().__init__([s.param for s in steppers.values()], {"lr": lr})
         self.steppers: dict[str, ParamStepper] = {}
         self._by_param: dict[int, ParamStepper] = {}  # id(param) -> stepper, for DDP buckets (which hold params)
@@ -207,7 +211,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def _hook(self, stepper: ParamStepper):
         def step_now(param: torch.Tensor) -> None:
             if self.is_last_micro_batch():
-                self._squared_norms.append(stepper.step(self.lr, self.max_grad_norm))
+                self._add_squared_norm(stepper.step(self.lr, self.max_grad_norm))
                 param.grad = None  # freed as soon as it is used: no full set of gradients at once
 
         return step_now
@@ -235,7 +239,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 for param, grad in zip(bucket.parameters(), bucket.gradients()):
                     stepper = self._by_param.get(id(param))  # None: a parameter LISA has frozen
                     if stepper is not None:
-                        self._squared_norms.append(stepper.step(self.lr, self.max_grad_norm, grad=grad))
+                        self._add_squared_norm(stepper.step(self.lr, self.max_grad_norm, grad=grad))
                         param.grad = None
                 return bucket.buffer()
 
@@ -245,10 +249,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def step_grad_norm(self) -> float:
         """Global gradient norm of the step in progress (layer-wise: all hooks of the step have run)."""
-        if not self._squared_norms:
-            return 0.0
-        device = self._squared_norms[0].device  # parameters may sit on several devices
-        return torch.stack([s.to(device) for s in self._squared_norms]).sum().sqrt().item()
+        return math.sqrt(sum(total.item() for total in self._squared_norms.values()))
+
+    def _add_squared_norm(self, squared: torch.Tensor) -> None:
+        total = self._squared_norms.get(squared.device)
+        if total is None:
+            self._squared_norms[squared.device] = squared.clone()
+        else:
+            total.add_(squared)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -257,7 +265,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             for stepper in self.steppers.values():
                 if stepper.param.grad is not None:
                     stepper.step(self.lr, measure=False)  # the trainer has measured and clipped globally
-        self._squared_norms = []
+        for total in self._squared_norms.values():
+            total.zero_()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
