@@ -93,16 +93,24 @@ def validate(
     set_: Sets = None,
     debug: Debug = False,
 ):
-    """Check recipes without loading any model: every problem of every file, exit 2 if any."""
+    """Check recipes and read their local data files, loading no model or tokenizer (hub datasets are not
+    downloaded): every problem of every file, exit 2 if any."""
+    from finetune.data.check import check_data
     from finetune.recipe import load_recipe
 
     problems = []
     for path in recipes:
         try:
-            load_recipe(path, set_ or [])
-            console.print(f"[green]ok[/green] {path}")
+            loaded = load_recipe(path, set_ or [])
         except UserError as err:
             problems.append(str(err))
+            continue
+        report = []  # format, row count, ignored and refused fields of each data file, under the recipe's line
+        data_problems = check_data(loaded.data, report.append)
+        console.print(f"[red]data problems[/red] {path}" if data_problems else f"[green]ok[/green] {path}")
+        for line in report:
+            console.print(line, highlight=False, soft_wrap=True, emoji=False)
+        problems += [f"{path}: {problem}" for problem in data_problems]
     if problems:
         raise UserError("\n".join(problems))
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from finetune.data.sources import PATH_SUFFIXES, unsupported_suffix
 from finetune.distributed import DistributedSection, compatibility_problems
 from finetune.errors import UserError
 from finetune.methods import METHODS
@@ -23,7 +24,6 @@ from finetune.methods.base import Section
 
 #: Names `model.name_or_path` accepts besides paths and hub ids; resolved by `finetune.modeling`.
 MODEL_ALIASES = ("smollm2-135m-instruct",)
-DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
 #: Joins the cross-section problems pydantic must carry as one error; `load_recipe` splits them again.
 CROSS_CHECK_SEPARATOR = "\n\x1f"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -33,7 +33,7 @@ def _looks_like_path(value: str) -> bool:
     """True when a string can only mean a local path (so it must exist), not a hub id or alias."""
     return (
         value.startswith(("/", "./", "../", "~"))
-        or value.endswith(DATA_SUFFIXES + (".gguf",))
+        or value.lower().endswith(PATH_SUFFIXES + (".gguf",))
         or not _HUB_ID.match(value)
     )
 
@@ -67,10 +67,12 @@ class ModelSection(Section):
 
 
 class DataSection(Section):
-    """Training and held-out data: local JSON/JSONL/Parquet files or hub dataset ids."""
+    """Training and held-out data: local JSON/JSONL/Parquet/CSV/TSV files, dataset directories or hub dataset ids."""
 
     train: str
-    """A local .json/.jsonl/.parquet file, or a hub dataset id."""
+    """A local .jsonl/.json/.parquet/.csv/.tsv file, a dataset directory, or a hub dataset id. A path that exists
+    is always read locally. CSV/TSV files need a header naming Alpaca (instruction, output, optional input,
+    system) or prompt/completion columns."""
     train_split: str = "train"
     """Split to read when `train` is a hub dataset id."""
     eval: str | None = None
@@ -80,7 +82,12 @@ class DataSection(Section):
     eval_fraction: float = Field(0.0, ge=0, le=0.5)
     """Fraction of training rows held out (seeded by `train.seed`; the rows are saved in the run dir)."""
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = "auto"
-    """Row format. `auto` detects it from the keys of the first row; set it when detection is ambiguous."""
+    """Row format. `auto` detects it from the keys of the first row; set it when detection is ambiguous. Every
+    field a format defines is honoured: a row-level `system`, Alpaca `input` and `history` (earlier rounds), a chat
+    turn's `weight` (0: context only, 1: trained) and `content` as a list of text parts. Rows with tool calling,
+    media (`images`, `<image>` placeholders, ...), a speaker `name` or a `label` are refused with the reason;
+    preference data (`chosen`/`rejected`, KTO) is refused for the whole file (finetune trains SFT only today). Other
+    fields are listed once as ignored."""
     max_length: int = Field(1024, ge=16)
     """Tokens per row after the chat template; longer rows are cut at the end."""
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
@@ -90,7 +97,13 @@ class DataSection(Section):
     @field_validator("train", "eval")
     @classmethod
     def _exists(cls, value: str | None) -> str | None:
-        return None if value is None else _check_local(value, "data file")
+        if value is None:
+            return None
+        path = Path(value).expanduser()
+        problem = unsupported_suffix(path) if path.exists() else None
+        if problem:
+            raise ValueError(f"data file `{value}`: {problem}")
+        return _check_local(value, "data file")
 
     @model_validator(mode="after")
     def _one_eval_source(self):

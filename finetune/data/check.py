@@ -1,0 +1,60 @@
+"""What `finetune validate` says about a recipe's data: each local source read without a model or tokenizer.
+
+The first `SAMPLE_ROWS` rows of a source are normalised exactly as training would (format, refused rows, ignored
+fields); the rows are all counted. Hub datasets are not downloaded, and say so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.markup import escape
+
+from finetune.data.prepare import SourceRows, read_source
+from finetune.data.sources import count_rows
+from finetune.errors import UserError
+
+#: Rows normalised per source: enough to meet every field a file uses, and fast for any file size (a 100k-row
+#: JSONL is counted, not parsed, past these).
+SAMPLE_ROWS = 2000
+_SHOWN = 5
+
+
+def check_data(data, log) -> list[str]:
+    """Report on each local source of a recipe's `data` section; return the problems that fail validation."""
+    problems = []
+    for key in ("train", "eval"):
+        source, split = getattr(data, key), getattr(data, f"{key}_split")
+        if source is None:
+            continue
+        label = f"data.{key}"
+        if not Path(source).expanduser().exists():
+            log(f"  {label}: hub dataset `{escape(source)}` not checked (validate downloads nothing)")
+            continue
+        try:
+            problems += _check_source(label, source, split, data.format, data.max_bad_fraction, log)
+        except UserError as err:
+            problems.append(f"{label}: {err}")
+    return problems
+
+
+def _check_source(label: str, source: str, split: str, format: str, limit: float, log) -> list[str]:
+    read = read_source(source, split, format, limit=SAMPLE_ROWS)
+    total = count_rows(source, split) if read.total >= SAMPLE_ROWS else read.total
+    if total == 0:
+        return [f"{label}: {source}: no rows (an empty data file)"]
+    checked = "every row checked" if read.total == total else f"the first {read.total} checked"
+    rows = f"{total} row" + ("s" if total > 1 else "")
+    log(f"  {label}: {escape(source)}: {read.format or 'unknown'} format, {rows} ({checked})")
+    if read.ignored:
+        log(f"    {escape(read.ignored_line())}")
+    if read.problems:
+        log(f"    {len(read.problems)} of {read.total} checked rows refused, e.g.:")
+        for problem in read.problems[:_SHOWN]:
+            log(f"      - {escape(problem)}")
+    return [_too_many_refused(label, read, limit)] if read.refused_fraction() > limit else []
+
+
+def _too_many_refused(label: str, read: SourceRows, limit: float) -> str:
+    return (f"{label}: {len(read.problems)} of the {read.total} rows checked are refused "
+            f"({read.refused_fraction():.1%}), more than data.max_bad_fraction={limit}; the first: {read.problems[0]}")

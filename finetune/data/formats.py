@@ -1,0 +1,277 @@
+"""Row formats: which one a file uses, and each row normalised to chat messages.
+
+Every field a format defines is honoured or the row is refused with the reason: nothing a row says about what to
+train is dropped silently. Fields no format defines (ids, sources, timestamps) change nothing that is trained;
+they are returned as ignored so the caller can list them once per file.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from finetune.errors import UserError
+
+ROLES = ("system", "user", "assistant")
+OPENAI_ROLES = {r: r for r in ROLES}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant"}
+#: Keys whose presence identifies each format (checked on the first row).
+SIGNATURES = {
+    "messages": {"messages"},
+    "sharegpt": {"conversations"},
+    "alpaca": {"instruction", "output"},
+    "prompt_completion": {"prompt", "completion"},
+}
+#: Optional row fields each format honours. `history` (earlier [instruction, response] rounds) is LLaMA-Factory's
+#: Alpaca convention (github.com/hiyouga/LLaMA-Factory, data/README.md); a row-level `system` is honoured everywhere.
+OPTIONAL = {"messages": {"system"}, "sharegpt": {"system"}, "alpaca": {"input", "system", "history"},
+            "prompt_completion": {"system"}}
+#: Formats whose every field is a string, so a CSV/TSV column can hold them.
+FLAT_FORMATS = ("alpaca", "prompt_completion")
+
+TOOLS = ("tool-calling rows are not supported yet (tool calling is planned, through the model's own chat "
+         "template)")
+MULTIMODAL = "multimodal rows are not supported: finetune trains on text only and would drop the media"
+PAIRED = ("preference data (a `chosen` and a `rejected` answer): finetune trains SFT only today; preference "
+          "tuning is planned")
+LABELLED = ("a `label` field (KTO data marks each answer as good or bad with it): finetune trains SFT only today "
+            "and cannot honour it; drop the field if it says nothing about the answer's quality")
+REASONING = "reasoning traces are not supported yet (the ChatML template has no place for them)"
+#: Row fields that change what is trained but cannot be honoured yet: a row carrying one (non-empty) is refused.
+REFUSED = {
+    "tools": TOOLS, "functions": TOOLS,
+    **dict.fromkeys(("images", "image", "audios", "audio", "videos", "video"), MULTIMODAL),
+    "chosen": PAIRED, "rejected": PAIRED, "label": LABELLED, "kto_tag": LABELLED,
+    "weight": "a row-level `weight` (sample weighting) is not supported; every row counts the same",
+}
+#: Turn fields refused the same way (OpenAI's tool fields; a speaker `name` the template cannot show).
+REFUSED_TURN = {
+    "tool_calls": TOOLS, "function_call": TOOLS, "tool_call_id": TOOLS,
+    "audio": MULTIMODAL, "images": MULTIMODAL,
+    "name": "a speaker `name` is not supported (the ChatML template cannot show it)",
+    "reasoning_content": REASONING, "reasoning": REASONING, "thinking": REASONING,
+}
+#: Roles of tool results and calls: OpenAI's `tool`/`function`, LLaMA-Factory's ShareGPT `function_call`/`observation`.
+TOOL_ROLES = {"tool", "function", "function_call", "observation", "ipython"}
+MEDIA_PARTS = {"image", "image_url", "input_image", "audio", "input_audio", "video", "video_url", "file", "input_file"}
+#: LLaMA-Factory's (and LLaVA's) media placeholders: the text refers to media the row carries elsewhere.
+PLACEHOLDER = re.compile(r"<(image|audio|video)>")
+
+
+def detect_format(record: dict, where: str) -> str:
+    matches = [name for name, keys in SIGNATURES.items() if keys <= record.keys()]
+    if len(matches) == 1:
+        return matches[0]
+    keys = ", ".join(sorted(record)) or "none"
+    if not matches:
+        expected = "; ".join(f"{name}: {', '.join(sorted(keys))}" for name, keys in SIGNATURES.items())
+        raise UserError(f"{where}: cannot detect the data format from keys ({keys}). Expected keys - {expected}.")
+    raise UserError(f"{where}: keys ({keys}) fit several formats ({', '.join(matches)}); set data.format.")
+
+
+def first_row_format(record: dict, format: str | None, where: str) -> str:
+    """The format of a file from its first row; preference data is refused here, once for the whole file."""
+    refuse_preference_data(record, where)
+    return format or detect_format(record, where)
+
+
+def refuse_preference_data(record: dict, where: str) -> None:
+    keys = record.keys()
+    if {"chosen", "rejected"} <= keys:
+        shape = next((f"with `{k}`" for k in ("prompt", "conversations", "messages", "instruction") if k in keys),
+                     "with the prompt inside each answer")
+        raise UserError(
+            f"{where}: this is preference data ({shape}, a preferred `chosen` and a `rejected` answer per row). "
+            "finetune trains supervised fine-tuning (SFT) only today; preference tuning (DPO/ORPO) is planned. "
+            "To fine-tune on the preferred answers now, convert each row to `messages` ending with its `chosen` "
+            "answer.")
+    kto = "kto_tag" in keys or (isinstance(record.get("label"), bool) and SIGNATURES["prompt_completion"] <= keys)
+    if kto:
+        raise UserError(
+            f"{where}: this is unpaired preference data (KTO: a `label` per row marks its completion as desirable "
+            "or not). finetune trains supervised fine-tuning (SFT) only today; preference tuning is planned. "
+            "Training these rows as SFT would also teach the answers marked bad; to use the good ones now, keep "
+            "only the rows labelled true and drop the `label` field.")
+
+
+def flat_format_problem(columns: list[str]) -> str | None:
+    """Why columns of a CSV/TSV file fit no format a flat table can hold, or None when they fit."""
+    if any(SIGNATURES[f] <= set(columns) for f in FLAT_FORMATS) or {"chosen", "rejected"} <= set(columns):
+        return None  # preference columns pass here so the first row is refused with what the data is
+    return (f"columns ({', '.join(columns) or 'none'}) fit no format a CSV/TSV file can hold: instruction and "
+            "output (optional input, system) for Alpaca rows, or prompt and completion")
+
+
+def normalise(record: dict, fmt: str) -> tuple[list[dict[str, Any]], set[str]]:
+    """One row as messages, and the names of its ignored fields; ValueError says why a row is refused."""
+    if fmt not in SIGNATURES:
+        raise ValueError(f"unknown format {fmt}")
+    if not SIGNATURES[fmt] <= record.keys():
+        other = next((name for name, keys in SIGNATURES.items() if keys <= record.keys()), None)
+        if other:
+            raise ValueError(f"a {other} row in a {fmt} file (the format comes from the first row or data.format; "
+                             "one format per file)")
+    extra = record.keys() - SIGNATURES[fmt] - OPTIONAL[fmt]
+    for key in extra & REFUSED.keys():
+        if _present(record[key]):
+            raise ValueError(f"`{key}`: {REFUSED[key]}")
+    ignored = extra - REFUSED.keys()
+    messages = _NORMALISERS[fmt](record, ignored)
+    system = _optional_text(record, "system")
+    if system is not None:
+        if messages[0]["role"] == "system":
+            raise ValueError("both a row-level `system` and a system turn; keep one")
+        messages.insert(0, {"role": "system", "content": system})
+    _check_conversation(messages)
+    return messages, ignored
+
+
+def to_messages(record: dict, fmt: str) -> list[dict[str, Any]]:
+    """Normalise one row; ValueError says what is wrong with it."""
+    return normalise(record, fmt)[0]
+
+
+def _from_messages(record: dict, ignored: set[str]) -> list[dict]:
+    return [_turn(m, n, "role", "content", OPENAI_ROLES, ignored, "messages")
+            for n, m in enumerate(_list(record, "messages"), start=1)]
+
+
+def _from_sharegpt(record: dict, ignored: set[str]) -> list[dict]:
+    return [_turn(m, n, "from", "value", SHAREGPT_ROLES, ignored, "conversations")
+            for n, m in enumerate(_list(record, "conversations"), start=1)]
+
+
+def _from_alpaca(record: dict, ignored: set[str]) -> list[dict]:
+    instruction, output = _text(record, "instruction"), record.get("output")
+    if isinstance(output, list):
+        raise ValueError("`output` is a list: several ranked answers are preference data; finetune trains SFT "
+                         "only today (one `output` string per row)")
+    output = _text(record, "output")
+    extra = record.get("input") or ""
+    if not isinstance(extra, str):
+        raise ValueError("`input` must be a string")
+    if not isinstance(record.get("history") or [], list):
+        raise ValueError("`history` must be a list of [instruction, response] pairs")
+    messages = []
+    # Earlier rounds come before the current one and their answers are trained like any assistant turn, as with
+    # LLaMA-Factory's default (mask_history: false).
+    for number, pair in enumerate(record.get("history") or [], start=1):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(_is_text(p) for p in pair)):
+            raise ValueError(f"`history` item {number} must be an [instruction, response] pair of non-empty strings")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def _from_prompt_completion(record: dict, ignored: set[str]) -> list[dict]:
+    """prompt/completion values are plain strings or lists of messages (TRL's conversational form)."""
+    messages = []
+    for key, role in (("prompt", "user"), ("completion", "assistant")):
+        if isinstance(record.get(key), list):
+            messages += [_turn(m, n, "role", "content", OPENAI_ROLES, ignored, key)
+                         for n, m in enumerate(_list(record, key), start=1)]
+        else:
+            messages.append({"role": role, "content": _text(record, key)})
+    return messages
+
+
+_NORMALISERS = {"messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca,
+                "prompt_completion": _from_prompt_completion}
+
+
+def _turn(item: Any, number: int, role_key: str, content_key: str, roles: dict[str, str], ignored: set[str],
+          field: str) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        raise ValueError(f"each turn must be an object with `{role_key}` and `{content_key}`")
+    given = item.get(role_key)
+    if isinstance(given, str) and given in TOOL_ROLES:
+        raise ValueError(f"`{field}` turn {number} has {role_key} `{given}`: {TOOLS}")
+    role = roles.get(given) if isinstance(given, str) else None
+    if role is None:
+        raise ValueError(f"unknown {role_key} {given!r} (expected one of {', '.join(roles)})")
+    extra = item.keys() - {role_key, content_key, "weight"}
+    if extra:  # most turns have none: the checks below cost nothing then
+        for key in extra & REFUSED_TURN.keys():
+            if _present(item[key]):
+                raise ValueError(f"`{field}` turn {number} has `{key}`: {REFUSED_TURN[key]}")
+        ignored.update(f"{field}[].{k}" for k in extra - REFUSED_TURN.keys())
+    message = {"role": role, "content": _content(item.get(content_key), content_key, f"`{field}` turn {number}")}
+    if "weight" in item and not _trained(item["weight"], role, f"`{field}` turn {number}") and role == "assistant":
+        message["weight"] = 0  # rendered like any assistant turn, outside the loss (see template.py)
+    return message
+
+
+def _trained(weight: Any, role: str, where: str) -> bool:
+    """OpenAI's per-turn `weight`: 0 keeps an assistant turn as context only, 1 (or absent) trains it."""
+    if weight is None:
+        return True
+    if isinstance(weight, bool) or weight not in (0, 1):
+        raise ValueError(f"{where}: `weight` {weight!r} is not supported; use 0 (context only) or 1 (trained)")
+    if weight == 1 and role != "assistant":
+        raise ValueError(f"{where}: `weight` 1 on a {role} turn; only assistant turns are trained")
+    return weight == 1
+
+
+def _content(value: Any, key: str, where: str) -> str:
+    if isinstance(value, list):
+        value = _join_parts(value, where)
+    if not _is_text(value):
+        raise ValueError(f"`{key}` must be a non-empty string")
+    return value
+
+
+def _join_parts(parts: list, where: str) -> str:
+    """OpenAI-style content parts: text parts are concatenated as chat templates do (e.g. Qwen2-VL's); media refused."""
+    texts = []
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in MEDIA_PARTS:
+            raise ValueError(f"{where} has a `{kind}` content part: {MULTIMODAL}")
+        else:
+            raise ValueError(f"{where}: content parts must be {{\"type\": \"text\", \"text\": ...}} "
+                             f"(got {str(part)[:60]})")
+    return "".join(texts)
+
+
+def _check_conversation(messages: list[dict]) -> None:
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("no assistant turn")
+    if not any(m["role"] == "assistant" and "weight" not in m for m in messages):
+        raise ValueError("every assistant turn has `weight` 0: nothing to train")
+    if any(m["role"] == "system" for m in messages[1:]):
+        raise ValueError("a system message may only come first")
+    for number, message in enumerate(messages, start=1):
+        found = PLACEHOLDER.search(message["content"]) if "<" in message["content"] else None
+        if found:
+            raise ValueError(f"a `{found.group()}` placeholder in turn {number}: {MULTIMODAL}")
+
+
+def _present(value: Any) -> bool:
+    """Null or empty values say nothing (exports often carry `tool_calls: null`, `images: []`)."""
+    return value is not None and not (isinstance(value, (str, list, dict)) and not value)
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _list(record: dict, key: str) -> list:
+    value = record.get(key)
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"`{key}` must be a non-empty list")
+    return value
+
+
+def _text(record: dict, key: str) -> str:
+    value = record.get(key)
+    if not _is_text(value):
+        raise ValueError(f"`{key}` must be a non-empty string")
+    return value
+
+
+def _optional_text(record: dict, key: str) -> str | None:
+    value = record.get(key)
+    return None if value is None or value == "" else _text(record, key)
