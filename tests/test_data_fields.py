@@ -32,8 +32,9 @@ def trained_text(tokenizer, messages):
 
 def test_sharegpt_row_system_becomes_the_first_turn(tmp_path, tokenizer):
     conversations = [{"from": "human", "value": "Count from 3"}, {"from": "gpt", "value": "3 4 5"}]
+    twice = [{"from": "system", "value": "x"}, *conversations]
     path = write_rows(tmp_path, [{"system": "Be brief.", "conversations": conversations},
-                                 {"system": "Twice.", "conversations": [{"from": "system", "value": "x"}] + conversations}])
+                                 {"system": "Twice.", "conversations": twice}])
     rows, problems, _ = load(path)
     assert rows[0].messages == [{"role": "system", "content": "Be brief."}] + ANSWER
     rendered = tokenizer.apply_chat_template(rows[0].messages, chat_template=CHATML_TEMPLATE, tokenize=False)
@@ -90,7 +91,8 @@ def test_weight_zero_assistant_turn_is_context_only(tmp_path, tokenizer):
 def test_content_parts_text_is_joined_and_media_refused(tmp_path, tokenizer):
     parts = [{"type": "text", "text": "Count "}, {"type": "text", "text": "from 3"}]
     path = write_rows(tmp_path, [
-        {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": [{"type": "text", "text": "3 4 5"}]}]},
+        {"messages": [{"role": "user", "content": parts},
+                      {"role": "assistant", "content": [{"type": "text", "text": "3 4 5"}]}]},
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}, ANSWER[1]]},
         {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}, ANSWER[1]]},
         {"messages": [{"role": "user", "content": [{"kind": "text"}]}, ANSWER[1]]},
@@ -190,5 +192,4 @@ def test_unknown_fields_are_logged_once_and_empty_known_ones_accepted(tmp_path, 
     logged = []
     data = prepare(tokenizer, path, log=logged.append)
     assert len(data.train) == 40
-    assert logged == [f"ignored fields in {path}: id (40 rows), messages[].refusal (40 rows), "
-                      "messages[].timestamp (40 rows), source (40 rows)"]
+    assert logged == [f"ignored fields in {path}: id (40 rows), messages[].timestamp (40 rows), source (40 rows)"]

@@ -1,8 +1,9 @@
 """Row formats: which one a file uses, and each row normalised to chat messages.
 
 Every field a format defines is honoured or the row is refused with the reason: nothing a row says about what to
-train is dropped silently. Fields no format defines (ids, sources, timestamps) change nothing that is trained;
-they are returned as ignored so the caller can list them once per file.
+train is dropped silently. Fields no format defines and finetune knows no meaning for (ids, sources, timestamps)
+are ignored; those with a value are returned so the caller can list them once per file (null or empty values, as
+in exports and merged `datasets` schemas, carry nothing and are not listed).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def first_row_format(record: dict, format: str | None, where: str) -> str:
 
 
 def refuse_preference_data(record: dict, where: str) -> None:
-    keys = record.keys()
+    keys = {key for key, value in record.items() if _present(value)}  # null columns of a merged schema say nothing
     if {"chosen", "rejected"} <= keys:
         shape = next((f"with `{k}`" for k in ("prompt", "conversations", "messages", "instruction") if k in keys),
                      "with the prompt inside each answer")
@@ -116,7 +117,7 @@ def normalise(record: dict, fmt: str) -> tuple[list[dict[str, Any]], set[str]]:
     for key in extra & REFUSED.keys():
         if _present(record[key]):
             raise ValueError(f"`{key}`: {REFUSED[key]}")
-    ignored = extra - REFUSED.keys()
+    ignored = {key for key in extra - REFUSED.keys() if _present(record[key])}
     messages = _NORMALISERS[fmt](record, ignored)
     system = _optional_text(record, "system")
     if system is not None:
@@ -195,7 +196,7 @@ def _turn(item: Any, number: int, role_key: str, content_key: str, roles: dict[s
         for key in extra & REFUSED_TURN.keys():
             if _present(item[key]):
                 raise ValueError(f"`{field}` turn {number} has `{key}`: {REFUSED_TURN[key]}")
-        ignored.update(f"{field}[].{k}" for k in extra - REFUSED_TURN.keys())
+        ignored.update(f"{field}[].{k}" for k in extra - REFUSED_TURN.keys() if _present(item[k]))
     message = {"role": role, "content": _content(item.get(content_key), content_key, f"`{field}` turn {number}")}
     if "weight" in item and not _trained(item["weight"], role, f"`{field}` turn {number}") and role == "assistant":
         message["weight"] = 0  # rendered like any assistant turn, outside the loss (see template.py)
