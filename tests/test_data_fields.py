@@ -187,7 +187,8 @@ def test_multimodal_rows_are_refused(tmp_path):
 def test_unknown_fields_are_logged_once_and_empty_known_ones_accepted(tmp_path, tokenizer):
     turns = [{"role": "user", "content": "Count from 3", "timestamp": 1},
              {"role": "assistant", "content": "3 4 5", "tool_calls": None, "refusal": None, "weight": None}]
-    rows = [{"id": i, "source": "web", "messages": turns, "tools": [], "images": []} for i in range(40)]
+    rows = [{"id": i, "source": "web", "messages": turns, "tools": [], "images": [], "chosen": None, "rejected": None,
+             "label": None} for i in range(40)]  # null columns as a merged `datasets` schema gives them
     path = write_rows(tmp_path, rows)
     logged = []
     data = prepare(tokenizer, path, log=logged.append)
