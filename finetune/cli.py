@@ -4,6 +4,7 @@ a readable message and exit code 2 (pass --debug for the traceback)."""
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,6 +14,13 @@ from rich.console import Console
 from rich.markup import escape
 
 from finetune.errors import UserError
+
+# bitsandbytes logs on import that an optional CPU kernel for 4-bit matmuls (from the `kernels` package) is
+# missing, and peft imports bitsandbytes whenever it is installed: so every command printed it, even before a
+# one-line error. finetune never runs 4-bit matmuls on a CPU (QLoRA needs CUDA), so exactly that message is
+# dropped; every other bitsandbytes message still shows.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward"))
 
 app = typer.Typer(
     help="Fine-tune causal language models from YAML recipes.",

@@ -32,16 +32,59 @@ def resolve_target(target: str, output: Path | None) -> Target:
     from finetune.modeling import resolve_model_path
 
     path = Path(target)
-    if (path / "run.json").exists():
-        info = json.loads((path / "run.json").read_text())
-        base = info["base_model_path"]
+    info = read_run(path)
+    if info is not None:
         if info["artifact"] == "adapter":
+            base = run_base_model(info)
             return Target(base, path / "adapter", base, output or path)
-        return Target(str(path / "model"), None, base, output or path)
+        return Target(str(path / "model"), None, info.get("base_model_path"), output or path)
     model_path = resolve_model_path(target)
     if not Path(model_path).exists():
         raise UserError(f"{target}: neither a run directory (with run.json), a model directory, nor an alias")
     return Target(model_path, None, None, output or Path("runs") / "eval" / Path(target).name)
+
+
+def read_run(run_dir: Path) -> dict | None:
+    """A run's run.json when it records final weights that are there; None when `run_dir` is not a run directory.
+
+    run.json exists from the moment a run starts, so a run that has not finished (or diverged) is refused here
+    with its status, rather than failing later on a missing key or directory."""
+    path = run_dir / "run.json"
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: damaged (not valid JSON: {err}); the run directory cannot be read") from None
+    info = info if isinstance(info, dict) else {}
+    if info.get("artifact") not in ("adapter", "model"):
+        status = info.get("status", "unknown")
+        if status == "diverged":
+            advice = f"it diverged ({info.get('reason', 'see run.json')}); change the recipe and train again"
+        else:
+            advice = "to finish it: " + (info.get("resume_command") or
+                                         f"finetune train {run_dir / 'recipe.yaml'} --output {run_dir} --resume")
+        raise UserError(f"{run_dir}: the run has no final weights (run.json status: {status}); they are saved when "
+                        f"training finishes. {advice[0].upper()}{advice[1:]}")
+    weights = run_dir / info["artifact"]
+    if not weights.is_dir():
+        raise UserError(f"{weights}: missing, so the run has no final weights (run.json says it saved its "
+                        f"{info['artifact']} there). Restore the directory, or train again.")
+    return info
+
+
+def run_base_model(info: dict) -> str:
+    """The base a run was trained on: its recorded local path, else its name resolved again (an alias fetched
+    again, a hub id). A local path that is gone is refused: an adapter only fits its exact base."""
+    from finetune.modeling import looks_local, resolve_model_path
+
+    path = info.get("base_model_path") or ""
+    if not Path(path).exists() and info.get("base_model"):
+        path = resolve_model_path(info["base_model"])
+    if not path or (not Path(path).exists() and looks_local(path)):
+        raise UserError(f"base model `{info.get('base_model')}` not found at {info.get('base_model_path')}; the run "
+                        "works only with the exact base it was trained on: put it back there")
+    return path
 
 
 def held_out_rows(target: str, recipe_path: Path | None, data: Path | None) -> list[Conversation]:
@@ -73,14 +116,14 @@ def held_out_rows(target: str, recipe_path: Path | None, data: Path | None) -> l
 def load_for_eval(model_path: str, adapter: Path | None, tokenizer_path: str):
     import torch
 
-    from finetune.modeling import load_model, load_tokenizer
+    from finetune.modeling import check_adapter_dir, load_adapter, load_model, load_tokenizer
 
+    if adapter is not None:
+        check_adapter_dir(adapter)  # before the base loads: a damaged adapter is named at once, not minutes later
     tokenizer, _ = load_tokenizer(tokenizer_path)
     model = load_model(model_path, torch.float32, "sdpa", vocab_size=len(tokenizer))
     if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
+        model = load_adapter(model, adapter)
     model.config.use_cache = True
     return model.eval(), tokenizer
 
@@ -117,7 +160,7 @@ def generate(model, tokenizer, rows: list[Conversation], batch_size: int, max_ne
     outputs = []
     for start in range(0, len(rows), batch_size):
         prompts = [_prompt(r.messages) for r in rows[start:start + batch_size]]
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        texts = [prompt_text(tokenizer, p) for p in prompts]
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
@@ -129,13 +172,34 @@ def generate(model, tokenizer, rows: list[Conversation], batch_size: int, max_ne
     return outputs
 
 
+def prompt_text(tokenizer, prompt: list[dict]) -> str:
+    """The prompt rendered up to the start of the assistant's answer. A row that opens with the answer (training
+    accepts it) gets the bare generation prompt: transformers refuses to render an empty conversation."""
+    if prompt:
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    probe = [{"role": "user", "content": "x"}]
+    with_prompt = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    return with_prompt[len(tokenizer.apply_chat_template(probe, tokenize=False)):]
+
+
+def _answer(messages: list[dict]) -> int:
+    """The turn scored by generation: the last assistant turn training put in the loss (`weight` 0 is context)."""
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    trained = [i for i in assistant if messages[i].get("weight", 1) != 0]
+    return (trained or assistant)[-1]
+
+
 def _prompt(messages: list[dict]) -> list[dict]:
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return messages[:last]
+    return messages[:_answer(messages)]
+
+
+def _last_prompt_turn(messages: list[dict]) -> str:
+    prompt = _prompt(messages)
+    return prompt[-1]["content"] if prompt else ""  # a row that opens with the answer has no prompt
 
 
 def reference(messages: list[dict]) -> str:
-    return [m for m in messages if m["role"] == "assistant"][-1]["content"].strip()
+    return messages[_answer(messages)]["content"].strip()
 
 
 def normalise(text: str) -> str:
@@ -175,6 +239,8 @@ def run_eval(target: str, recipe: Path | None = None, data: Path | None = None, 
     from rich.markup import escape
     from rich.progress import Progress
 
+    from finetune.modeling import check_adapter_dir, check_model_dir
+
     where = resolve_target(target, output)
     rows = held_out_rows(target, recipe, data)[:max_samples]
     tokenizer_source = str(where.adapter) if where.adapter is not None else where.model_path
@@ -184,6 +250,10 @@ def run_eval(target: str, recipe: Path | None = None, data: Path | None = None, 
             raise UserError("--compare-base needs a run directory (its run.json names the base model)")
         candidates = {"base": (where.base_path, None), **candidates}
     results, predictions = {}, {}
+    for model_path, adapter in candidates.values():  # every weight file, before minutes of evaluation
+        check_model_dir(model_path)
+        if adapter is not None:
+            check_adapter_dir(adapter)
     with Progress(transient=True) as progress:
         for name, (model_path, adapter) in candidates.items():
             model, tokenizer = load_for_eval(model_path, adapter, tokenizer_source)
@@ -192,7 +262,7 @@ def run_eval(target: str, recipe: Path | None = None, data: Path | None = None, 
                 model, tokenizer, rows, batch_size, max_new_tokens, lambda n: progress.advance(task, n))
             del model
     where.out_dir.mkdir(parents=True, exist_ok=True)
-    samples = [{"prompt": _prompt(r.messages)[-1]["content"], "reference": reference(r.messages),
+    samples = [{"prompt": _last_prompt_turn(r.messages), "reference": reference(r.messages),
                 **{name: predictions[name][i] for name in predictions}} for i, r in enumerate(rows)]
     report = {"target": target, "rows": len(rows), "results": results, "samples": samples}
     (where.out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")

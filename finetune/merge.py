@@ -20,37 +20,36 @@ CHECK_ROWS = 4
 
 def merge_run(run_dir: Path, output: Path, dtype: str = "fp32", log=print) -> dict:
     import torch
-    from peft import PeftModel
 
     from finetune.data import encode, read_saved_conversations
-    from finetune.modeling import load_model, load_tokenizer, resolve_model_path
+    from finetune.evaluate import read_run, run_base_model
+    from finetune.modeling import check_adapter_dir, check_model_dir, load_adapter, load_model, load_tokenizer
     from finetune.train import weights_hash
 
-    info_path = run_dir / "run.json"
-    if not info_path.exists():
+    info = read_run(run_dir)
+    if info is None:
         raise UserError(f"{run_dir}: not a run directory (no run.json)")
-    info = json.loads(info_path.read_text())
     if info["artifact"] != "adapter":
         raise UserError(f"{run_dir}: a `{info['method']}` run saves a full model in {run_dir / 'model'}; only LoRA "
                         "runs have an adapter to merge. Use that directory directly.")
     if output.exists() and any(output.iterdir()):
         raise UserError(f"{output} is not empty; choose another --output (nothing was written)")
-    base_path = info["base_model_path"]
-    if not Path(base_path).exists():
-        base_path = resolve_model_path(info["base_model"]) if info["base_model"] else base_path
-    if not Path(base_path).exists():
-        raise UserError(f"base model `{info['base_model']}` not found at {info['base_model_path']}; the adapter can "
-                        "only be merged into the exact base it was trained on")
+    base_path = run_base_model(info)
+    if not Path(base_path).is_dir():  # the hash below needs the weights on disk
+        raise UserError(f"base model `{info.get('base_model')}` not found at {info.get('base_model_path')}; the "
+                        "adapter can only be merged into the exact base it was trained on")
+    adapter = run_dir / "adapter"
+    check_model_dir(base_path)  # a damaged file gets its own message, not a hash mismatch
+    check_adapter_dir(adapter)
     found = weights_hash(base_path)
-    if info["base_weights_sha256"] and found != info["base_weights_sha256"]:
+    if info.get("base_weights_sha256") and found != info["base_weights_sha256"]:
         raise UserError(f"base model at {base_path} has weights sha256 {found[:12]}..., but the run was trained on "
                         f"{info['base_weights_sha256'][:12]}...; merging into different weights gives a broken model")
 
-    adapter = run_dir / "adapter"
     tokenizer, _ = load_tokenizer(str(adapter))
     log(f"merging {adapter} into {base_path} (fp32)")
     base = load_model(base_path, torch.float32, "eager", vocab_size=len(tokenizer))
-    model = PeftModel.from_pretrained(base, adapter).eval()
+    model = load_adapter(base, adapter).eval()
     rows = read_saved_conversations(run_dir / "held_out.jsonl")[:CHECK_ROWS] if (run_dir / "held_out.jsonl").exists() else []
     probes = [encode(tokenizer, r.messages, 512)[0] for r in rows] or [tokenizer("Hello, world")["input_ids"]]
     with torch.no_grad():

@@ -130,3 +130,35 @@ def test_import_gguf_refuses_what_it_cannot_read(tmp_path):
     result = runner.invoke(app, ["import-gguf", str(fake), "--output", str(tmp_path / "o")])
     assert result.exit_code == 2 and "transformers cannot read this GGUF file" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_scores_every_row_shape_train_accepts(write_recipe, tmp_path):
+    """Rows that open with the answer (no user or system turn) get the bare generation prompt; rows with several
+    assistant turns are scored on the last trained one, with everything before it as the prompt."""
+    from finetune.evaluate import prompt_text, reference
+    from finetune.modeling import load_tokenizer
+
+    shapes = [
+        [{"role": "assistant", "content": "3 4 5"}],
+        [{"role": "assistant", "content": "3"}, {"role": "assistant", "content": "4 5"}],
+        [{"role": "system", "content": "Count."}, {"role": "assistant", "content": "7 8"}],
+        [{"role": "user", "content": "Count from 2"}, {"role": "assistant", "content": "2 3"},
+         {"role": "user", "content": "thanks"}],
+    ]
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"messages": m}) + "\n" for m in shapes))
+    recipe = write_recipe(data={"eval": str(held)}, method={"name": "lora", "r": 4}, train={"max_steps": 1})
+    assert runner.invoke(app, ["train", str(recipe)]).exit_code == 0
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["eval", str(run), "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "eval.json").read_text())
+    assert report["rows"] == len(shapes) and report["results"]["tuned"]["rows"] == len(shapes)
+    assert report["results"]["tuned"]["assistant_tokens"] > 0
+    assert [(s["prompt"], s["reference"]) for s in report["samples"]] == [
+        ("", "3 4 5"), ("3", "4 5"), ("Count.", "7 8"), ("Count from 2", "2 3")]
+    tokenizer, _ = load_tokenizer(str(run / "adapter"))
+    assert prompt_text(tokenizer, []) == "<|im_start|>assistant\n"  # what training put before such an answer
+    context_only = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "trained"},
+                    {"role": "user", "content": "more"}, {"role": "assistant", "content": "context", "weight": 0}]
+    assert reference(context_only) == "trained"
