@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from finetune.errors import UserError
+from finetune.errors import RunStopped, UserError
 
 # bitsandbytes logs on import that an optional CPU kernel for 4-bit matmuls (from the `kernels` package) is
 # missing, and peft imports bitsandbytes whenever it is installed: so every command printed it, even before a
@@ -39,7 +39,8 @@ Sets = Annotated[
 
 
 def user_errors(command):
-    """Turn UserError into a message on stderr and exit 2; --debug re-raises for the traceback."""
+    """Turn UserError into a message on stderr and exit 2 (130 for an interrupted run); --debug re-raises for the
+    traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -48,8 +49,14 @@ def user_errors(command):
         except UserError as err:
             if kwargs.get("debug"):
                 raise
-            errors.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            label = "stopped" if isinstance(err, RunStopped) else "error"
+            errors.print(f"[bold red]{label}:[/bold red] {escape(str(err))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(getattr(err, "exit_code", 2)) from None
+        except KeyboardInterrupt:
+            if kwargs.get("debug"):
+                raise
+            errors.print("[bold red]interrupted[/bold red]", highlight=False)
+            raise typer.Exit(130) from None  # the shell's convention for a process ended by Ctrl-C
 
     return wrapper
 

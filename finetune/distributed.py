@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Literal
 
@@ -267,12 +268,28 @@ def launch(config_file: Path, recipe_path: Path, run_dir: Path, overrides: list[
         command.append("--resume")
     log(f"launching: accelerate launch {' '.join(command)}")
     os.environ[LAUNCHED_RUN_DIR] = str(run_dir.resolve())
+    # Ctrl-C / SIGTERM: the processes stop together after a checkpoint (finetune.guards.StopOnSignal). torch
+    # elastic's agent would answer the signal by terminating them (SIGKILL after 30 s, mid-save for a large model),
+    # so it leaves SIGINT and SIGTERM to us and we pass them on (a process that also got it from its process
+    # group counts the two as one).
+    arguments = launch_command_parser().parse_args(command)
+    arguments.signals_to_handle = "SIGHUP,SIGQUIT"  # torchrun's --signals_to_handle; accelerate passes it through
+    previous = {sig: signal.signal(sig, _pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        launch_command(launch_command_parser().parse_args(command))
+        launch_command(arguments)
     except ChildFailedError as err:  # the processes printed their own errors; the agent's traceback adds nothing
         return max(failure.exitcode for failure in err.failures.values())
     except SystemExit as err:  # the DeepSpeed launcher exits instead of raising
         return int(err.code or 0)
     finally:
         del os.environ[LAUNCHED_RUN_DIR]
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
+
+
+def _pass_on(signum, frame) -> None:
+    import psutil  # an accelerate dependency
+
+    for child in psutil.Process().children():
+        child.send_signal(signum)

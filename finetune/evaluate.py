@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.data import Conversation, encode, load_conversations, read_saved_conversations, split_held_out
+from finetune import rundir
 from finetune.errors import UserError
 
 SAMPLES_SHOWN = 3
@@ -32,7 +33,7 @@ def resolve_target(target: str, output: Path | None) -> Target:
     from finetune.modeling import resolve_model_path
 
     path = Path(target)
-    info = read_run(path)
+    info = rundir.finished_run(path)
     if info is not None:
         if info["artifact"] == "adapter":
             base = run_base_model(info)
@@ -42,35 +43,6 @@ def resolve_target(target: str, output: Path | None) -> Target:
     if not Path(model_path).exists():
         raise UserError(f"{target}: neither a run directory (with run.json), a model directory, nor an alias")
     return Target(model_path, None, None, output or Path("runs") / "eval" / Path(target).name)
-
-
-def read_run(run_dir: Path) -> dict | None:
-    """A run's run.json when it records final weights that are there; None when `run_dir` is not a run directory.
-
-    run.json exists from the moment a run starts, so a run that has not finished (or diverged) is refused here
-    with its status, rather than failing later on a missing key or directory."""
-    path = run_dir / "run.json"
-    if not path.is_file():
-        return None
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: damaged (not valid JSON: {err}); the run directory cannot be read") from None
-    info = info if isinstance(info, dict) else {}
-    if info.get("artifact") not in ("adapter", "model"):
-        status = info.get("status", "unknown")
-        if status == "diverged":
-            advice = f"it diverged ({info.get('reason', 'see run.json')}); change the recipe and train again"
-        else:
-            advice = "to finish it: " + (info.get("resume_command") or
-                                         f"finetune train {run_dir / 'recipe.yaml'} --output {run_dir} --resume")
-        raise UserError(f"{run_dir}: the run has no final weights (run.json status: {status}); they are saved when "
-                        f"training finishes. {advice[0].upper()}{advice[1:]}")
-    weights = run_dir / info["artifact"]
-    if not weights.is_dir():
-        raise UserError(f"{weights}: missing, so the run has no final weights (run.json says it saved its "
-                        f"{info['artifact']} there). Restore the directory, or train again.")
-    return info
 
 
 def run_base_model(info: dict) -> str:

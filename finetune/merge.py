@@ -22,11 +22,11 @@ def merge_run(run_dir: Path, output: Path, dtype: str = "fp32", log=print) -> di
     import torch
 
     from finetune.data import encode, read_saved_conversations
-    from finetune.evaluate import read_run, run_base_model
+    from finetune.evaluate import run_base_model
     from finetune.modeling import check_adapter_dir, check_model_dir, load_adapter, load_model, load_tokenizer
-    from finetune.train import weights_hash
+    from finetune.rundir import finished_run, weights_hash
 
-    info = read_run(run_dir)
+    info = finished_run(run_dir)
     if info is None:
         raise UserError(f"{run_dir}: not a run directory (no run.json)")
     if info["artifact"] != "adapter":

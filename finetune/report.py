@@ -93,6 +93,19 @@ class MetricsLogger(TrainerCallback):
             handle.write(json.dumps(record) + "\n")
 
 
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Drop the lines logged after `last_step` (a resumed run logs those steps again); return how many."""
+    if not path.exists():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= last_step]
+    if len(kept) < len(lines):
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text("".join(f"{line}\n" for line in kept))
+        temporary.replace(path)
+    return len(lines) - len(kept)
+
+
 def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []

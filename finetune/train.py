@@ -2,7 +2,8 @@
 
 A run directory holds:
   recipe.yaml       the resolved recipe (defaults and --set overrides filled in)
-  run.json          what produced the weights: base model, its resolved path and weight hash, method
+  run.json          written at claim time (the mark that makes the dir finetune's) with the run's status;
+                    at the end, what produced the weights: base model, its resolved path and hash, method
   held_out.jsonl    the exact held-out rows, for `finetune eval`
   model/|adapter/   final weights with tokenizer (a full checkpoint, or a peft adapter)
   checkpoints/      resumable trainer checkpoints
@@ -13,28 +14,29 @@ A run directory holds:
 Multi-process: `run_training` outside a launcher, with a distributed strategy, claims the run dir and starts the
 processes through accelerate (finetune.distributed); each of them runs this same flow, and only global rank 0
 writes the run dir. Under a user's own `accelerate launch`/`torchrun`, rank 0 claims the run dir itself.
+
+A run that cannot finish stops with one message and keeps what is usable (finetune.guards, finetune.rundir):
+Ctrl-C / SIGTERM saves a checkpoint at the current step and exits 130; divergence stops without saving
+non-finite weights; a failed write names the path and the space needed, and the last complete checkpoint stays.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
+import shlex
 from pathlib import Path
 
 import yaml
 
 from finetune import __version__
-from finetune import distributed
-from finetune.errors import UserError
+from finetune import distributed, rundir
+from finetune.errors import RunStopped, UserError
 from finetune.recipe import Recipe
+from finetune.rundir import weights_hash
 
 
 def run_training(recipe: Recipe, recipe_path: Path, output: Path | None = None, overwrite: bool = False,
                  resume: bool = False, log=print, overrides: list[str] = ()) -> Path:
-    from transformers.trainer_utils import get_last_checkpoint
-
     run_dir = Path(output or recipe.train.output_dir or Path("runs") / recipe_path.stem)
     dist = recipe.distributed
     distributed.check_runtime(dist)
@@ -46,11 +48,25 @@ def run_training(recipe: Recipe, recipe_path: Path, output: Path | None = None, 
         raise UserError(f"running as one of {world} processes but `distributed.strategy` is none; set it to ddp, fsdp "
                         "or deepspeed so the recipe says how the processes share the work")
     if rank == 0 and os.environ.get(distributed.LAUNCHED_RUN_DIR) != str(run_dir.resolve()):
-        claim_run_dir(run_dir, overwrite, resume, get_last_checkpoint)
+        rundir.claim(run_dir, recipe.model_dump(mode="json"), overwrite, resume, log)
     if world > 1:
         _process_state().wait_for_everyone()  # nobody reads the run dir before rank 0 has claimed it
-    checkpoint = get_last_checkpoint(str(run_dir / "checkpoints")) if resume else None
-    return _train(recipe, run_dir, checkpoint, rank, log if rank == 0 else lambda *args, **kwargs: None)
+    checkpoint = rundir.last_complete_checkpoint(run_dir / "checkpoints", log=lambda *_: None) if resume else None
+    command = shlex.join(["finetune", "train", str(recipe_path), *[a for o in overrides for a in ("--set", o)],
+                          "--output", str(run_dir), "--resume"])
+    quiet = log if rank == 0 else lambda *args, **kwargs: None
+    try:
+        return _train(recipe, run_dir, checkpoint, rank, quiet, command)
+    except KeyboardInterrupt:  # before steps began, or a second Ctrl-C
+        newest = rundir.last_complete_checkpoint(run_dir / "checkpoints", log=lambda *_: None)
+        if rank == 0:
+            rundir.write_run_info(run_dir, status="interrupted")
+        go_on = f"; to continue from {newest}: {command}" if newest else "; no checkpoint was written yet"
+        raise RunStopped(f"interrupted: stopped at once{go_on}", exit_code=130) from None
+    except BaseException:
+        if rank == 0 and rundir.is_run_dir(run_dir) and rundir.read_run_info(run_dir)["status"] == "running":
+            rundir.write_run_info(run_dir, status="failed")
+        raise
 
 
 def _process_state():
@@ -66,32 +82,36 @@ def _launch(recipe: Recipe, recipe_path: Path, run_dir: Path, overwrite: bool, r
     import tempfile
 
     import torch
-    from transformers.trainer_utils import get_last_checkpoint
 
     from finetune.modeling import resolve_dtype
 
     dist = recipe.distributed
     if dist.machine_rank == 0:  # other machines write nothing: their config goes to a temporary directory
-        claim_run_dir(run_dir, overwrite, resume, get_last_checkpoint)
+        rundir.claim(run_dir, recipe.model_dump(mode="json"), overwrite, resume, log)
         where = run_dir
     else:
         where = Path(tempfile.mkdtemp(prefix="finetune-launch-"))
     precision = distributed.mixed_precision(dist, recipe.model.dtype, resolve_dtype(recipe.model.dtype) == torch.bfloat16)
     config = distributed.write_launch_files(dist, precision, where)
     code = distributed.launch(config, recipe_path, run_dir, overrides, resume, log)
+    if code == RunStopped.INTERRUPTED:
+        raise RunStopped(f"interrupted; the processes' messages above say where to continue from ({run_dir})",
+                         exit_code=code)
     if code != 0:
         raise UserError(f"the distributed run stopped: its processes' errors are above (exit status {code}). It was "
                         f"launched with {config}")
     return run_dir
 
 
-def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log) -> Path:
+def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log, resume_command: str) -> Path:
     from transformers import set_seed
 
     from finetune.data import build_datasets, save_conversations
+    from finetune.guards import DivergenceGuard, MarkCheckpointsComplete, StopOnSignal
     from finetune.methods import build_method
     from finetune.modeling import load_model, load_tokenizer, resolve_attention, resolve_dtype, resolve_model_path
     from finetune.report import plot_loss, start_summary
+    from finetune.trainer import CheckpointWriteError, ContinueSchedule
 
     t, d, m = recipe.train, recipe.data, recipe.model
     set_seed(t.seed)
@@ -108,7 +128,7 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
         max_bad_fraction=d.max_bad_fraction, seed=t.seed, log=log,
     )
     if rank == 0:
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        _record_recipe(run_dir, recipe.model_dump(mode="json"), checkpoint, log)
         save_conversations(data.eval_conversations, run_dir / "held_out.jsonl")
 
     dtype, attention = resolve_dtype(m.dtype), resolve_attention(m.attn_implementation)
@@ -128,23 +148,129 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
     engaged = {"fsdp": trainer.is_fsdp_enabled, "deepspeed": trainer.is_deepspeed_enabled}
     if not engaged.get(recipe.distributed.strategy, True):  # never a silent fallback to another strategy
         raise UserError(f"distributed.strategy {recipe.distributed.strategy} did not engage in accelerate here")
-    trainer.train(resume_from_checkpoint=checkpoint)
-    if data.eval is not None:
-        trainer.evaluate()
-
+    guard, stop = DivergenceGuard(log), StopOnSignal(log)
+    for callback in (MarkCheckpointsComplete(), ContinueSchedule(), guard, stop):
+        trainer.add_callback(callback)
     final = run_dir / method.artifact
-    if trainer.is_fsdp_enabled:  # checkpoints may be sharded; the final weights are one standard checkpoint
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(final))  # every rank takes part (sharded weights are gathered); rank 0 writes
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+        stopped_early = guard.diverged or (stop.requested and trainer.state.global_step < trainer.state.max_steps)
+        if not stopped_early:
+            if data.eval is not None:
+                trainer.evaluate()
+            if trainer.is_fsdp_enabled:  # checkpoints may be sharded; the final weights are one standard checkpoint
+                trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+            _save_final(trainer, final)  # every rank takes part (sharded weights are gathered); rank 0 writes
+    except CheckpointWriteError as err:
+        raise _write_failure(err.path, err.cause, run_dir, resume_command, rank) from None
+    finally:
+        stop.restore()
+    step = trainer.state.global_step
     if rank == 0:
-        tokenizer.save_pretrained(final)
-        _write_run_info(run_dir, m.name_or_path, model_path, method, trainer.state.global_step)
         plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
-        log(f"[green]done:[/green] {final} ({trainer.state.global_step} steps); metrics in {run_dir / 'metrics.jsonl'}")
-    if args.world_size > 1:
+    stopped = None
+    if guard.diverged:
+        stopped = _diverged(run_dir, guard.diverged, recipe, rank)
+    elif stopped_early:
+        if rank == 0:
+            rundir.write_run_info(run_dir, status="interrupted", stopped_at_step=step, resume_command=resume_command)
+        stopped = RunStopped(f"{stop.requested}: stopped after step {step} with a checkpoint at "
+                             f"{run_dir / 'checkpoints' / f'checkpoint-{step}'}; continue with: {resume_command}",
+                             exit_code=RunStopped.INTERRUPTED)
+    elif rank == 0:
+        tokenizer.save_pretrained(final)
+        rundir.write_run_info(
+            run_dir, status="complete", base_model=m.name_or_path,
+            base_model_path=str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
+            base_weights_sha256=weights_hash(model_path), method=method.name, artifact=method.artifact, steps=step,
+            finetune_version=__version__, warnings=guard.warnings,
+        )
+        for warning in guard.warnings:
+            log(f"[yellow]warning: {warning}[/yellow]")
+        log(f"[green]done:[/green] {final} ({step} steps); metrics in {run_dir / 'metrics.jsonl'}")
+    if args.world_size > 1:  # rank 0 has written everything before any rank exits (a launcher ends the rest then)
         trainer.accelerator.wait_for_everyone()
         close_process_group(trainer.model_wrapped)
+    if stopped is not None:
+        raise stopped
     return run_dir
+
+
+def _record_recipe(run_dir: Path, resolved: dict, checkpoint: str | None, log) -> None:
+    """Write the resolved recipe; on resume, first record what changed (old values kept in run.json) and drop the
+    metric lines logged after the checkpoint, which the resumed run logs again."""
+    from finetune.report import truncate_metrics
+
+    path = run_dir / "recipe.yaml"
+    if checkpoint is not None:
+        step = rundir.checkpoint_step(checkpoint)
+        changes = rundir.recipe_changes(yaml.safe_load(path.read_text()) or {}, resolved)
+        resumes = rundir.read_run_info(run_dir).get("resumes", [])
+        resumes.append({"checkpoint": Path(checkpoint).name, "step": step,
+                        "changed": {key: {"was": old, "now": new} for key, (old, new) in changes.items()}})
+        rundir.write_run_info(run_dir, status="running", resumes=resumes)
+        dropped = truncate_metrics(run_dir / "metrics.jsonl", step)
+        if dropped:
+            log(f"resume: dropped {dropped} metric line(s) logged after step {step}; those steps run again")
+        if {"train.max_steps", "train.epochs"} & changes.keys():
+            log("resume: the run's length changed, so the learning-rate schedule is rebuilt for the new length: from "
+                f"step {step} on the LR is what a run of the new length has at that step")
+    path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+
+def _save_final(trainer, final: Path) -> None:
+    from safetensors import SafetensorError
+
+    from finetune.trainer import CheckpointWriteError
+
+    try:
+        trainer.save_model(str(final))
+    except (OSError, RuntimeError, SafetensorError) as err:
+        raise CheckpointWriteError(final, err) from err
+
+
+def _write_failure(path: Path, cause: BaseException, run_dir: Path, resume_command: str, rank: int) -> RunStopped:
+    """One message for a checkpoint or final model that could not be written: where, why, how much room it takes,
+    and what is still usable. The partial directory is removed (it holds nothing resumable and uses the space)."""
+    import shutil
+
+    newest = rundir.last_complete_checkpoint(run_dir / "checkpoints", log=lambda *_: None)
+    written = rundir.directory_bytes(path)
+    if rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        rundir.write_run_info(run_dir, status="failed")
+    free = shutil.disk_usage(run_dir).free
+    needed = rundir.directory_bytes(Path(newest)) if newest else written
+    size = (f"about {_size(needed)} (the size of {Path(newest).name})" if newest
+            else f"more than the {_size(written)} written before the failure")
+    # torch's zip writer reports a full disk as "unexpected pos ..." or "file write failed", with no errno.
+    why = "the disk is full" if free < needed else "the write failed"
+    then = (f"{Path(newest).name} is complete and untouched: make room, then continue with: {resume_command}"
+            if newest else "no complete checkpoint exists yet: make room and start the run again with --overwrite")
+    return RunStopped(f"could not write {path}: {why} ({cause}). A checkpoint of this run needs {size}; "
+                      f"{_size(free)} is free on that disk now. The partial {path.name} was removed; {then}")
+
+
+def _size(count: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1000
+    return ""
+
+
+def _diverged(run_dir: Path, diverged: tuple[int, str], recipe: Recipe, rank: int) -> RunStopped:
+    step, reason = diverged
+    newest = rundir.last_complete_checkpoint(run_dir / "checkpoints", log=lambda *_: None)
+    if rank == 0:
+        rundir.write_run_info(run_dir, status="diverged", diverged_at_step=step, reason=reason)
+    kept = (f"the newest checkpoint, {newest}, holds finite weights" if newest else "no checkpoint was saved")
+    return RunStopped(
+        f"training diverged at step {step}: {reason}; stopped, and no final weights were saved ({kept}). Likely "
+        f"cause: train.learning_rate {recipe.train.learning_rate:g} is too high for method {recipe.method.name} "
+        "(typical: 1e-5 to 5e-5 for full fine-tuning, 1e-4 to 3e-4 for LoRA); also check for fp16 overflow (use "
+        "bf16) and for rows with extreme content. Start a new run with a lower learning rate (a resumed run "
+        "cannot change it).")
 
 
 def close_process_group(wrapped_model) -> None:
@@ -164,25 +290,6 @@ def close_process_group(wrapped_model) -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
 
-
-def claim_run_dir(run_dir: Path, overwrite: bool, resume: bool, get_last_checkpoint) -> str | None:
-    """Make the run dir ours without losing anything; return the checkpoint to resume from, if any."""
-    if overwrite and resume:
-        raise UserError("--overwrite and --resume contradict each other; choose one")
-    busy = run_dir.exists() and any(run_dir.iterdir())
-    if resume:
-        checkpoints = run_dir / "checkpoints"
-        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-        if last is None:
-            raise UserError(f"--resume: no checkpoint in {checkpoints}; nothing to resume")
-        return last
-    if busy and not overwrite:
-        raise UserError(f"run dir {run_dir} is not empty; pass --overwrite to replace it, --resume to continue it, "
-                        "or --output to pick another directory")
-    if busy:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return None
 
 
 def _trainer_args(recipe: Recipe, run_dir: Path, dtype):
@@ -217,6 +324,9 @@ def _trainer_args(recipe: Recipe, run_dir: Path, dtype):
         max_length=d.max_length,  # rows are already cut to this; TRL's own truncation is then a no-op
         packing=t.packing,
         logging_steps=t.logging_steps,
+        # transformers replaces a NaN/inf step loss by the running mean before logging it, which hides a diverged
+        # run from the log and from finetune.guards; off, the logged loss is the true one.
+        logging_nan_inf_filter=False,
         eval_strategy="steps" if t.eval_steps else "no",
         eval_steps=t.eval_steps,
         save_strategy="steps",
@@ -247,52 +357,10 @@ def _narrow_cpu_lm_head_tiles() -> None:
 
 
 def _make_trainer(model, args, data, tokenizer, method, metrics_path: Path):
-    from trl import SFTTrainer
-
     from finetune.report import MetricsLogger
+    from finetune.trainer import Trainer
 
     _narrow_cpu_lm_head_tiles()
-
-    class Trainer(SFTTrainer):
-        # A layer-wise optimizer has stepped every parameter and freed its gradient inside backward, so the
-        # trainer's norm over .grad would read 0 (as it does for transformers' own layer-wise optimizers) and
-        # its clipping would act on nothing. Such an optimizer clips per parameter and reports the true norm.
-        def _in_backward_optimizer(self):
-            inner = getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap accelerate's wrapper
-            return inner if getattr(inner, "steps_in_backward", False) else None
-
-        def _clip_grad_norm(self, model):
-            inner = self._in_backward_optimizer()
-            return inner.step_grad_norm() if inner else super()._clip_grad_norm(model)
-
-        def _get_grad_norm(self, model, grad_norm=None):
-            inner = self._in_backward_optimizer()
-            return inner.step_grad_norm() if grad_norm is None and inner else super()._get_grad_norm(model, grad_norm)
-
-        def _prepare_for_training(self, *args, **kwargs):
-            from torch.nn.parallel import DistributedDataParallel
-
-            # Turning checkpointing on, transformers makes the embeddings' output require grad, which only
-            # reentrant checkpointing needs (we use non-reentrant). Kept, it makes backward run through every
-            # frozen layer below the lowest trained one, for a gradient nobody uses (LISA with frozen embeddings).
-            if self.args.activation_checkpointing and hasattr(self.model, "disable_input_require_grads"):
-                self.model.disable_input_require_grads()
-            # DDP's reducer only covers parameters that require grad when it wraps the model; a method whose
-            # trainable set changes during the run (LISA) has every parameter registered, the idle ones unused.
-            idle = [p for p in self.model.parameters() if not p.requires_grad] if self.args.ddp_find_unused_parameters \
-                else []
-            for param in idle:
-                param.requires_grad_(True)
-            try:
-                model, dataloader = super()._prepare_for_training(*args, **kwargs)
-            finally:
-                for param in idle:
-                    param.requires_grad_(False)
-            inner = self._in_backward_optimizer()
-            if inner is not None and isinstance(model, DistributedDataParallel):
-                inner.step_after_allreduce(model)
-            return model, dataloader
-
     optimizers = method.optimizers(model, args.learning_rate, args.weight_decay, args.max_grad_norm) or (None, None)
     return Trainer(
         model=model,
@@ -303,29 +371,3 @@ def _make_trainer(model, args, data, tokenizer, method, metrics_path: Path):
         optimizers=optimizers,
         callbacks=[*method.callbacks(), MetricsLogger(metrics_path)],  # methods may add to the logs first
     )
-
-
-def weights_hash(model_dir: str) -> str | None:
-    """sha256 over a local checkpoint's weight files, so `merge` can prove it found the same base."""
-    files = sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.bin"))
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for file in files:
-        with file.open("rb") as handle:
-            while chunk := handle.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_run_info(run_dir: Path, name_or_path: str, model_path: str, method, steps: int) -> None:
-    info = {
-        "base_model": name_or_path,
-        "base_model_path": str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
-        "base_weights_sha256": weights_hash(model_path),
-        "method": method.name,
-        "artifact": method.artifact,
-        "steps": steps,
-        "finetune_version": __version__,
-    }
-    (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")

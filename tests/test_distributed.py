@@ -127,13 +127,22 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(ddp_reci
     assert seen == pytest.approx(alone, rel=1e-6)
 
 
-def test_layerwise_optimizer_under_ddp_steps_on_averaged_gradients(ddp_recipe, tmp_path):
+@pytest.mark.parametrize("bits", [32, 8])
+def test_layerwise_optimizer_under_ddp_steps_on_averaged_gradients(ddp_recipe, tmp_path, tiny4_model_dir, bits):
     """Peers refuse layer-wise optimizers under DDP; ours step after DDP's all-reduce, also with accumulation."""
-    recipe = ddp_recipe(method={"name": "full", "layerwise": True, "optim_bits": 8},
+    recipe = ddp_recipe(method={"name": "full", "layerwise": True, "optim_bits": bits},
                         train={"gradient_accumulation_steps": 2})
     assert launch(recipe, tmp_path / "ddp").exit_code == 0
     assert single(recipe, tmp_path / "one").exit_code == 0
-    assert max_diff(tmp_path / "ddp" / "model", tmp_path / "one" / "model") < 1e-4
+    difference = max_diff(tmp_path / "ddp" / "model", tmp_path / "one" / "model")
+    if bits == 32:
+        assert difference < 1e-4
+    else:
+        # 8-bit AdamW quantises its states blockwise: gloo's summation order changes gradients in their last bits,
+        # which can move a state across a quantisation step (a CPU-dependent few % of the update). Gradients that
+        # were not averaged, or a second step, would differ by the order of the whole update.
+        update = max_diff(tmp_path / "one" / "model", tiny4_model_dir)
+        assert difference < 0.05 * update, (difference, update)
     ddp = [r["grad_norm"] for r in read_metrics(tmp_path / "ddp" / "metrics.jsonl") if "loss" in r]
     one = [r["grad_norm"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
     assert ddp == pytest.approx(one, rel=1e-4) and min(ddp) > 0

@@ -1,0 +1,297 @@
+"""The run directory: claimed without losing anything, used by one process at a time, checkpoints complete or
+ignored, and a run.json that says what the directory holds.
+
+- A run dir carries `run.json` from the moment it is claimed (status `running`, then `complete`,
+  `interrupted`, `diverged` or `failed`). `--overwrite` only ever empties a directory with that mark, or an empty
+  one, so a mistyped `--output ~/thesis` cannot delete a user's files.
+- One process per run dir: an exclusive `flock` on `.finetune.lock`. The kernel drops it when the process dies,
+  so a killed run never leaves the directory stuck.
+- A checkpoint is complete when `finetune-complete.json` lists its files with their sizes. The mark is written
+  after the trainer has written everything (its `on_save` event), so a checkpoint cut short by a kill or a full
+  disk has none and `--resume` passes over it, saying so.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from finetune import __version__
+from finetune.errors import UserError
+
+RUN_INFO = "run.json"
+LOCK = ".finetune.lock"
+COMPLETE = "finetune-complete.json"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+#: Recipe fields a resumed run may change: they decide how long it runs and how often it logs, evaluates and
+#: saves, not what it computes. Every other difference would make the resumed run a different run than the one
+#: its checkpoint came from (weights, optimizer state, data order, schedule), so it is refused.
+RESUMABLE_CHANGES = (
+    "train.max_steps", "train.epochs", "train.logging_steps", "train.eval_steps", "train.save_steps",
+    "train.save_total_limit", "train.output_dir", "distributed.machine_rank", "distributed.main_process_ip",
+    "distributed.main_process_port",
+)
+
+_held_locks: dict[Path, Any] = {}  # open lock files: a lock lives as long as its file stays open
+
+
+def claim(run_dir: Path, recipe: dict, overwrite: bool, resume: bool, log=print) -> str | None:
+    """Make `run_dir` this process's run dir; return the checkpoint to resume from (None for a new run).
+
+    Refuses, before anything is written, a path that is a file or a directory a run must never use, a non-empty
+    directory finetune did not create, a directory another process is training in, and a resume whose recipe
+    changed in a way the run cannot continue with."""
+    if overwrite and resume:
+        raise UserError("--overwrite and --resume contradict each other; choose one")
+    _check_location(run_dir)
+    if resume:
+        if not is_run_dir(run_dir):
+            raise UserError(f"--resume: {run_dir} is not a finetune run directory (no {RUN_INFO}), so there is no "
+                            "checkpoint to resume")
+        _lock(run_dir)
+        check_resume_changes(run_dir, recipe, log)
+        checkpoint = last_complete_checkpoint(run_dir / "checkpoints", log, remove_incomplete=True)
+        if checkpoint is None:
+            raise UserError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; nothing to resume. "
+                            "Start again with --overwrite")
+        return checkpoint
+    entries = sorted(run_dir.iterdir()) if run_dir.is_dir() else []
+    if entries and not overwrite:
+        _refuse_if_locked(run_dir)
+        raise UserError(f"run dir {run_dir} is not empty; pass --overwrite to replace it, --resume to continue it, "
+                        "or --output to pick another directory")
+    if entries and not is_run_dir(run_dir):
+        shown = ", ".join(e.name + ("/" if e.is_dir() else "") for e in entries[:5])
+        more = f" and {len(entries) - 5} more" if len(entries) > 5 else ""
+        raise UserError(f"--overwrite: {run_dir} holds files finetune did not write ({shown}{more}) and no "
+                        f"{RUN_INFO}; only a run directory finetune created is replaced. Nothing was deleted; pick "
+                        "another --output")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _lock(run_dir)
+    for entry in entries:  # the lock file stays: it is what keeps a second process out while we clear
+        if entry.name != LOCK:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    write_run_info(run_dir, finetune_version=__version__, status="running",
+                   started=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
+    return None
+
+
+def _check_location(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--output {run_dir} is a file, not a directory; pick a directory for the run")
+    resolved, cwd = run_dir.resolve(), Path.cwd().resolve()
+    if resolved in (Path.home().resolve(), cwd, *cwd.parents):
+        raise UserError(f"--output {run_dir} is {resolved}: the home directory, the current directory or one of "
+                        "its parents cannot be a run directory; pick a subdirectory such as runs/my-run")
+
+
+def is_run_dir(path: Path) -> bool:
+    return "finetune_version" in read_run_info(path, missing_ok=True)
+
+
+def _lock(run_dir: Path) -> None:
+    import fcntl
+
+    key = run_dir.resolve()
+    if key in _held_locks:
+        return
+    handle = (run_dir / LOCK).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise UserError(f"run dir {run_dir} is in use by another finetune process (pid {owner}); wait for it to "
+                        "finish, stop it, or pick another --output") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _held_locks[key] = handle
+
+
+def _refuse_if_locked(run_dir: Path) -> None:
+    if (run_dir / LOCK).exists() and run_dir.resolve() not in _held_locks:
+        _lock(run_dir)  # raises when another process holds it
+        release(run_dir)
+
+
+def release(run_dir: Path) -> None:
+    handle = _held_locks.pop(run_dir.resolve(), None)
+    if handle is not None:
+        handle.close()
+
+
+# --- run.json ---------------------------------------------------------------------------------------------------
+
+def read_run_info(run_dir: Path, missing_ok: bool = False) -> dict:
+    path = Path(run_dir) / RUN_INFO
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        if missing_ok:
+            return {}
+        raise UserError(f"{run_dir}: not a run directory (no {RUN_INFO})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        if missing_ok:
+            return {}
+        raise UserError(f"{path}: not valid JSON ({err}); the run directory is damaged") from None
+    return info if isinstance(info, dict) else {}
+
+
+def finished_run(run_dir: Path) -> dict | None:
+    """run.json of a run whose final weights are there; None when `run_dir` is not a run directory. A run that has
+    not finished (interrupted, diverged, failed) is refused with its status and how to go on, rather than failing
+    later on a missing key or directory."""
+    if not (Path(run_dir) / RUN_INFO).is_file():
+        return None
+    info = read_run_info(run_dir)
+    if info.get("artifact") not in ("adapter", "model"):
+        status = info.get("status", "unknown")
+        if status == "diverged":
+            advice = f"it diverged ({info.get('reason', 'see run.json')}); change the recipe and train again"
+        else:
+            advice = "to finish it: " + (info.get("resume_command") or
+                                         f"finetune train {run_dir / 'recipe.yaml'} --output {run_dir} --resume")
+        raise UserError(f"{run_dir}: the run has no final weights (run.json status: {status}); they are saved when "
+                        f"training finishes. {advice[0].upper()}{advice[1:]}")
+    weights = Path(run_dir) / info["artifact"]
+    if not weights.is_dir():
+        raise UserError(f"{weights}: missing, so the run has no final weights (run.json says it saved its "
+                        f"{info['artifact']} there). Restore the directory, or train again.")
+    return info
+
+
+def write_run_info(run_dir: Path, **fields) -> dict:
+    """Merge `fields` into run.json, written whole or not at all (a temporary file renamed over it)."""
+    info = {**read_run_info(run_dir, missing_ok=True), **fields}
+    _write_atomic(run_dir / RUN_INFO, json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def weights_hash(model_dir: str) -> str | None:
+    """sha256 over a local checkpoint's weight files, so `merge` can prove it found the same base."""
+    files = sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.bin"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------------
+
+def mark_complete(checkpoint: Path, step: int) -> None:
+    files = {str(f.relative_to(checkpoint)): f.stat().st_size for f in sorted(checkpoint.rglob("*")) if f.is_file()
+             and f.name != COMPLETE}
+    _write_atomic(checkpoint / COMPLETE, json.dumps({"step": step, "files": files}, indent=1) + "\n")
+
+
+def incomplete_reason(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from, or None when it is complete."""
+    try:
+        mark = json.loads((checkpoint / COMPLETE).read_text())
+    except FileNotFoundError:
+        return "no completion mark: the process stopped (or the disk filled) while writing it"
+    except json.JSONDecodeError:
+        return "its completion mark is damaged"
+    for name, size in mark["files"].items():
+        file = checkpoint / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def checkpoint_dirs(checkpoints: Path) -> list[Path]:
+    """Checkpoint directories, newest (highest step) first."""
+    if not checkpoints.is_dir():
+        return []
+    found = [p for p in checkpoints.iterdir() if p.is_dir() and CHECKPOINT.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)), reverse=True)
+
+
+def last_complete_checkpoint(checkpoints: Path, log=print, remove_incomplete: bool = False) -> str | None:
+    """The newest complete checkpoint; incomplete ones newer than it are reported (and removed when asked:
+    they hold nothing usable, take disk space, and the trainer would write the same step into them again)."""
+    for checkpoint in checkpoint_dirs(checkpoints):
+        reason = incomplete_reason(checkpoint)
+        if reason is None:
+            return str(checkpoint)
+        if remove_incomplete:
+            shutil.rmtree(checkpoint)
+        log(f"[yellow]{'removed' if remove_incomplete else 'skipping'} incomplete {checkpoint}: {reason}[/yellow]")
+    return None
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    return int(CHECKPOINT.match(Path(checkpoint).name).group(1))
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+# --- resuming against a changed recipe ---------------------------------------------------------------------------
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+UNSET = "(unset)"
+
+
+def recipe_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (old, new) for every value that differs; a key only one side has shows `UNSET` on the other.
+    When the method itself changed, its options are one change, not one per option of either method."""
+    before, after = flatten(old), flatten(new)
+    changes = {key: (before.get(key, UNSET), after.get(key, UNSET)) for key in sorted(before.keys() | after.keys())
+               if before.get(key, UNSET) != after.get(key, UNSET)}
+    if "method.name" in changes:
+        changes = {k: v for k, v in changes.items() if not k.startswith("method.") or k == "method.name"}
+    return changes
+
+
+def check_resume_changes(run_dir: Path, recipe: dict, log=print) -> dict[str, tuple[Any, Any]]:
+    """Refuse, listing each, the differences from the run's recipe.yaml that a resumed run cannot honour; show the
+    ones it can. Returns the accepted changes."""
+    import yaml
+
+    saved = run_dir / "recipe.yaml"
+    if not saved.is_file():
+        raise UserError(f"--resume: {saved} is missing, so the checkpoint cannot be matched to a recipe")
+    changes = recipe_changes(yaml.safe_load(saved.read_text()) or {}, recipe)
+    refused = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES}
+    if refused:
+        lines = "\n".join(f"  - {key}: {old!r} in the run, {new!r} now" for key, (old, new) in refused.items())
+        raise UserError(f"--resume: the recipe differs from the one {run_dir} was trained with, and a resumed run "
+                        f"cannot honour these changes (its weights, optimizer state and schedule come from the "
+                        f"checkpoint):\n{lines}\nResume with the original values, or start a new run with "
+                        f"--output; only {', '.join(RESUMABLE_CHANGES[:6])} may change. Nothing was written.")
+    for key, (old, new) in changes.items():
+        log(f"resume: {key} {old!r} -> {new!r}")
+    return changes
