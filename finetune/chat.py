@@ -6,13 +6,14 @@ from __future__ import annotations
 def chat_loop(target: str, max_new_tokens: int, system: str | None, read=input, write=print) -> None:
     from transformers import TextStreamer
 
+    from finetune.data.template import stop_token_ids
     from finetune.evaluate import load_for_eval, resolve_target
 
     where = resolve_target(target, None)
     tokenizer_source = str(where.adapter) if where.adapter is not None else where.model_path
     model, tokenizer = load_for_eval(where.model_path, where.adapter, tokenizer_source)
     messages = [{"role": "system", "content": system}] if system else []
-    stop = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
+    stop = stop_token_ids(tokenizer)  # the template's end-of-turn token (and eos)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     while True:
         try:

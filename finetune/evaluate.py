@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.data import Conversation, encode, load_conversations, read_saved_conversations, split_held_out
+from finetune.data import Conversation, encode_samples, load_conversations, read_saved_conversations, split_held_out
+from finetune.data.template import stop_token_ids
 from finetune import rundir
 from finetune.errors import UserError
 
@@ -106,7 +107,12 @@ def assistant_loss(model, tokenizer, rows: list[Conversation], batch_size: int, 
     import torch.nn.functional as F
 
     total, count = 0.0, 0
-    encoded = [encode(tokenizer, r.messages, max_length) for r in rows]
+    encoded = []
+    for row in rows:
+        try:
+            encoded += [(s.input_ids, s.labels) for s in encode_samples(tokenizer, row.messages, max_length, row.tools)]
+        except ValueError as err:
+            raise UserError(f"{row.source}:{row.row}: {err}") from None
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start:start + batch_size]
         width = max(len(ids) for ids, _ in batch)
@@ -128,11 +134,12 @@ def generate(model, tokenizer, rows: list[Conversation], batch_size: int, max_ne
     import torch
 
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
-    stop = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
+    stop = stop_token_ids(tokenizer)  # the template's end-of-turn token, not a hard-coded one
     outputs = []
     for start in range(0, len(rows), batch_size):
-        prompts = [_prompt(r.messages) for r in rows[start:start + batch_size]]
-        texts = [prompt_text(tokenizer, p) for p in prompts]
+        batch_rows = rows[start:start + batch_size]
+        prompts = [_prompt(r.messages) for r in batch_rows]
+        texts = [prompt_text(tokenizer, p, r.tools) for p, r in zip(prompts, batch_rows)]
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
@@ -144,11 +151,11 @@ def generate(model, tokenizer, rows: list[Conversation], batch_size: int, max_ne
     return outputs
 
 
-def prompt_text(tokenizer, prompt: list[dict]) -> str:
+def prompt_text(tokenizer, prompt: list[dict], tools: list | None = None) -> str:
     """The prompt rendered up to the start of the assistant's answer. A row that opens with the answer (training
     accepts it) gets the bare generation prompt: transformers refuses to render an empty conversation."""
     if prompt:
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(prompt, tools=tools, tokenize=False, add_generation_prompt=True)
     probe = [{"role": "user", "content": "x"}]
     with_prompt = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
     return with_prompt[len(tokenizer.apply_chat_template(probe, tokenize=False)):]

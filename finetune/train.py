@@ -109,7 +109,8 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
     from finetune.data import build_datasets, save_conversations
     from finetune.guards import DivergenceGuard, MarkCheckpointsComplete, StopOnSignal
     from finetune.methods import build_method
-    from finetune.modeling import load_model, load_tokenizer, resolve_attention, resolve_dtype, resolve_model_path
+    from finetune.modeling import (load_model, load_tokenizer, resolve_attention, resolve_dtype, resolve_model_path,
+                                   template_for, write_generation_config)
     from finetune.report import plot_loss, start_summary
     from finetune.trainer import CheckpointWriteError, ContinueSchedule
 
@@ -121,11 +122,13 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
     load_kwargs = method.load_kwargs()
 
     model_path = resolve_model_path(m.name_or_path, log)
-    tokenizer, added_tokens = load_tokenizer(model_path, m.trust_remote_code)
+    tokenizer, added_tokens = load_tokenizer(model_path, m.trust_remote_code, d.chat_template)
+    template = template_for(tokenizer, d.chat_template, d.fold_system, m.name_or_path)
+    log(f"chat template: {template.name}, end of turn {template.end_of_turn}")
     data = build_datasets(
         tokenizer, train=d.train, train_split=d.train_split, eval=d.eval, eval_split=d.eval_split,
         eval_fraction=d.eval_fraction, format=d.format, max_length=d.max_length,
-        max_bad_fraction=d.max_bad_fraction, seed=t.seed, log=log,
+        max_bad_fraction=d.max_bad_fraction, seed=t.seed, log=log, template=template,
     )
     if rank == 0:
         _record_recipe(run_dir, recipe.model_dump(mode="json"), checkpoint, log)
@@ -178,7 +181,8 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
                              f"{run_dir / 'checkpoints' / f'checkpoint-{step}'}; continue with: {resume_command}",
                              exit_code=RunStopped.INTERRUPTED)
     elif rank == 0:
-        tokenizer.save_pretrained(final)
+        tokenizer.save_pretrained(final)  # with the chat template that was trained
+        write_generation_config(final, tokenizer, model_path)  # generate() stops on the trained end of turn
         rundir.write_run_info(
             run_dir, status="complete", base_model=m.name_or_path,
             base_model_path=str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,

@@ -74,7 +74,7 @@ def test_bad_rows_are_reported_with_file_and_row():
         f"{source}:2: no assistant turn",
         f"{source}:3: `messages` must be a non-empty list",
         f"{source}:4: not valid JSON: Expecting value: line 1 column 1 (char 0)",
-        f"{source}:5: unknown role 'robot' (expected one of system, user, assistant)",
+        f"{source}:5: unknown role 'robot' (expected one of system, user, assistant, tool)",
         f"{source}:6: `content` must be a non-empty string",
     ]
 

@@ -107,23 +107,18 @@ def test_content_parts_text_is_joined_and_media_refused(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("row, where", [
-    ({"conversations": [{"from": "human", "value": "weather?"}, {"from": "gpt", "value": "ok"}],
-      "tools": "[{\"name\": \"get_weather\"}]"}, "`tools`"),
-    ({"conversations": [{"from": "human", "value": "weather?"}, {"from": "function_call", "value": "{}"},
-                        {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "sunny"}]},
-     "`conversations` turn 2 has from `function_call`"),
-    ({"messages": ANSWER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "`tools`"),
-    ({"messages": [ANSWER[0], {"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]},
-     "`messages` turn 2 has `tool_calls`"),
-    ({"messages": [ANSWER[0], {"role": "tool", "content": "sunny"}, ANSWER[1]]}, "`messages` turn 2 has role `tool`"),
+    ({"messages": ANSWER, "functions": [{"name": "f"}]}, "`functions`"),
+    ({"messages": [ANSWER[0], {"role": "assistant", "content": "x", "function_call": {"name": "f"}}]},
+     "`messages` turn 2 has `function_call`"),
+    ({"messages": [ANSWER[0], {"role": "function", "content": "sunny"}, ANSWER[1]]},
+     "`messages` turn 2 has role `function`"),
 ])
-def test_tool_calling_rows_are_refused(tmp_path, row, where):
-    plain = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
-    path = write_rows(tmp_path, [plain if "conversations" in row else {"messages": ANSWER}, row])
+def test_legacy_openai_function_calling_is_refused(tmp_path, row, where):
+    path = write_rows(tmp_path, [{"messages": ANSWER}, row])
     rows, problems, _ = load(path)
     assert len(rows) == 1
-    assert problems == [f"{path}:2: {where}: tool-calling rows are not supported yet (tool calling is planned, "
-                        "through the model's own chat template)"]
+    assert problems == [f"{path}:2: {where}: OpenAI's deprecated function-calling fields are not supported; use "
+                        "`tools`, assistant `tool_calls` and `role: tool` results"]
 
 
 @pytest.mark.parametrize("row, shape", [

@@ -11,12 +11,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from finetune.data.tools import openai_calls, parse_tools, result_text, sharegpt_calls
 from finetune.errors import UserError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 OPENAI_ROLES = {r: r for r in ROLES}
+#: LLaMA-Factory's ShareGPT roles: `function_call` is the assistant calling tools, `observation` their result.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant"}
+                  "chatgpt": "assistant", "function_call": "assistant", "observation": "tool"}
 #: Keys whose presence identifies each format (checked on the first row).
 SIGNATURES = {
     "messages": {"messages"},
@@ -26,13 +28,13 @@ SIGNATURES = {
 }
 #: Optional row fields each format honours. `history` (earlier [instruction, response] rounds) is LLaMA-Factory's
 #: Alpaca convention (github.com/hiyouga/LLaMA-Factory, data/README.md); a row-level `system` is honoured everywhere.
-OPTIONAL = {"messages": {"system"}, "sharegpt": {"system"}, "alpaca": {"input", "system", "history"},
+OPTIONAL = {"messages": {"system", "tools"}, "sharegpt": {"system", "tools"}, "alpaca": {"input", "system", "history"},
             "prompt_completion": {"system"}}
 #: Formats whose every field is a string, so a CSV/TSV column can hold them.
 FLAT_FORMATS = ("alpaca", "prompt_completion")
 
-TOOLS = ("tool-calling rows are not supported yet (tool calling is planned, through the model's own chat "
-         "template)")
+LEGACY_FUNCTIONS = ("OpenAI's deprecated function-calling fields are not supported; use `tools`, assistant "
+                    "`tool_calls` and `role: tool` results")
 MULTIMODAL = "multimodal rows are not supported: finetune trains on text only and would drop the media"
 PAIRED = ("preference data (a `chosen` and a `rejected` answer): finetune trains SFT only today; preference "
           "tuning is planned")
@@ -41,20 +43,23 @@ LABELLED = ("a `label` field (KTO data marks each answer as good or bad with it)
 REASONING = "reasoning traces are not supported yet (the ChatML template has no place for them)"
 #: Row fields that change what is trained but cannot be honoured yet: a row carrying one (non-empty) is refused.
 REFUSED = {
-    "tools": TOOLS, "functions": TOOLS,
+    "functions": LEGACY_FUNCTIONS,
     **dict.fromkeys(("images", "image", "audios", "audio", "videos", "video"), MULTIMODAL),
     "chosen": PAIRED, "rejected": PAIRED, "label": LABELLED, "kto_tag": LABELLED,
     "weight": "a row-level `weight` (sample weighting) is not supported; every row counts the same",
 }
 #: Turn fields refused the same way (OpenAI's tool fields; a speaker `name` the template cannot show).
 REFUSED_TURN = {
-    "tool_calls": TOOLS, "function_call": TOOLS, "tool_call_id": TOOLS,
+    "function_call": LEGACY_FUNCTIONS,
     "audio": MULTIMODAL, "images": MULTIMODAL,
     "name": "a speaker `name` is not supported (the ChatML template cannot show it)",
     "reasoning_content": REASONING, "reasoning": REASONING, "thinking": REASONING,
 }
-#: Roles of tool results and calls: OpenAI's `tool`/`function`, LLaMA-Factory's ShareGPT `function_call`/`observation`.
-TOOL_ROLES = {"tool", "function", "function_call", "observation", "ipython"}
+#: Roles finetune cannot honour: OpenAI's deprecated `function` results, Llama 3.1's code-interpreter `ipython`.
+REFUSED_ROLES = {"function": LEGACY_FUNCTIONS,
+                 "ipython": "`ipython` (code interpreter) turns are not supported; tool results are `role: tool`"}
+#: Turn fields each kind of turn carries besides its role and content.
+TURN_FIELDS = {"assistant": {"weight", "tool_calls"}, "tool": {"tool_call_id", "name"}}
 MEDIA_PARTS = {"image", "image_url", "input_image", "audio", "input_audio", "video", "video_url", "file", "input_file"}
 #: LLaMA-Factory's (and LLaVA's) media placeholders: the text refers to media the row carries elsewhere.
 PLACEHOLDER = re.compile(r"<(image|audio|video)>")
@@ -186,21 +191,44 @@ def _turn(item: Any, number: int, role_key: str, content_key: str, roles: dict[s
     if not isinstance(item, dict):
         raise ValueError(f"each turn must be an object with `{role_key}` and `{content_key}`")
     given = item.get(role_key)
-    if isinstance(given, str) and given in TOOL_ROLES:
-        raise ValueError(f"`{field}` turn {number} has {role_key} `{given}`: {TOOLS}")
+    if isinstance(given, str) and given in REFUSED_ROLES:
+        raise ValueError(f"`{field}` turn {number} has {role_key} `{given}`: {REFUSED_ROLES[given]}")
     role = roles.get(given) if isinstance(given, str) else None
     if role is None:
         raise ValueError(f"unknown {role_key} {given!r} (expected one of {', '.join(roles)})")
-    extra = item.keys() - {role_key, content_key, "weight"}
+    extra = item.keys() - {role_key, content_key, "weight"} - TURN_FIELDS.get(role, set())
     if extra:  # most turns have none: the checks below cost nothing then
         for key in extra & REFUSED_TURN.keys():
             if _present(item[key]):
                 raise ValueError(f"`{field}` turn {number} has `{key}`: {REFUSED_TURN[key]}")
         ignored.update(f"{field}[].{k}" for k in extra - REFUSED_TURN.keys() if _present(item[k]))
-    message = {"role": role, "content": _content(item.get(content_key), content_key, f"`{field}` turn {number}")}
+    where = f"`{field}` turn {number}"
+    message = _tool_turn(item, given, role, content_key, where)
+    if message is None:
+        message = {"role": role, "content": _content(item.get(content_key), content_key, where)}
     if "weight" in item and not _trained(item["weight"], role, f"`{field}` turn {number}") and role == "assistant":
         message["weight"] = 0  # rendered like any assistant turn, outside the loss (see template.py)
     return message
+
+
+def _tool_turn(item: dict, given: str, role: str, content_key: str, where: str) -> dict | None:
+    """A tool call or tool result in the one internal shape (finetune.data.tools); None for any other turn."""
+    if given == "function_call":  # ShareGPT: the value is the call itself
+        return {"role": "assistant", "content": "", "tool_calls": sharegpt_calls(item.get(content_key), where)}
+    if role == "tool":
+        message = {"role": "tool", "content": result_text(item.get(content_key), where)}
+        message.update({k: item[k] for k in ("tool_call_id", "name") if isinstance(item.get(k), str) and item[k]})
+        return message
+    if role == "assistant" and _present(item.get("tool_calls")):
+        content = item.get(content_key)
+        text = "" if content is None or content == "" else _content(content, content_key, where)
+        return {"role": "assistant", "content": text, "tool_calls": openai_calls(item["tool_calls"], where)}
+    return None
+
+
+def row_tools(record: dict) -> list[dict] | None:
+    """The row's tool schemas (`tools`, a list or its JSON text), or None; ValueError when malformed."""
+    return parse_tools(record["tools"]) if _present(record.get("tools")) else None
 
 
 def _trained(weight: Any, role: str, where: str) -> bool:
@@ -244,6 +272,10 @@ def _check_conversation(messages: list[dict]) -> None:
         raise ValueError("every assistant turn has `weight` 0: nothing to train")
     if any(m["role"] == "system" for m in messages[1:]):
         raise ValueError("a system message may only come first")
+    for number, message in enumerate(messages, start=1):
+        before = messages[number - 2] if number > 1 else {}
+        if message["role"] == "tool" and not (before.get("tool_calls") or before.get("role") == "tool"):
+            raise ValueError(f"turn {number} is a tool result that follows no tool call")
     for number, message in enumerate(messages, start=1):
         found = PLACEHOLDER.search(message["content"]) if "<" in message["content"] else None
         if found:

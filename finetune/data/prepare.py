@@ -1,8 +1,9 @@
 """Rows in, token ids with assistant-only labels out.
 
-Reads every row of a source (see sources.py), normalises it to chat `messages` (formats.py), renders it with the
-ChatML template and masks the loss to trained assistant tokens (template.py). Refused rows are reported with file
-and row number; the run refuses to start when too many are bad.
+Reads every row of a source (see sources.py), normalises it to chat `messages` and tools (formats.py, tools.py),
+renders it with the run's chat template and masks the loss to what the assistant generates (template.py). Refused
+rows are reported with file and row number; the run refuses to start when too many are bad. `finetune data` runs
+this same code and reports on it.
 
 Tokenisation happens here rather than inside TRL so that every row's fate is known and reported before
 training: TRL would silently drop rows whose assistant tokens all fall past `max_length`.
@@ -19,9 +20,9 @@ from typing import Any
 
 from rich.markup import escape
 
-from finetune.data.formats import first_row_format, normalise
+from finetune.data.formats import first_row_format, normalise, row_tools
 from finetune.data.sources import read_records
-from finetune.data.template import encode
+from finetune.data.template import ChatTemplate, chat_template, encode_samples, fit_messages
 from finetune.errors import UserError
 
 _SHOWN_PROBLEMS = 10
@@ -32,6 +33,7 @@ class Conversation:
     messages: list[dict[str, Any]]
     source: str
     row: int  # 1-based: the line of a JSONL file, the index of a JSON array or Parquet/CSV/hub row
+    tools: list[dict] | None = None  # tool schemas the row offers the assistant (finetune.data.tools)
 
 
 @dataclass
@@ -62,6 +64,10 @@ class PreparedData:
     eval_conversations: list[Conversation]
     mean_train_tokens: float
     problems: list[str] = field(default_factory=list)
+    template: ChatTemplate | None = None
+    train_conversations: list[Conversation] = field(default_factory=list)  # the row of each training sample
+    rows_read: int = 0
+    truncated: int = 0  # samples cut at max_length
 
 
 def build_datasets(
@@ -76,10 +82,17 @@ def build_datasets(
     max_bad_fraction: float,
     seed: int,
     log=print,
+    template: ChatTemplate | None = None,
 ) -> PreparedData:
-    """Load, normalise, split and tokenise; raise UserError when too many rows are bad."""
+    """Load, normalise, split and tokenise with the tokenizer's chat template (or `template`); raise UserError when
+    too many rows are bad."""
     from datasets import Dataset
 
+    if template is None:
+        try:
+            template = chat_template(tokenizer)
+        except ValueError as err:
+            raise UserError(str(err)) from None
     train_rows, problems, total = load_conversations(train, train_split, format, log)
     if eval is not None:
         eval_rows, eval_problems, eval_total = load_conversations(eval, eval_split, format, log)
@@ -88,32 +101,45 @@ def build_datasets(
     else:
         train_rows, eval_rows = split_held_out(train_rows, eval_fraction, seed)
 
-    encoded = {}
+    encoded, truncated = {}, 0
     for name, rows in (("train", train_rows), ("eval", eval_rows)):
-        kept_rows, columns = [], {"input_ids": [], "labels": []}
+        kept_rows, sample_rows, columns = [], [], {"input_ids": [], "labels": []}
         for conv in rows:
-            ids, labels = encode(tokenizer, conv.messages, max_length)
-            if all(label == -100 for label in labels):
+            try:
+                conv.messages = fit_messages(template, conv.messages)  # held_out.jsonl keeps what was trained
+                samples = encode_samples(tokenizer, conv.messages, max_length, conv.tools, template)
+            except ValueError as err:
+                problems.append(f"{conv.source}:{conv.row}: {err}")
+                continue
+            samples = [s for s in samples if any(label != -100 for label in s.labels)]
+            if not samples:
                 problems.append(f"{conv.source}:{conv.row}: no assistant token left within max_length={max_length}"
                                 " (raise data.max_length or shorten the row)")
                 continue
-            columns["input_ids"].append(ids)
-            columns["labels"].append(labels)
+            for sample in samples:
+                columns["input_ids"].append(sample.input_ids)
+                columns["labels"].append(sample.labels)
+                sample_rows.append(conv)
+                truncated += sample.truncated and name == "train"
             kept_rows.append(conv)
-        encoded[name] = (kept_rows, columns)
+        encoded[name] = (kept_rows, columns, sample_rows)
 
     check_bad_fraction(problems, total, max_bad_fraction, log)
-    train_rows, train_columns = encoded["train"]
-    eval_rows, eval_columns = encoded["eval"]
+    train_rows, train_columns, train_samples = encoded["train"]
+    eval_rows, eval_columns, _ = encoded["eval"]
     if not train_rows:
         raise UserError(f"{train}: no usable training rows")
-    mean_tokens = sum(map(len, train_columns["input_ids"])) / len(train_rows)
+    mean_tokens = sum(map(len, train_columns["input_ids"])) / len(train_columns["input_ids"])
     return PreparedData(
         train=Dataset.from_dict(train_columns),
         eval=Dataset.from_dict(eval_columns) if eval_rows else None,
         eval_conversations=eval_rows,
         mean_train_tokens=mean_tokens,
         problems=problems,
+        template=template,
+        train_conversations=train_samples,
+        rows_read=total,
+        truncated=truncated,
     )
 
 
@@ -146,11 +172,12 @@ def read_source(source: str, split: str, format: str, limit: int | None = None) 
             if not detected:
                 read.format, detected = first_row_format(record, read.format, where), True
             messages, ignored = normalise(record, read.format)
+            tools = row_tools(record)
         except ValueError as err:
             read.problems.append(f"{where}: {err}")
             continue
         read.ignored.update(ignored)
-        read.rows.append(Conversation(messages, source, number))
+        read.rows.append(Conversation(messages, source, number, tools))
     return read
 
 
@@ -180,7 +207,8 @@ def check_bad_fraction(problems: list[str], total: int, limit: float, log) -> No
 def save_conversations(rows: list[Conversation], path: Path) -> None:
     with path.open("w", encoding="utf-8") as handle:
         for conv in rows:
-            handle.write(json.dumps({"messages": conv.messages, "source": conv.source, "row": conv.row}) + "\n")
+            saved = {"messages": conv.messages, "source": conv.source, "row": conv.row}
+            handle.write(json.dumps({**saved, "tools": conv.tools} if conv.tools else saved) + "\n")
 
 
 def read_saved_conversations(path: Path) -> list[Conversation]:
