@@ -130,6 +130,27 @@ def validate(
         raise UserError("\n".join(problems))
 
 
+@app.command("data")
+@user_errors
+def data_(
+    recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
+    show: Annotated[int, typer.Option(min=0, help="Print this many training samples, trained tokens highlighted.")] = 0,
+    dump: Annotated[Optional[Path], typer.Option(help="Write each training sample (input_ids, labels) as JSONL.")] = None,
+    set_: Sets = None,
+    debug: Debug = False,
+):
+    """Prepare the recipe's data exactly as `train` does (tokenizer only, no model weights) and report rows read,
+    kept and refused (with reasons), tokens per sample, truncation, the share of tokens trained and the chat
+    template with its end-of-turn token."""
+    from finetune.recipe import load_recipe
+
+    loaded = load_recipe(recipe, set_ or [])
+    _quiet_libraries()
+    from finetune.data.inspect import inspect_data
+
+    inspect_data(loaded, show=show, dump=dump, console=console)
+
+
 @app.command()
 @user_errors
 def plan(
@@ -251,7 +272,7 @@ def chat(
     system: Annotated[Optional[str], typer.Option(help="A system message.")] = None,
     debug: Debug = False,
 ):
-    """Talk to a model or run in the terminal (ChatML, streaming, greedy). Empty line or Ctrl-D quits."""
+    """Talk to a model or run in the terminal (its chat template, streaming, greedy). Empty line or Ctrl-D quits."""
     _quiet_libraries()
     from finetune.chat import chat_loop
 

@@ -1,0 +1,109 @@
+"""`finetune data`: prepare a recipe's data exactly as `train` does, load no model weights, and say what will train.
+
+The tokenizer, chat template and `build_datasets` call are the ones `finetune.train` makes, so the report, the
+highlighted rows and the `--dump` file describe the very samples the trainer receives (a test asserts it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from rich.markup import escape
+from rich.text import Text
+
+_REASONS_SHOWN = 8
+
+
+def inspect_data(recipe, show: int = 0, dump: Path | None = None, console=None) -> dict:
+    from rich.console import Console
+
+    from finetune.data.prepare import build_datasets
+    from finetune.modeling import load_tokenizer, resolve_model_path, template_for
+
+    console = console or Console()
+    log = console.print
+
+    def say(line: str) -> None:  # report lines keep their length (paths, reasons): tests and greps read them whole
+        console.print(line, soft_wrap=True, highlight=False)
+    d, m = recipe.data, recipe.model
+    model_path = resolve_model_path(m.name_or_path, log)
+    tokenizer, added = load_tokenizer(model_path, m.trust_remote_code, d.chat_template)
+    template = template_for(tokenizer, d.chat_template, d.fold_system, m.name_or_path)
+    data = build_datasets(
+        tokenizer, train=d.train, train_split=d.train_split, eval=d.eval, eval_split=d.eval_split,
+        eval_fraction=d.eval_fraction, format=d.format, max_length=d.max_length,
+        max_bad_fraction=d.max_bad_fraction, seed=recipe.train.seed, log=log, template=template,
+    )
+    report = summarise(data, d.max_length)
+    report.update(template=template.name, end_of_turn=template.end_of_turn,
+                  added_tokens=tokenizer.convert_ids_to_tokens(added))
+    _print_report(report, data.problems, say)
+    for number in range(min(show, len(data.train))):
+        conv = data.train_conversations[number]
+        sample = data.train[number]
+        legend = "[bold green]trained[/bold green], [dim]not trained[/dim]" if console.color_system else "⟦trained⟧"
+        say(f"\n[bold]sample {number + 1}[/bold] ({escape(conv.source)}:{conv.row}, {len(sample['input_ids'])} tokens; "
+            f"{legend}):")
+        marks = ("", "") if console.color_system else ("⟦", "⟧")  # piped or NO_COLOR: trained text in brackets
+        console.print(highlight(tokenizer, sample["input_ids"], sample["labels"], marks), soft_wrap=True)
+    if dump is not None:
+        write_dump(dump, data)
+        say(f"wrote {len(data.train)} training samples to {escape(str(dump))}")
+    return report
+
+
+def summarise(data, max_length: int) -> dict:
+    lengths = sorted(len(ids) for ids in data.train["input_ids"])
+    trained = sum(sum(label != -100 for label in labels) for labels in data.train["labels"])
+    rows_kept = len({(c.source, c.row) for c in data.train_conversations}) + len(data.eval_conversations)
+    return {
+        "rows_read": data.rows_read, "rows_kept": rows_kept, "rows_refused": len(data.problems),
+        "train_samples": len(lengths), "eval_samples": len(data.eval) if data.eval is not None else 0,
+        "tokens_mean": sum(lengths) / len(lengths), "tokens_p95": lengths[min(len(lengths) - 1,
+                                                                             int(0.95 * len(lengths)))],
+        "tokens_max": lengths[-1], "truncated": data.truncated, "max_length": max_length,
+        "trained_share": trained / sum(lengths),
+    }
+
+
+def _print_report(report: dict, problems: list[str], log) -> None:
+    log(f"chat template: {escape(report['template'])}, end of turn {escape(report['end_of_turn'])}"
+        + (f" (added to the tokenizer: {escape(', '.join(report['added_tokens']))})" if report["added_tokens"] else ""))
+    log(f"rows: {report['rows_read']} read, {report['rows_kept']} kept, {report['rows_refused']} refused; "
+        f"{report['train_samples']} training samples, {report['eval_samples']} held out")
+    log(f"tokens per sample: mean {report['tokens_mean']:.1f}, p95 {report['tokens_p95']}, max {report['tokens_max']}"
+        f"; {report['truncated']} cut at max_length={report['max_length']}")
+    log(f"tokens trained: {report['trained_share']:.1%} (assistant answers and their end-of-turn token)")
+    reasons = Counter(problem.split(": ", 1)[-1] for problem in problems)
+    for reason, count in reasons.most_common(_REASONS_SHOWN):
+        first = next(p for p in problems if p.endswith(reason)).split(": ", 1)[0]
+        log(f"  refused {count}x (first {escape(first)}): {escape(reason)}")
+    if len(reasons) > _REASONS_SHOWN:
+        log(f"  ... and {len(reasons) - _REASONS_SHOWN} other reasons")
+
+
+def highlight(tokenizer, input_ids: list[int], labels: list[int], marks=("", "")) -> Text:
+    """The sample as text, trained stretches in bold green (and between `marks`) and the rest dim; each stretch
+    decoded whole, so characters split across tokens come out intact."""
+    text, start = Text(), 0
+    for end in range(1, len(input_ids) + 1):
+        if end == len(input_ids) or (labels[end] != -100) != (labels[start] != -100):
+            piece = tokenizer.decode(input_ids[start:end])
+            if labels[start] != -100:
+                text.append(f"{marks[0]}{piece}{marks[1]}", style="bold green")
+            else:
+                text.append(piece, style="dim")
+            start = end
+    return text
+
+
+def write_dump(path: Path, data) -> None:
+    """One JSON object per training sample, in the training dataset's order (the trainer shuffles it each epoch with
+    train.seed): the row it came from, input_ids, and labels (-100 where no loss)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for conv, sample in zip(data.train_conversations, data.train):
+            handle.write(json.dumps({"source": conv.source, "row": conv.row, "input_ids": sample["input_ids"],
+                                     "labels": sample["labels"]}) + "\n")
