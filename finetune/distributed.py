@@ -23,7 +23,6 @@ from pydantic import Field
 
 from finetune.errors import UserError
 from finetune.methods.base import Section
-from finetune.methods.full import uses_trainer_adamw
 
 #: Set by the launcher for the processes it starts: the run dir it has already claimed for them.
 LAUNCHED_RUN_DIR = "FINETUNE_LAUNCHED_RUN_DIR"
@@ -70,12 +69,6 @@ class DistributedSection(Section):
         return self.num_processes * self.num_machines
 
 
-def _uses_own_optimizer(method) -> bool:
-    """True when the method steps finetune.optim's per-parameter optimizers instead of the trainer's AdamW."""
-    return method.name in ("galore", "lisa") or (
-        method.name == "full" and not uses_trainer_adamw(method.optim_bits, method.layerwise))
-
-
 def compatibility_problems(method, dist: DistributedSection) -> list[str]:
     """Every combination of method and strategy that would fail or silently misbehave, with the alternative."""
     problems = []
@@ -97,30 +90,10 @@ def compatibility_problems(method, dist: DistributedSection) -> list[str]:
         problems.append("distributed.cpu_offload: needs `strategy: fsdp` or `deepspeed` (DDP keeps a whole replica "
                         "per GPU)")
 
-    sharded = dist.strategy in ("fsdp", "deepspeed")
-    if sharded and method.name == "galore":
-        problems.append(f"method galore with strategy {dist.strategy}: GaLore projects each weight's whole 2-D "
-                        "gradient and steps its own optimizer, while sharded engines split gradients across ranks and "
-                        "own the optimizer. Use `distributed.strategy: ddp` (layer-wise GaLore works there: each "
-                        "parameter steps after DDP has averaged its gradient)")
-    elif sharded and method.name == "lisa":
-        problems.append(f"method lisa with strategy {dist.strategy}: LISA changes which layers train during the run, "
-                        "while sharded engines fix the trainable set when they wrap the model. Use "
-                        "`distributed.strategy: ddp` (every rank samples the same layers)")
-    elif sharded and _uses_own_optimizer(method):
-        problems.append(f"method full with optim_bits {method.optim_bits} / layerwise {method.layerwise} and strategy "
-                        f"{dist.strategy}: the per-parameter (8-bit, layer-wise) optimizers need whole gradients on "
-                        "every rank. Use `distributed.strategy: ddp`, or 32-bit AdamW without layerwise (sharding "
-                        "already divides the optimizer states by the number of GPUs)")
-    quantized = method.name == "lora" and method.quantize != "none"
-    if quantized and dist.strategy == "fsdp":
-        problems.append("method lora with quantize (QLoRA) and strategy fsdp: FSDP2, the FSDP of the installed "
-                        "transformers, cannot shard bitsandbytes' quantized weights (FSDP1 could, and is deprecated). "
-                        "Use `distributed.strategy: ddp` (each GPU holds the whole quantized base: ~4 GiB for 7B) or "
-                        "LoRA without `quantize` under fsdp")
-    if quantized and dist.strategy == "deepspeed" and (dist.zero_stage or 2) == 3:
-        problems.append("method lora with quantize (QLoRA) and ZeRO-3: ZeRO-3 partitions weights and the quantized "
-                        "base cannot be partitioned. Use `zero_stage: 2` or `strategy: ddp`")
+    if dist.strategy != "none":
+        problem = method.strategy_problem(dist.strategy, dist.zero_stage)
+        if problem:
+            problems.append(problem)
     return problems
 
 
@@ -170,16 +143,16 @@ def fsdp_config(dist: DistributedSection, gradient_checkpointing: bool) -> dict:
     return config
 
 
-def trainer_kwargs(dist: DistributedSection, method_name: str, gradient_checkpointing: bool) -> dict:
+def trainer_kwargs(dist: DistributedSection, method, gradient_checkpointing: bool) -> dict:
     """Arguments for the Trainer that select and configure the strategy in every process."""
     if dist.strategy == "fsdp":
         return {"fsdp": True, "fsdp_config": fsdp_config(dist, gradient_checkpointing),
                 "activation_checkpointing": False}
     if dist.strategy == "deepspeed":
         return {"deepspeed": deepspeed_config(dist)}
-    if dist.strategy == "ddp" and method_name == "lisa":
-        # DDP's reducer covers only the parameters that require grad when it wraps the model; LISA makes every
-        # decoder layer trainable at that moment (finetune.train) and the inactive ones are then "unused".
+    if dist.strategy == "ddp" and method.changes_trainable_set:
+        # DDP's reducer covers only the parameters that require grad when it wraps the model; such a method (LISA)
+        # has every parameter trainable at that moment (finetune.trainer) and the idle ones are then "unused".
         return {"ddp_find_unused_parameters": True}
     if dist.strategy == "ddp":
         # Every other method uses every trainable parameter each step; the trainer would otherwise turn on the

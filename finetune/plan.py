@@ -87,38 +87,10 @@ def meta_model(config):
 
 def trainable_parameters(model, method) -> dict[str, int]:
     """Name -> element count of what the method trains (LoRA: the adapter matrices it would add)."""
-    name = method.name
-    params = dict(model.named_parameters())
-    if name in ("full", "galore"):
-        return {n: p.numel() for n, p in params.items()}
-    if name == "lora":
-        return {f"{n}.lora": method.r * (m.in_features + m.out_features) for n, m in _lora_targets(model, method)}
-    if name == "lisa":
-        from finetune.methods.lisa import decoder_layers, frozen_outside_layers
-
-        prefix, layers = decoder_layers(model)
-        frozen = frozen_outside_layers(model, layers, method.train_embeddings, method.train_head)
-        keep = {n: p.numel() for n, p in params.items() if id(p) not in frozen}
-        active = method.activated_layers + len(set(method.always_active))  # the blocks are alike: any of them
-        for index in range(active):
-            keep.update({f"{prefix}.{index}.{n}": p.numel() for n, p in layers[index].named_parameters()})
-        return keep
-    raise UserError(f"plan: no memory model for method `{name}`")
+    return method.planned_trainable(model)
 
 
-def _lora_targets(model, method):
-    import torch
-
-    head = model.get_output_embeddings()
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or module is head:
-            continue
-        if method.target_modules == "all-linear" or any(name == t or name.endswith(f".{t}")
-                                                       for t in method.target_modules):
-            yield name, module
-
-
-def _adam_state_bytes(numel: int, bits: int, param_bytes: int) -> int:
+def adam_state_bytes(numel: int, bits: int, param_bytes: int) -> int:
     """Two moments. torch AdamW keeps them in the parameter's dtype; bitsandbytes' 8-bit AdamW stores tensors
     of at least 4096 elements in one byte each (plus a 4-byte scale per 2048), smaller ones in fp32."""
     if bits == 8 and numel >= 4096:
@@ -169,60 +141,18 @@ def loss_bytes(config, setup: Setup, head_trains: bool) -> float:
 
 
 def estimate(config, method, setup: Setup) -> dict[str, float]:
-    """Predicted bytes per component for one method; `total` is the peak (see the module docstring)."""
-    import torch
-
+    """Predicted bytes per component for one method; `total` is the peak (see the module docstring). The method
+    itself (its `Options`) says what trains and which optimizer states, gradients and own parts it keeps."""
     model = meta_model(config)
     params = dict(model.named_parameters())
-    wb = setup.weight_bytes
-    trainable = trainable_parameters(model, method)
-    bits = getattr(method, "optim_bits", 32)
-    layerwise = getattr(method, "layerwise", False)
-    rows = {"weights": sum(p.numel() for p in params.values()) * wb}
-    if method.name == "lora" and method.quantize != "none":
-        # bitsandbytes quantizes every linear but the head. NF4 with double quantization: 4 bits plus an 8-bit
-        # scale per 64 values plus an fp32 scale per 256 scales; LLM.int8: a byte plus an fp32 scale per row.
-        linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings()]
-        count = sum(m.weight.numel() for m in linear)
-        quantized = count * (0.5 + 1 / 64 + 4 / (64 * 256)) if method.quantize == "4bit" else \
-            count + 4 * sum(m.out_features for m in linear)
-        rows["weights"] += quantized - count * wb
-    if method.name == "lora":
-        adapter = sum(trainable.values())
-        # peft keeps adapters in fp32 over a bf16 base (autocast_adapter_dtype): weights, grads, AdamW moments
-        rows["lora adapters"] = adapter * 4
-        rows["gradients"] = adapter * 4
-        rows["optimizer states"] = 2 * adapter * 4
-    elif method.name == "galore":
-        from finetune.methods.galore import projected_weights
-        from finetune.optim.galore import low_rank_shape
-
-        projected = projected_weights(model, method.target_modules)
-        states = projectors = 0
-        largest_proxy = 0
-        for name, numel in trainable.items():
-            if name in projected:
-                shape = tuple(params[name].shape)
-                r = min(method.rank, *shape)
-                low = math.prod(low_rank_shape(shape, method.rank, method.proj_type))
-                projectors += (r * min(shape) if method.proj_type != "full" else r * sum(shape)) * wb
-                states += _adam_state_bytes(low, bits, wb)
-                largest_proxy = max(largest_proxy, low * wb)
-            else:
-                states += _adam_state_bytes(numel, bits, wb)
-        rows["optimizer states"] = states
-        rows["galore projectors"] = projectors
-        rows["gradients"] = _gradient_bytes(trainable, params, wb, layerwise, setup.accumulation)
-        rows["transient"] = largest_proxy  # the low-rank update being applied
-    else:
-        rows["optimizer states"] = sum(_adam_state_bytes(n, bits, wb) for n in trainable.values())
-        rows["gradients"] = _gradient_bytes(trainable, params, wb, layerwise, setup.accumulation)
-    if setup.device == "cpu":
-        rows["transient"] = rows.get("transient", 0) + _cpu_step_temporaries(trainable, params, wb, bits, method)
-    head_trains = method.name in ("full", "galore") or (method.name == "lisa" and method.train_head)
-    rows["activations"] = activation_bytes(config, setup)
-    rows["loss (LM-head tiles)"] = loss_bytes(config, setup, head_trains)
+    trainable = method.planned_trainable(model)
+    rows = {"weights": sum(p.numel() for p in params.values()) * setup.weight_bytes}
+    rows.update(method.planned_rows(model, trainable, setup))
     rows.setdefault("transient", 0.0)
+    if setup.device == "cpu":
+        rows["transient"] += _cpu_step_temporaries(trainable, params, getattr(method, "optim_bits", 32))
+    rows["activations"] = activation_bytes(config, setup)
+    rows["loss (LM-head tiles)"] = loss_bytes(config, setup, method.head_trains)
     rows["framework overhead"] = setup.overhead_bytes
     if setup.processes > 1 and setup.sharded:
         for component in setup.sharded:
@@ -231,31 +161,31 @@ def estimate(config, method, setup: Setup) -> dict[str, float]:
             from finetune.methods.lisa import decoder_layers
 
             layer = decoder_layers(model)[1][0]
-            rows["gathered layers"] = 2 * sum(p.numel() for p in layer.parameters()) * wb
+            rows["gathered layers"] = 2 * sum(p.numel() for p in layer.parameters()) * setup.weight_bytes
     resident = sum(rows.get(k, 0.0) for k in ("weights", "optimizer states", "galore projectors", "lora adapters",
                                                "framework overhead", "gathered layers"))
     grads = rows["gradients"]
-    layerwise_steps = layerwise or method.name == "lora"  # no large optimizer step after backward
+    in_backward = method.steps_in_backward  # no large optimizer step after backward
     moments = [
         rows["activations"] + rows["loss (LM-head tiles)"],
-        rows["activations"] + grads + (rows["transient"] if layerwise_steps else 0.0),
-        grads + (0.0 if layerwise_steps else rows["transient"]),
+        rows["activations"] + grads + (rows["transient"] if in_backward else 0.0),
+        grads + (0.0 if in_backward else rows["transient"]),
     ]
     rows["total"] = resident + max(moments)
     return rows
 
 
-def _cpu_step_temporaries(trainable, params, wb, bits, method) -> float:
+def _cpu_step_temporaries(trainable, params, bits) -> float:
     """bitsandbytes' 8-bit update on CPU dequantizes and works in fp32: finetune's chunked version needs ~24 bytes
     per value of one 1M-value chunk. AdamW in 32 bits runs torch's fused kernel (CPU and CUDA), which needs no
     temporaries; so do the 8-bit CUDA kernels."""
-    if method.name == "lora" or bits != 8:
+    if bits != 8:
         return 0.0
     largest = max((params[n].numel() for n in trainable if n in params), default=0)
     return 24 * min(largest, 256 * 4096)
 
 
-def _gradient_bytes(trainable, params, wb, layerwise, accumulation) -> float:
+def gradient_bytes(trainable, params, wb, layerwise, accumulation) -> float:
     """All trainable gradients at once; layer-wise with no accumulation holds only the largest one at a time
     (each is freed right after its parameter steps)."""
     sizes = [params[n].numel() for n in trainable if n in params]
@@ -276,22 +206,12 @@ def parse_memory(text: str) -> float:
 
 
 def comparison_methods(recipe_method):
-    """The recipe's method and the usual alternatives on the same model, as validated option objects."""
+    """The recipe's method and the usual alternatives each method offers, on the same model."""
     from finetune.methods import METHODS
 
-    r = getattr(recipe_method, "r", 8)
-    rank = getattr(recipe_method, "rank", 128)
-    gamma = getattr(recipe_method, "activated_layers", 2)
-    candidates = {
-        "full AdamW": {"name": "full"},
-        "full 8-bit AdamW": {"name": "full", "optim_bits": 8},
-        f"LoRA r={r}": {"name": "lora", "r": r},
-        f"QLoRA 4-bit r={r}": {"name": "lora", "r": r, "quantize": "4bit"},
-        f"GaLore r={rank} layer-wise 8-bit": {"name": "galore", "rank": rank, "optim_bits": 8, "layerwise": True},
-        f"LISA g={gamma}": {"name": "lisa", "activated_layers": gamma},
-    }
     methods = {"recipe": recipe_method}
-    methods.update({label: METHODS[o["name"]].Options(**o) for label, o in candidates.items()})
+    for module in METHODS.values():
+        methods.update(module.Options.plan_alternatives(recipe_method))
     return methods
 
 
@@ -321,18 +241,15 @@ def cheapest_fix(config, method, setup: Setup, budget: float) -> str | None:
         batch, accumulation = batch // 2, accumulation * 2
         tries.append((f"train.batch_size: {batch} with train.gradient_accumulation_steps: {accumulation} "
                       "(same effective batch)", method, replace(setup, batch=batch, accumulation=accumulation)))
-    switches = [("full", {"optim_bits": 8, "layerwise": True}, "8-bit layer-wise AdamW (method.optim_bits: 8, "
-                 "method.layerwise: true)"),
-                ("galore", {"optim_bits": 8, "layerwise": True}, "method.name: galore with optim_bits 8, layerwise"),
-                ("lora", {}, "method.name: lora"),
-                ("lora", {"quantize": "4bit"}, "method.name: lora with quantize: 4bit (QLoRA)")]
+    switches = sorted((saver for module in METHODS.values() for saver in module.Options.memory_savers()),
+                      key=lambda saver: saver[0])
     # Layer-wise methods keep every gradient between micro-batches, so a switch is tried at the recipe's own
     # batch first, then at batch 1 with accumulation.
     small = replace(setup, batch=1, accumulation=setup.batch * setup.accumulation, checkpointing=True)
     for trial, suffix in ((replace(setup, checkpointing=True), ", checkpointing on"),
                           (small, ", batch 1 with accumulation, checkpointing on")):
-        for name, options, label in switches:
-            tries.append((label + suffix, METHODS[name].Options(**options), trial))
+        for _, options, label in switches:
+            tries.append((label + suffix, options, trial))
     seq = setup.seq_len
     while seq > 128:
         seq //= 2

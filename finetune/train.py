@@ -305,7 +305,7 @@ def _trainer_args(recipe: Recipe, run_dir: Path, dtype):
     precision = distributed.mixed_precision(dist, recipe.model.dtype, dtype == torch.bfloat16)
     strategy = {
         "activation_checkpointing": recipe.model.gradient_checkpointing,
-        **distributed.trainer_kwargs(dist, recipe.method.name, recipe.model.gradient_checkpointing),
+        **distributed.trainer_kwargs(dist, recipe.method, recipe.model.gradient_checkpointing),
     }
     return SFTConfig(
         output_dir=str(run_dir / "checkpoints"),

@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.methods import METHODS
+from finetune.methods import METHODS, build_method
 from finetune.plan import GIB, Setup, estimate, load_config, meta_model, plan_recipe, trainable_parameters
 from finetune.recipe import load_recipe
 
@@ -22,7 +22,7 @@ def options(**o):
 
 def real_trainable(model_dir, method) -> int:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    built = METHODS[method.name].build(**method.model_dump(exclude={"name"}))
+    built = build_method(method)
     model = built.prepare(model, [])
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

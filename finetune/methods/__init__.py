@@ -1,5 +1,5 @@
 """The explicit method registry: one line per method. Each module defines `Options` (its recipe section,
-discriminated on `name`) and `build(**options)` returning an object that satisfies `base.Method`."""
+discriminated on `name`, with its capabilities and memory model) and `Method` (what training asks of it)."""
 
 from finetune.methods import full, galore, lisa, lora
 
@@ -13,4 +13,4 @@ METHODS = {
 
 def build_method(options):
     """Build the method object from its validated recipe section (flat keyword arguments, no recipe)."""
-    return METHODS[options.name].build(**options.model_dump(exclude={"name"}))
+    return METHODS[options.name].Method(**options.model_dump(exclude={"name"}))

@@ -3,27 +3,27 @@ stepped layer-wise inside backward with 8-bit or 32-bit AdamW (finetune.optim)."
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from finetune.methods.base import Section, train_all
+from finetune.methods import base
 
 
-class Options(Section):
+class Options(base.MethodOptions):
     """GaLore: every parameter trains; target linear weights get low-rank projected optimizer states."""
 
     name: Literal["galore"] = "galore"
     rank: int = Field(128, gt=0)
-    """Projection rank. 128 is the paper's setting below 1B parameters; seed 000 uses 1024 for 7B."""
+    """Projection rank. 128 is the paper's setting below 1B parameters; it uses 1024 for 7B (arXiv 2403.03507)."""
     update_proj_gap: int = Field(200, ge=1)
     """Optimizer steps between subspace refreshes (the paper's 200)."""
     scale: float = Field(0.25, gt=0)
-    """Multiplier on the projected-back update (the paper's 0.25; seed 000 uses 2)."""
+    """Multiplier on the projected-back update (the paper's 0.25 for pre-training)."""
     proj_type: Literal["std", "reverse_std", "left", "right", "full"] = "std"
     """Which side to project: `std` projects the smaller dimension."""
     target_modules: Literal["all-linear"] | list[str] = Field(default_factory=lambda: ["attn", "mlp"])
-    """Linear layers whose weights are projected: name substrings (seed 000: attn, mlp) or `all-linear`.
+    """Linear layers whose weights are projected: name substrings (the paper's attn, mlp) or `all-linear`.
     Everything else (embeddings, norms, head) trains with plain AdamW of `optim_bits`."""
     optim_bits: Literal[8, 32] = 8
     """AdamW state precision (8-bit via bitsandbytes): 8 quarters the optimizer memory."""
@@ -34,21 +34,56 @@ class Options(Section):
     seed: int = 0
     """Seeds the randomized refresh."""
 
+    uses_own_optimizer: ClassVar[bool] = True
 
-class GaLore:
+    def strategy_problem(self, strategy, zero_stage):
+        if strategy in ("fsdp", "deepspeed"):
+            return (f"method galore with strategy {strategy}: GaLore projects each weight's whole 2-D gradient and "
+                    "steps its own optimizer, while sharded engines split gradients across ranks and own the "
+                    "optimizer. Use `distributed.strategy: ddp` (layer-wise GaLore works there: each parameter steps "
+                    "after DDP has averaged its gradient)")
+        return None
+
+    def planned_rows(self, model, trainable, setup):
+        import math
+
+        from finetune.optim.galore import low_rank_shape
+        from finetune.plan import adam_state_bytes, gradient_bytes
+
+        params, wb = dict(model.named_parameters()), setup.weight_bytes
+        projected = projected_weights(model, self.target_modules)
+        states = projectors = largest_proxy = 0
+        for name, numel in trainable.items():
+            if name in projected:
+                shape = tuple(params[name].shape)
+                r = min(self.rank, *shape)
+                low = math.prod(low_rank_shape(shape, self.rank, self.proj_type))
+                projectors += (r * min(shape) if self.proj_type != "full" else r * sum(shape)) * wb
+                states += adam_state_bytes(low, self.optim_bits, wb)
+                largest_proxy = max(largest_proxy, low * wb)
+            else:
+                states += adam_state_bytes(numel, self.optim_bits, wb)
+        return {"optimizer states": states, "galore projectors": projectors,
+                "gradients": gradient_bytes(trainable, params, wb, self.layerwise, setup.accumulation),
+                "transient": largest_proxy}  # the low-rank update being applied
+
+    @classmethod
+    def plan_alternatives(cls, like):
+        rank = getattr(like, "rank", 128)
+        return {f"GaLore r={rank} layer-wise 8-bit": cls(rank=rank, optim_bits=8, layerwise=True)}
+
+    @classmethod
+    def memory_savers(cls):
+        return [(2, cls(optim_bits=8, layerwise=True), "method.name: galore with optim_bits 8, layerwise")]
+
+
+class GaLore(base.Method):
     name = "galore"
-    artifact = "model"
 
     def __init__(self, rank, update_proj_gap, scale, proj_type, target_modules, optim_bits, layerwise, svd, seed):
-        self.rank, self.gap, self.scale, self.proj_type = rank, update_proj_gap, scale, proj_type
-        self.target_modules, self.bits, self.layerwise, self.svd, self.seed = (
+        self.rank, self.update_proj_gap, self.scale, self.proj_type = rank, update_proj_gap, scale, proj_type
+        self.target_modules, self.optim_bits, self.layerwise, self.svd, self.seed = (
             target_modules, optim_bits, layerwise, svd, seed)
-
-    def load_kwargs(self):
-        return {}
-
-    def prepare(self, model, new_token_ids):
-        return train_all(model)
 
     def optimizers(self, model, learning_rate, weight_decay, max_grad_norm):
         from finetune.optim.galore import Projector
@@ -60,14 +95,12 @@ class GaLore:
         def projector_for(name, param):
             if name not in targets:
                 return None
-            return Projector(self.rank, self.gap, self.scale, self.proj_type, self.svd, seed=self.seed + 7919 * index[name])
+            return Projector(self.rank, self.update_proj_gap, self.scale, self.proj_type, self.svd,
+                             seed=self.seed + 7919 * index[name])
 
-        optimizer = build_optimizer(model, learning_rate, weight_decay, self.bits, self.layerwise, max_grad_norm,
+        optimizer = build_optimizer(model, learning_rate, weight_decay, self.optim_bits, self.layerwise, max_grad_norm,
                                     projector_for)
         return optimizer, None
-
-    def callbacks(self):
-        return []
 
 
 def projected_weights(model, target_modules) -> set[str]:
@@ -84,5 +117,4 @@ def projected_weights(model, target_modules) -> set[str]:
     return names
 
 
-def build(**options) -> GaLore:
-    return GaLore(**options)
+Method = GaLore  # the registry builds `Method` from `Options`

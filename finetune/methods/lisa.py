@@ -12,22 +12,22 @@ active set, which `load_state_dict` restores before loading the optimizer states
 from __future__ import annotations
 
 import random
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from finetune.errors import UserError
-from finetune.methods.base import Section
+from finetune.methods import base
 
 
-class Options(Section):
+class Options(base.MethodOptions):
     """LISA: train embeddings, head and a few sampled decoder layers at a time."""
 
     name: Literal["lisa"] = "lisa"
     activated_layers: int = Field(2, ge=1)
-    """Decoder layers trained at once (the paper's gamma; 2 for 7B models in seed 003)."""
+    """Decoder layers trained at once (the paper's gamma; it uses 2 for 7B models)."""
     interval_steps: int = Field(20, ge=1)
-    """Optimizer steps between re-samplings (the paper's K; 20 in seed 003)."""
+    """Optimizer steps between re-samplings (the paper's K)."""
     train_embeddings: bool = True
     """Always train the input embeddings, as the paper does."""
     train_head: bool = True
@@ -40,6 +40,34 @@ class Options(Section):
     """Step each parameter inside backward and free its gradient at once."""
     seed: int = 0
     """Seeds the layer schedule."""
+
+    uses_own_optimizer: ClassVar[bool] = True
+    changes_trainable_set: ClassVar[bool] = True
+
+    def strategy_problem(self, strategy, zero_stage):
+        if strategy in ("fsdp", "deepspeed"):
+            return (f"method lisa with strategy {strategy}: LISA changes which layers train during the run, while "
+                    "sharded engines fix the trainable set when they wrap the model. Use `distributed.strategy: ddp` "
+                    "(every rank samples the same layers)")
+        return None
+
+    @property
+    def head_trains(self) -> bool:
+        return self.train_head
+
+    def planned_trainable(self, model):
+        prefix, layers = decoder_layers(model)
+        frozen = frozen_outside_layers(model, layers, self.train_embeddings, self.train_head)
+        keep = {n: p.numel() for n, p in model.named_parameters() if id(p) not in frozen}
+        active = self.activated_layers + len(set(self.always_active))  # the blocks are alike: any of them
+        for index in range(active):
+            keep.update({f"{prefix}.{index}.{n}": p.numel() for n, p in layers[index].named_parameters()})
+        return keep
+
+    @classmethod
+    def plan_alternatives(cls, like):
+        gamma = getattr(like, "activated_layers", 2)
+        return {f"LISA g={gamma}": cls(activated_layers=gamma)}
 
 
 def decoder_layers(model):
@@ -73,33 +101,32 @@ def frozen_outside_layers(model, layers, train_embeddings: bool, train_head: boo
     return frozen
 
 
-class LISA:
+class LISA(base.Method):
     name = "lisa"
-    artifact = "model"
 
     def __init__(self, activated_layers, interval_steps, train_embeddings, train_head, always_active, optim_bits,
                  layerwise, seed):
-        self.gamma, self.interval, self.always = activated_layers, interval_steps, sorted(set(always_active))
+        self.activated_layers, self.interval_steps = activated_layers, interval_steps
+        self.always_active = sorted(set(always_active))
         self.train_embeddings, self.train_head = train_embeddings, train_head
-        self.bits, self.layerwise, self.seed = optim_bits, layerwise, seed
-        self.optimizer = None
+        self.optim_bits, self.layerwise, self.seed = optim_bits, layerwise, seed
+        # Bound by `prepare` (the model) and `optimizers` (its optimizer and weight decay).
+        self.model, self.prefix, self.n_layers = None, "", 0
+        self.optimizer, self.weight_decay = None, 0.0
         self.active: list[int] = []
-
-    def load_kwargs(self):
-        return {}
 
     def layers_for(self, interval_index: int) -> list[int]:
         """The layers trained during interval k: the always-active ones plus gamma sampled from the rest."""
-        candidates = [i for i in range(self.n_layers) if i not in self.always]
+        candidates = [i for i in range(self.n_layers) if i not in self.always_active]
         rng = random.Random(f"lisa:{self.seed}:{interval_index}")
-        return sorted(self.always + rng.sample(candidates, self.gamma))
+        return sorted(self.always_active + rng.sample(candidates, self.activated_layers))
 
     def prepare(self, model, new_token_ids):
         prefix, layers = decoder_layers(model)
         self.n_layers, self.prefix = len(layers), prefix
-        bad = [i for i in self.always if not 0 <= i < self.n_layers]
-        if bad or self.gamma + len(self.always) > self.n_layers:
-            raise UserError(f"method.always_active {self.always} / activated_layers {self.gamma}: the model has "
+        bad = [i for i in self.always_active if not 0 <= i < self.n_layers]
+        if bad or self.activated_layers + len(self.always_active) > self.n_layers:
+            raise UserError(f"method.always_active {self.always_active} / activated_layers {self.activated_layers}: the model has "
                             f"{self.n_layers} decoder layers (indices 0..{self.n_layers - 1})")
         self.model = model
         frozen = frozen_outside_layers(model, layers, self.train_embeddings, self.train_head)
@@ -127,7 +154,7 @@ class LISA:
                 param.requires_grad_(True)
                 if self.optimizer is not None:
                     self.optimizer.add_stepper(name, new_stepper(param, self.optimizer.lr, self.weight_decay,
-                                                                 self.bits))
+                                                                 self.optim_bits))
         self.active = sorted(indices)
 
     def optimizers(self, model, learning_rate, weight_decay, max_grad_norm):
@@ -135,7 +162,7 @@ class LISA:
 
         self.weight_decay = weight_decay
         self.optimizer = build_optimizer(
-            model, learning_rate, weight_decay, self.bits, self.layerwise, max_grad_norm,
+            model, learning_rate, weight_decay, self.optim_bits, self.layerwise, max_grad_norm,
             method_state=(lambda: {"active_layers": list(self.active)},
                           lambda state: self._set_layers(state["active_layers"])),
         )
@@ -156,7 +183,7 @@ def layer_switcher(method: LISA):
             self.switched = False
 
         def on_step_begin(self, args, state, control, **kwargs):
-            wanted = method.layers_for(state.global_step // method.interval)
+            wanted = method.layers_for(state.global_step // method.interval_steps)
             if wanted != method.active or state.global_step == 0:
                 method._set_layers(wanted)
                 self.switched = True
@@ -180,5 +207,4 @@ def all_ranks(value) -> list:
     return gathered
 
 
-def build(**options) -> LISA:
-    return LISA(**options)
+Method = LISA  # the registry builds `Method` from `Options`

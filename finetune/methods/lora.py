@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from finetune.errors import UserError
-from finetune.methods.base import Section
+from finetune.methods import base
 
 
-class Options(Section):
+class Options(base.MethodOptions):
     """LoRA: train low-rank adapters on a frozen base; `quantize` makes it QLoRA."""
 
     name: Literal["lora"] = "lora"
     r: int = Field(8, gt=0)
-    """Adapter rank. 8 is the seed 001/003 setting: enough for instruction tuning at a few MB per adapter."""
+    """Adapter rank. 8 is enough for instruction tuning at a few MB per adapter (the LoRA paper, arXiv 2106.09685,
+    finds ranks 4-8 match higher ones)."""
     alpha: float = Field(32, gt=0)
-    """Scaling numerator (update is scaled by alpha / r). 32 with r=8 as in seed 001/003."""
+    """Scaling numerator (the update is scaled by alpha / r); 32 with r=8 scales it by 4."""
     dropout: float = Field(0.05, ge=0, lt=1)
     """Dropout on the adapter input; 0.05 is peft's common default for small instruction sets."""
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
@@ -26,8 +27,65 @@ class Options(Section):
     quantize: Literal["none", "4bit", "8bit"] = "none"
     """Quantize the frozen base with bitsandbytes (QLoRA). Needs a CUDA GPU."""
 
+    def strategy_problem(self, strategy, zero_stage):
+        if self.quantize != "none" and strategy == "fsdp":
+            return ("method lora with quantize (QLoRA) and strategy fsdp: FSDP2, the FSDP of the installed "
+                    "transformers, cannot shard bitsandbytes' quantized weights (FSDP1 could, and is deprecated). "
+                    "Use `distributed.strategy: ddp` (each GPU holds the whole quantized base: ~4 GiB for 7B) or "
+                    "LoRA without `quantize` under fsdp")
+        if self.quantize != "none" and strategy == "deepspeed" and (zero_stage or 2) == 3:
+            return ("method lora with quantize (QLoRA) and ZeRO-3: ZeRO-3 partitions weights and the quantized "
+                    "base cannot be partitioned. Use `zero_stage: 2` or `strategy: ddp`")
+        return None
 
-class LoRA:
+    head_trains: ClassVar[bool] = False
+    steps_in_backward: ClassVar[bool] = True  # the optimizer step over the adapters is small
+
+    def planned_trainable(self, model):
+        return {f"{n}.lora": self.r * (m.in_features + m.out_features) for n, m in lora_targets(model, self)}
+
+    def planned_rows(self, model, trainable, setup):
+        import torch
+
+        adapter = sum(trainable.values())
+        # peft keeps adapters in fp32 over a bf16 base (autocast_adapter_dtype): weights, grads, AdamW moments
+        rows = {"lora adapters": adapter * 4, "gradients": adapter * 4, "optimizer states": 2 * adapter * 4}
+        if self.quantize != "none":
+            # bitsandbytes quantizes every linear but the head. NF4 with double quantization: 4 bits plus an 8-bit
+            # scale per 64 values plus an fp32 scale per 256 scales; LLM.int8: a byte plus an fp32 scale per row.
+            head = model.get_output_embeddings()
+            linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+            count = sum(m.weight.numel() for m in linear)
+            quantized = count * (0.5 + 1 / 64 + 4 / (64 * 256)) if self.quantize == "4bit" else \
+                count + 4 * sum(m.out_features for m in linear)
+            rows["weights"] = sum(p.numel() for p in model.parameters()) * setup.weight_bytes + quantized - \
+                count * setup.weight_bytes
+        return rows
+
+    @classmethod
+    def plan_alternatives(cls, like):
+        r = getattr(like, "r", 8)
+        return {f"LoRA r={r}": cls(r=r), f"QLoRA 4-bit r={r}": cls(r=r, quantize="4bit")}
+
+    @classmethod
+    def memory_savers(cls):
+        return [(3, cls(), "method.name: lora"), (4, cls(quantize="4bit"), "method.name: lora with quantize: 4bit (QLoRA)")]
+
+
+def lora_targets(model, options):
+    """The (name, module) pairs peft puts adapters on: every Linear but the head, or the named ones."""
+    import torch
+
+    head = model.get_output_embeddings()
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        if options.target_modules == "all-linear" or any(name == t or name.endswith(f".{t}")
+                                                        for t in options.target_modules):
+            yield name, module
+
+
+class LoRA(base.Method):
     name = "lora"
     artifact = "adapter"
 
@@ -80,12 +138,6 @@ class LoRA:
         )
         return get_peft_model(model, config)
 
-    def optimizers(self, model, learning_rate, weight_decay, max_grad_norm):
-        return None
-
-    def callbacks(self):
-        return []
-
 
 def _new_token_training(model, token_ids: list[int]):
     """What must train so that tokens added for ChatML become usable: (trainable_token_indices, modules_to_save).
@@ -102,5 +154,4 @@ def _new_token_training(model, token_ids: list[int]):
     return {names[embeddings]: list(token_ids)}, [names[head]] if untied_head else None
 
 
-def build(r: int, alpha: float, dropout: float, target_modules, quantize: str) -> LoRA:
-    return LoRA(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, quantize=quantize)
+Method = LoRA  # the registry builds `Method` from `Options`
