@@ -49,7 +49,8 @@ def resolve_target(target: str, output: Path | None) -> Target:
 def run_base_model(info: dict) -> str:
     """The base a run was trained on: its recorded local path, else its name resolved again (an alias fetched
     again, a hub id). A local path that is gone is refused: an adapter only fits its exact base."""
-    from finetune.modeling import looks_local, resolve_model_path
+    from finetune.modeling import resolve_model_path
+    from finetune.weights import looks_local
 
     path = info.get("base_model_path") or ""
     if not Path(path).exists() and info.get("base_model"):
@@ -89,7 +90,8 @@ def held_out_rows(target: str, recipe_path: Path | None, data: Path | None) -> l
 def load_for_eval(model_path: str, adapter: Path | None, tokenizer_path: str):
     import torch
 
-    from finetune.modeling import check_adapter_dir, load_adapter, load_model, load_tokenizer
+    from finetune.modeling import load_adapter, load_model, load_tokenizer
+    from finetune.weights import check_adapter_dir
 
     if adapter is not None:
         check_adapter_dir(adapter)  # before the base loads: a damaged adapter is named at once, not minutes later
@@ -218,7 +220,7 @@ def run_eval(target: str, recipe: Path | None = None, data: Path | None = None, 
     from rich.markup import escape
     from rich.progress import Progress
 
-    from finetune.modeling import check_adapter_dir, check_model_dir
+    from finetune.weights import check_adapter_dir, check_model_dir
 
     where = resolve_target(target, output)
     rows = held_out_rows(target, recipe, data)[:max_samples]

@@ -23,9 +23,9 @@ def merge_run(run_dir: Path, output: Path, dtype: str = "fp32", log=print) -> di
 
     from finetune.data import encode_samples, read_saved_conversations
     from finetune.evaluate import run_base_model
-    from finetune.modeling import (check_adapter_dir, check_model_dir, load_adapter, load_model, load_tokenizer,
-                                   write_generation_config)
+    from finetune.modeling import load_adapter, load_model, load_tokenizer, write_generation_config
     from finetune.rundir import finished_run, weights_hash
+    from finetune.weights import check_adapter_dir, check_model_dir
 
     info = finished_run(run_dir)
     if info is None:

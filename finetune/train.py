@@ -146,6 +146,10 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
         eval_rows=len(data.eval) if data.eval is not None else 0, run_dir=run_dir,
     ):
         log(f"[bold]{label:>26}[/bold]  {value}")
+    if data.truncated:
+        log(f"[yellow]warning: {data.truncated} of {len(data.train)} training samples are cut at data.max_length="
+            f"{d.max_length}; what lies past it (an answer's end, its end-of-turn token) is not trained. `finetune "
+            "data` shows them[/yellow]")
 
     trainer = _make_trainer(model, args, data, tokenizer, method, run_dir / "metrics.jsonl")
     engaged = {"fsdp": trainer.is_fsdp_enabled, "deepspeed": trainer.is_deepspeed_enabled}
