@@ -125,7 +125,7 @@ def activation_bytes(config, setup: Setup) -> dict[str, float]:
 #: projects tiles of up to 4096 tokens x 32768 vocabulary entries. On CUDA (Triton) a backward tile costs the tile
 #: itself and one fp32 working copy; the torch fallback used elsewhere (CPU) materialises about nine fp32 tiles
 #: (scaled logits, log-probs, probs, the gradient and its intermediate products); there finetune narrows the
-#: tiles to 8192 entries (finetune.train.CPU_LM_HEAD_TILE).
+#: tiles to 8192 entries (finetune.trainer.narrow_cpu_lm_head_tiles, the width `finetune.train.Hooks` passes).
 LM_HEAD_TOKENS, LM_HEAD_VOCAB, CPU_LM_HEAD_VOCAB = 4096, 32768, 8192
 
 

@@ -26,7 +26,7 @@ class RSSSampler:
 
     `ru_maxrss` never goes down, so it also counts the model-loading peak; this measures only the span between
     start() and stop(), e.g. the training steps. Resident memory counts the freed blocks glibc keeps in its heap
-    (every allocation below its mmap threshold); scripts/measure.py sets that threshold for timing runs and,
+    (every allocation below its mmap threshold); finetune/measure.py sets that threshold for timing runs and,
     lower, for runs checked against the plan.
     """
 

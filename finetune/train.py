@@ -24,19 +24,32 @@ from __future__ import annotations
 
 import os
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import yaml
 
 from finetune import __version__
 from finetune import distributed, rundir
 from finetune.errors import RunStopped, UserError
+from finetune.plan import CPU_LM_HEAD_VOCAB
 from finetune.recipe import Recipe
 from finetune.rundir import weights_hash
 
 
+@dataclass
+class Hooks:
+    """Seams for tools that watch a run (finetune.measure's timings and memory, tests) instead of patching."""
+
+    #: Called with the built trainer and method before training starts (to add callbacks, wrap modules).
+    on_trainer: Callable[[Any, Any], None] | None = None
+    #: Width of TRL's fused LM-head tiles on CPU (finetune.trainer.narrow_cpu_lm_head_tiles); the bench compares.
+    cpu_lm_head_tile: int = CPU_LM_HEAD_VOCAB
+
+
 def run_training(recipe: Recipe, recipe_path: Path, output: Path | None = None, overwrite: bool = False,
-                 resume: bool = False, log=print, overrides: list[str] = ()) -> Path:
+                 resume: bool = False, log=print, overrides: list[str] = (), hooks: Hooks | None = None) -> Path:
     run_dir = Path(output or recipe.train.output_dir or Path("runs") / recipe_path.stem)
     dist = recipe.distributed
     distributed.check_runtime(dist)
@@ -56,7 +69,7 @@ def run_training(recipe: Recipe, recipe_path: Path, output: Path | None = None, 
                           "--output", str(run_dir), "--resume"])
     quiet = log if rank == 0 else lambda *args, **kwargs: None
     try:
-        return _train(recipe, run_dir, checkpoint, rank, quiet, command)
+        return _train(recipe, run_dir, checkpoint, rank, quiet, command, hooks or Hooks())
     except KeyboardInterrupt:  # before steps began, or a second Ctrl-C
         newest = rundir.last_complete_checkpoint(run_dir / "checkpoints", log=lambda *_: None)
         if rank == 0:
@@ -103,7 +116,8 @@ def _launch(recipe: Recipe, recipe_path: Path, run_dir: Path, overwrite: bool, r
     return run_dir
 
 
-def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log, resume_command: str) -> Path:
+def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log, resume_command: str,
+           hooks: Hooks) -> Path:
     from transformers import set_seed
 
     from finetune.data import build_datasets, save_conversations
@@ -151,13 +165,15 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
             f"{d.max_length}; what lies past it (an answer's end, its end-of-turn token) is not trained. `finetune "
             "data` shows them[/yellow]")
 
-    trainer = _make_trainer(model, args, data, tokenizer, method, run_dir / "metrics.jsonl")
+    trainer = _make_trainer(model, args, data, tokenizer, method, run_dir / "metrics.jsonl", hooks.cpu_lm_head_tile)
     engaged = {"fsdp": trainer.is_fsdp_enabled, "deepspeed": trainer.is_deepspeed_enabled}
     if not engaged.get(recipe.distributed.strategy, True):  # never a silent fallback to another strategy
         raise UserError(f"distributed.strategy {recipe.distributed.strategy} did not engage in accelerate here")
     guard, stop = DivergenceGuard(log), StopOnSignal(log)
     for callback in (MarkCheckpointsComplete(), ContinueSchedule(), guard, stop):
         trainer.add_callback(callback)
+    if hooks.on_trainer is not None:
+        hooks.on_trainer(trainer, method)
     final = run_dir / method.artifact
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
@@ -347,28 +363,11 @@ def _trainer_args(recipe: Recipe, run_dir: Path, dtype):
     )
 
 
-#: Vocabulary entries per LM-head tile when TRL's fused loss runs its torch fallback (no Triton, e.g. CPU).
-CPU_LM_HEAD_TILE = 8192
-
-
-def _narrow_cpu_lm_head_tiles() -> None:
-    """TRL 1.16's fused LM head sizes its tiles (32768 vocabulary entries) for its Triton kernel; its torch
-    fallback holds about nine fp32 tiles at once, ~1.2 GB at 1024 tokens on SmolLM2's 49k vocabulary, more than
-    the model's weights. Narrower tiles give the same per-token log-probabilities with a quarter of that memory and
-    fewer cache misses (scripts/bench.py compares both). TRL reads the width from this module global at each call;
-    CUDA keeps TRL's own."""
-    import torch
-    import trl.trainer.utils as trl_utils
-
-    if not torch.cuda.is_available() and hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE"):
-        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = CPU_LM_HEAD_TILE
-
-
-def _make_trainer(model, args, data, tokenizer, method, metrics_path: Path):
+def _make_trainer(model, args, data, tokenizer, method, metrics_path: Path, cpu_lm_head_tile: int):
     from finetune.report import MetricsLogger
-    from finetune.trainer import Trainer
+    from finetune.trainer import Trainer, narrow_cpu_lm_head_tiles
 
-    _narrow_cpu_lm_head_tiles()
+    narrow_cpu_lm_head_tiles(cpu_lm_head_tile)
     optimizers = method.optimizers(model, args.learning_rate, args.weight_decay, args.max_grad_norm) or (None, None)
     return Trainer(
         model=model,

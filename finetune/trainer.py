@@ -16,6 +16,19 @@ from trl import SFTTrainer
 OVERRIDDEN = ("_clip_grad_norm", "_get_grad_norm", "_prepare_for_training", "_save_checkpoint")
 
 
+def narrow_cpu_lm_head_tiles(width: int) -> None:
+    """TRL 1.16's fused LM head sizes its tiles (32768 vocabulary entries) for its Triton kernel; its torch
+    fallback holds about nine fp32 tiles at once, ~1.2 GB at 1024 tokens on SmolLM2's 49k vocabulary, more than
+    the model's weights. Narrower tiles give the same per-token log-probabilities with a fraction of that memory
+    (finetune.measure compares both). TRL reads the width from this module global at each call; CUDA keeps
+    TRL's own."""
+    import torch
+    import trl.trainer.utils as trl_utils
+
+    if not torch.cuda.is_available():
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = width  # tests/test_trainer.py pins that TRL still reads it
+
+
 class CheckpointWriteError(Exception):
     """A checkpoint could not be written (full disk, quota, read-only or failing volume)."""
 

@@ -1,11 +1,11 @@
 """Benchmark training methods against each other and against the plain-Trainer peer, in one invocation.
 
-Each variant runs in a fresh subprocess (scripts/measure.py, under its TIMING_ENV) for N optimizer steps on
+Each variant runs in a fresh subprocess (finetune/measure.py, under its TIMING_ENV) for N optimizer steps on
 fixed-length rows (every row is cut to exactly --seq-len tokens) and reports the median step time (first
 --warmup steps dropped), tokens/s, the peak memory during training (resident memory on a CPU,
 torch.cuda.max_memory_allocated on a GPU) and `finetune plan`'s prediction for the same run. "Above baseline"
 subtracts the process's resident memory just before the model loaded (interpreter, libraries, tokenizer,
-data). On a CPU the measured peak also holds freed heap blocks glibc keeps (see scripts/measure.py), more with
+data). On a CPU the measured peak also holds freed heap blocks glibc keeps (see finetune/measure.py), more with
 more tokens per step: "plan / peak" below 1 in these tables is mostly that, not the plan;
 scripts/plan_check.py measures the same runs with the heap kept small. Ratios are to our full AdamW run from
 the same invocation.
@@ -31,13 +31,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from measure import ROOT, TIMING_ENV, planned_gb, run_child, write_rows
+from finetune.measure import TIMING_ENV, planned_gb, run_child, write_rows
 
 #: name -> (method section or peer spec). Peers use plain transformers.Trainer (+ peft) with the same rows.
 VARIANTS = {
     "full AdamW": {"method": {"name": "full"}},
     "full AdamW 8-bit layer-wise": {"method": {"name": "full", "optim_bits": 8, "layerwise": True}},
-    # TRL's own 32768-wide LM-head tiles instead of finetune's narrower CPU tiles (finetune.train.CPU_LM_HEAD_TILE)
+    # TRL's own 32768-wide LM-head tiles instead of finetune's narrower CPU tiles (finetune.train.Hooks.cpu_lm_head_tile)
     "full AdamW, TRL-width LM-head tiles": {"method": {"name": "full"}, "lm_head_tile": 32768},
     "LoRA r=16 all-linear": {"method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0}},
     "GaLore 8-bit layer-wise": {"method": {"name": "galore", "optim_bits": 8, "layerwise": True}},
@@ -196,8 +196,7 @@ def main() -> None:
 
 
 def make_tiny(workdir: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import build_tiny_llama, build_tokenizer
+    from finetune.testing import build_tiny_llama, build_tokenizer
 
     path = workdir / "tiny"
     tokenizer = build_tokenizer()

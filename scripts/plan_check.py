@@ -1,6 +1,6 @@
 """Print `finetune plan`'s CPU prediction next to the measured peak for each method, on one model.
 
-Measured: three steps in a fresh process under scripts/measure.py's MEMORY_CHECK_ENV (glibc's heap kept small,
+Measured: three steps in a fresh process under finetune/measure.py's MEMORY_CHECK_ENV (glibc's heap kept small,
 so resident memory follows live memory), peak resident memory during the steps. Predicted: the plan with its
 framework-overhead row replaced by that process's resident memory just before the model loaded.
 
@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from measure import MEMORY_CHECK_ENV, plan_check
+from finetune.measure import MEMORY_CHECK_ENV, plan_check
 
 METHODS = [
     {"name": "full"},

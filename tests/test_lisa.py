@@ -10,7 +10,7 @@ from finetune.cli import app
 from finetune.methods.lisa import LISA, decoder_layers
 from finetune.recipe import load_recipe
 from finetune.report import read_metrics
-from finetune.train import run_training
+from finetune.train import Hooks, run_training
 
 runner = CliRunner()
 OPTIONS = dict(activated_layers=2, interval_steps=3, train_embeddings=True, train_head=True, always_active=[],
@@ -95,22 +95,16 @@ class RecordActive(TrainerCallback):
         self._record(state)
 
 
-def test_switches_only_between_accumulation_windows(write_recipe, tiny4_model_dir, tmp_path, monkeypatch):
-    import finetune.train as train_module
-
+def test_switches_only_between_accumulation_windows(write_recipe, tiny4_model_dir, tmp_path):
     path = lisa_recipe(write_recipe, tiny4_model_dir, tmp_path, name="accum", interval_steps=1)
     recipe = load_recipe(path, ["train.max_steps=6", "train.batch_size=1", "train.gradient_accumulation_steps=4"])
     holder = {}
-    original_build = train_module._make_trainer
 
-    def make(model, args, data, tokenizer, method, metrics_path):
-        trainer = original_build(model, args, data, tokenizer, method, metrics_path)
+    def watch(trainer, method):
         holder["cb"] = RecordActive(lambda: method.active)
         trainer.add_callback(holder["cb"])
-        return trainer
 
-    monkeypatch.setattr(train_module, "_make_trainer", make)
-    run_training(recipe, path, log=lambda _: None)
+    run_training(recipe, path, log=lambda _: None, hooks=Hooks(on_trainer=watch))
     seen = holder["cb"].seen
     assert len(seen) == 6 and all(len(records) == 4 for records in seen.values())  # 3 substeps + the last
     assert all(len(set(records)) == 1 for records in seen.values())  # one layer set per optimizer step
@@ -161,27 +155,22 @@ def test_frozen_embeddings_stop_backward_at_the_lowest_active_layer(write_recipe
                                                                     monkeypatch):
     """With checkpointing, a layer runs forward again only if backward passes through it: layers below the
     lowest active one must run once per micro-batch (nothing below needs a gradient), the active ones twice."""
-    import finetune.train as train_module
-
     monkeypatch.setattr(LISA, "layers_for", lambda self, interval: [2, 3])
     path = lisa_recipe(write_recipe, tiny4_model_dir, tmp_path, name="shallow", train_embeddings=False,
                        train_head=False)
     recipe = load_recipe(path, ["train.max_steps=2", "model.gradient_checkpointing=true"])
     calls = {index: 0 for index in range(4)}
-    original_build = train_module._make_trainer
 
-    def make(model, *args, **kwargs):
-        for index, layer in enumerate(decoder_layers(model)[1]):
+    def count_forwards(trainer, method):
+        for index, layer in enumerate(decoder_layers(trainer.model)[1]):
             # a wrapped forward, not a forward hook: checkpointing's recompute runs no module hooks
             def counted(*args, forward=layer.mlp.forward, index=index, **kwargs):
                 calls[index] += 1
                 return forward(*args, **kwargs)
 
             layer.mlp.forward = counted
-        return original_build(model, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "_make_trainer", make)
-    run_training(recipe, path, log=lambda _: None)
+    run_training(recipe, path, log=lambda _: None, hooks=Hooks(on_trainer=count_forwards))
     assert calls[0] == calls[1] == 2 and calls[2] == calls[3] == 4  # 2 steps: once, or forward + recompute
     before = load_file(tiny4_model_dir / "model.safetensors")
     after = load_file(tmp_path / "shallow" / "model" / "model.safetensors")

@@ -1,6 +1,5 @@
 """`finetune plan`: exact parameter counts, predictions against measured peaks, the 7B verdicts, the CLI."""
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -72,7 +71,7 @@ def test_plan_cli_verdicts_and_advice(tmp_path):
 
 # --- predictions against measurements (CPU: resident memory) -------------------------------------------------
 # On a CPU the measured quantity is the process's peak resident memory during the training steps, sampled by
-# scripts/measure.py under its MEMORY_CHECK_ENV (glibc's mmap threshold at 64 KiB, so freed activations leave
+# finetune/measure.py under its MEMORY_CHECK_ENV (glibc's mmap threshold at 64 KiB, so freed activations leave
 # the resident set instead of staying in the heap; at the default threshold RSS overstates live memory by
 # ~0.1-0.2 GiB here whatever the method). The plan's framework-overhead row is replaced by that process's own
 # resident memory just before the model loaded (interpreter, libraries, tokenizer, data).
@@ -86,8 +85,7 @@ MEASURED = [
 
 
 def check_prediction(model_dir: str, method: dict, tmp_path: Path, seq_len: int = 128, batch: int = 2):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from measure import plan_check
+    from finetune.measure import plan_check
 
     measured, predicted = plan_check(model_dir, method, seq_len, batch, tmp_path)
     assert predicted == pytest.approx(measured["peak_gb"], rel=0.15), (method, predicted, measured)

@@ -144,7 +144,7 @@ def test_validate_reports_everything_without_traceback(tmp_path, train_file):
 
 
 def test_base_model_without_chatml_tokens_gets_them_and_lora_trains_their_rows(tmp_path, write_recipe):
-    from conftest import build_tiny_llama, build_tokenizer
+    from finetune.testing import build_tiny_llama, build_tokenizer
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -186,7 +186,8 @@ def test_narrow_cpu_lm_head_tiles_give_the_same_log_probs(monkeypatch):
     import trl.trainer.utils as trl_utils
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import finetune.train as train_module
+    from finetune.plan import CPU_LM_HEAD_VOCAB
+    from finetune.trainer import narrow_cpu_lm_head_tiles
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=20000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -196,7 +197,7 @@ def test_narrow_cpu_lm_head_tiles_give_the_same_log_probs(monkeypatch):
     monkeypatch.setattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)
     wide = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
     if not torch.cuda.is_available():
-        train_module._narrow_cpu_lm_head_tiles()
-        assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == train_module.CPU_LM_HEAD_TILE < 20000  # several tiles
+        narrow_cpu_lm_head_tiles(CPU_LM_HEAD_VOCAB)
+        assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == CPU_LM_HEAD_VOCAB < 20000  # several tiles
     narrow = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
     torch.testing.assert_close(narrow, wide, rtol=1e-5, atol=1e-5)

@@ -1,7 +1,7 @@
 """One measured training run in a fresh process, and the plan's prediction for it (used by scripts/bench.py,
 scripts/plan_check.py and tests/test_plan.py).
 
-    python scripts/measure.py SPEC_JSON     # prints one JSON line: step times, peak memory, baseline, ...
+    python -m finetune.measure SPEC_JSON     # prints one JSON line: step times, peak memory, baseline, ...
 
 Memory on a GPU is `torch.cuda.max_memory_allocated` (tensors only). On a CPU it is the process's peak resident
 memory while the steps run (sampled from /proc every 5 ms, so model loading is not counted), and "baseline" is
@@ -21,8 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: bench paths are relative to it
 
 #: Timing runs: tensors of 4 MiB and more are mapped and unmapped, smaller ones reuse glibc's heap (a lower
 #: threshold makes many more allocations fresh mappings, whose page faults slow the steps).
@@ -35,7 +34,7 @@ MEMORY_CHECK_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "TOKENIZERS_PARALLELISM":
 
 def run_child(spec: dict, env: dict) -> dict:
     """Runs one spec in a fresh process; {"error": last stderr lines} when it fails."""
-    proc = subprocess.run([sys.executable, __file__, json.dumps(spec)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "finetune.measure", json.dumps(spec)], capture_output=True, text=True,
                           env={**os.environ, **env}, cwd=ROOT)
     if proc.returncode != 0:
         return {"error": " | ".join(proc.stderr.strip().splitlines()[-3:])}
@@ -137,20 +136,16 @@ def child(spec: dict) -> dict:
             step_peaks.append(sampler.peak_bytes / 2**30)
             sampler.peak_bytes = 0
 
-    import finetune.train as train_module
+    from finetune.train import Hooks
 
-    if spec.get("lm_head_tile"):
-        train_module.CPU_LM_HEAD_TILE = spec["lm_head_tile"]
-    original, measure, phases = train_module._make_trainer, Measure(), PhaseTimer()
+    measure, phases = Measure(), PhaseTimer()
 
-    def with_measure(*args, **kwargs):  # the production trainer, plus the measuring callbacks
-        trainer = original(*args, **kwargs)
+    def watch(trainer, method):  # the production trainer, plus the measuring callbacks
         trainer.add_callback(measure)
         phases.attach(trainer)
-        return trainer
 
-    train_module._make_trainer = with_measure
-    run_training(recipe, Path("bench.yaml"), log=lambda *_: None)
+    hooks = Hooks(on_trainer=watch, **({"cpu_lm_head_tile": spec["lm_head_tile"]} if spec.get("lm_head_tile") else {}))
+    run_training(recipe, Path("bench.yaml"), log=lambda *_: None, hooks=hooks)
     records = [r for r in map(json.loads, (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines())
                if "step_seconds" in r]
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else max(step_peaks + [measure.final_peak])
