@@ -4,10 +4,12 @@ Ctrl-C / SIGTERM, and a stop when training diverges.
 Divergence rule (documented in the README):
 - a non-finite loss or gradient norm in any logged step, or a non-finite weight when a checkpoint or the final
   model is about to be saved, stops the run at that step; nothing non-finite is saved;
-- a gradient norm of exactly 0 for `FLAT_LOGS` logged steps in a row while the loss is no lower than its first
-  logged value is a collapsed model (typically after a learning rate far too high: the loss jumps to about
-  log(vocabulary size), a uniform guess, and nothing flows back): reported as a warning (on screen and in
-  run.json), the run goes on. A model that learns never has an exactly zero gradient at a loss above zero.
+- so does a logged loss above twice that of a uniform guess over the vocabulary (2 ln V): a language model
+  that far below chance has blown up even while its numbers stay finite;
+- a gradient norm of exactly 0 for `FLAT_LOGS` logged steps in a row is a collapsed model (typically after a
+  learning rate far too high: the loss sits near ln V, a uniform guess, and nothing flows back): reported as a
+  warning (on screen and in run.json), the run goes on. A model that learns never has an exactly zero gradient
+  at a loss above zero.
 """
 
 from __future__ import annotations
@@ -139,16 +141,18 @@ class DivergenceGuard(TrainerCallback):
             return
         values = {"loss": loss, "gradient norm": norm}
         bad = [f"{name} is {value}" for name, value in values.items() if value is not None and not math.isfinite(value)]
+        vocabulary = getattr(getattr(kwargs.get("model"), "config", None), "vocab_size", None)
+        if not bad and vocabulary and loss > 2 * math.log(vocabulary):
+            bad = [f"the loss is {loss:.4g}, more than twice a uniform guess's {math.log(vocabulary):.3g}"]
         if bad:
             self._stop(control, state.global_step, " and ".join(bad))
             return
         if self._first_loss is None:
             self._first_loss = loss
-        stuck = loss >= self._first_loss and norm is not None and norm == 0
-        self._flat = self._flat + 1 if stuck else 0
+        self._flat = self._flat + 1 if norm is not None and norm == 0 else 0
         if self._flat == FLAT_LOGS:
             warning = (f"step {state.global_step}: the gradient norm has been exactly 0 for {FLAT_LOGS} logged steps "
-                       f"and the loss ({loss:.3g}) is not below its start ({self._first_loss:.3g}); the model has "
-                       f"collapsed and is not learning (learning rate {args.learning_rate:g} too high?)")
+                       f"(loss {loss:.3g}, first logged {self._first_loss:.3g}); the model has collapsed and is not "
+                       f"learning (learning rate {args.learning_rate:g} too high?)")
             self.warnings.append(warning)
             self.log(f"[yellow]warning: {warning}[/yellow]")

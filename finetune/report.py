@@ -94,11 +94,13 @@ class MetricsLogger(TrainerCallback):
 
 
 def truncate_metrics(path: Path, last_step: int) -> int:
-    """Drop the lines logged after `last_step` (a resumed run logs those steps again); return how many."""
+    """Drop the lines logged after `last_step` (a resumed run logs those steps again) and the end-of-run summary
+    an interrupted run wrote at it (the resumed run writes its own); return how many."""
     if not path.exists():
         return 0
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= last_step]
+    kept = [line for line in lines if (record := json.loads(line))["step"] < last_step or
+            (record["step"] == last_step and "train_loss" not in record)]
     if len(kept) < len(lines):
         temporary = path.with_name(f".{path.name}.tmp")
         temporary.write_text("".join(f"{line}\n" for line in kept))

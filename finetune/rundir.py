@@ -42,15 +42,29 @@ RESUMABLE_CHANGES = (
 _held_locks: dict[Path, Any] = {}  # open lock files: a lock lives as long as its file stays open
 
 
-def claim(run_dir: Path, recipe: dict, overwrite: bool, resume: bool, log=print) -> str | None:
+#: Files finetune itself may leave in a run dir before its run.json exists (a claim cut short): not the user's.
+OWN_FILES = (LOCK, f".{RUN_INFO}.tmp")
+
+
+def claim(run_dir: Path, recipe: dict, overwrite: bool, resume: bool, log=print,
+          inputs: tuple[str, ...] = ()) -> str | None:
     """Make `run_dir` this process's run dir; return the checkpoint to resume from (None for a new run).
 
     Refuses, before anything is written, a path that is a file or a directory a run must never use, a non-empty
-    directory finetune did not create, a directory another process is training in, and a resume whose recipe
-    changed in a way the run cannot continue with."""
+    directory finetune did not create, a directory another process is training in, an `--overwrite` that would
+    delete the run's own `inputs` (its base model or data), and a resume whose recipe changed in a way the run
+    cannot continue with, or whose checkpoint is past `train.max_steps`."""
     if overwrite and resume:
         raise UserError("--overwrite and --resume contradict each other; choose one")
     _check_location(run_dir)
+    try:
+        return _claim(run_dir, recipe, overwrite, resume, log, inputs)
+    except OSError as err:  # a read-only or full volume, no permission, a path through a file
+        raise UserError(f"cannot use {run_dir} as the run directory: {err.strerror or err} "
+                        f"({err.filename or run_dir}); pick another --output") from None
+
+
+def _claim(run_dir: Path, recipe: dict, overwrite: bool, resume: bool, log, inputs: tuple[str, ...]) -> str | None:
     if resume:
         if not is_run_dir(run_dir):
             raise UserError(f"--resume: {run_dir} is not a finetune run directory (no {RUN_INFO}), so there is no "
@@ -61,18 +75,28 @@ def claim(run_dir: Path, recipe: dict, overwrite: bool, resume: bool, log=print)
         if checkpoint is None:
             raise UserError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; nothing to resume. "
                             "Start again with --overwrite")
+        step, max_steps = checkpoint_step(checkpoint), (recipe.get("train") or {}).get("max_steps")
+        if max_steps and step > max_steps:
+            raise UserError(f"--resume: the newest checkpoint ({Path(checkpoint).name}) is past train.max_steps "
+                            f"{max_steps}; a run cannot go back. Set train.max_steps to {step} or more")
         return checkpoint
-    entries = sorted(run_dir.iterdir()) if run_dir.is_dir() else []
+    entries = sorted(e for e in run_dir.iterdir() if e.name not in OWN_FILES) if run_dir.is_dir() else []
+    if entries and not is_run_dir(run_dir):
+        _refuse_if_locked(run_dir)
+        shown = ", ".join(e.name + ("/" if e.is_dir() else "") for e in entries[:5])
+        more = f" and {len(entries) - 5} more" if len(entries) > 5 else ""
+        raise UserError(f"{run_dir} holds files finetune did not write ({shown}{more}) and no {RUN_INFO}, so it is "
+                        "not a run directory; only a run directory finetune created is replaced. Nothing was "
+                        "deleted; pick another --output")
     if entries and not overwrite:
         _refuse_if_locked(run_dir)
         raise UserError(f"run dir {run_dir} is not empty; pass --overwrite to replace it, --resume to continue it, "
                         "or --output to pick another directory")
-    if entries and not is_run_dir(run_dir):
-        shown = ", ".join(e.name + ("/" if e.is_dir() else "") for e in entries[:5])
-        more = f" and {len(entries) - 5} more" if len(entries) > 5 else ""
-        raise UserError(f"--overwrite: {run_dir} holds files finetune did not write ({shown}{more}) and no "
-                        f"{RUN_INFO}; only a run directory finetune created is replaced. Nothing was deleted; pick "
-                        "another --output")
+    inside = [path for path in inputs if _is_within(Path(path), run_dir)]
+    if entries and inside:
+        raise UserError(f"--overwrite: the recipe reads {', '.join(inside)} from inside {run_dir}, which "
+                        "--overwrite would delete first. Copy it out of the run dir, or pick another --output. "
+                        "Nothing was deleted")
     run_dir.mkdir(parents=True, exist_ok=True)
     _lock(run_dir)
     for entry in entries:  # the lock file stays: it is what keeps a second process out while we clear
@@ -90,6 +114,11 @@ def _check_location(run_dir: Path) -> None:
     if resolved in (Path.home().resolve(), cwd, *cwd.parents):
         raise UserError(f"--output {run_dir} is {resolved}: the home directory, the current directory or one of "
                         "its parents cannot be a run directory; pick a subdirectory such as runs/my-run")
+
+
+def _is_within(path: Path, directory: Path) -> bool:
+    path, directory = path.expanduser().resolve(), directory.resolve()
+    return path == directory or directory in path.parents
 
 
 def is_run_dir(path: Path) -> bool:
@@ -170,9 +199,10 @@ def finished_run(run_dir: Path) -> dict | None:
     return info
 
 
-def write_run_info(run_dir: Path, **fields) -> dict:
-    """Merge `fields` into run.json, written whole or not at all (a temporary file renamed over it)."""
-    info = {**read_run_info(run_dir, missing_ok=True), **fields}
+def write_run_info(run_dir: Path, drop: tuple[str, ...] = (), **fields) -> dict:
+    """Merge `fields` into run.json (less the keys in `drop`), written whole or not at all (a temporary file
+    renamed over it)."""
+    info = {k: v for k, v in read_run_info(run_dir, missing_ok=True).items() if k not in drop} | fields
     _write_atomic(run_dir / RUN_INFO, json.dumps(info, indent=2) + "\n")
     return info
 

@@ -22,6 +22,7 @@ non-finite weights; a failed write names the path and the space needed, and the 
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ def run_training(recipe: Recipe, recipe_path: Path, output: Path | None = None, 
         raise UserError(f"running as one of {world} processes but `distributed.strategy` is none; set it to ddp, fsdp "
                         "or deepspeed so the recipe says how the processes share the work")
     if rank == 0 and os.environ.get(distributed.LAUNCHED_RUN_DIR) != str(run_dir.resolve()):
-        rundir.claim(run_dir, recipe.model_dump(mode="json"), overwrite, resume, log)
+        rundir.claim(run_dir, recipe.model_dump(mode="json"), overwrite, resume, log, _inputs(recipe))
     if world > 1:
         _process_state().wait_for_everyone()  # nobody reads the run dir before rank 0 has claimed it
     checkpoint = rundir.last_complete_checkpoint(run_dir / "checkpoints", log=lambda *_: None) if resume else None
@@ -76,10 +77,28 @@ def run_training(recipe: Recipe, recipe_path: Path, output: Path | None = None, 
             rundir.write_run_info(run_dir, status="interrupted")
         go_on = f"; to continue from {newest}: {command}" if newest else "; no checkpoint was written yet"
         raise RunStopped(f"interrupted: stopped at once{go_on}", exit_code=130) from None
+    except OSError as err:
+        if err.errno not in _WRITE_ERRORS:
+            raise
+        # A full, read-only or failing volume outside a checkpoint write (run.json, held_out.jsonl, loss.png).
+        raise RunStopped(f"could not read or write {err.filename or run_dir}: {err.strerror}. Make room (or fix the "
+                         f"volume or its permissions), then start again: a run dir with a complete checkpoint "
+                         f"continues with {command}") from None
     except BaseException:
         if rank == 0 and rundir.is_run_dir(run_dir) and rundir.read_run_info(run_dir)["status"] == "running":
             rundir.write_run_info(run_dir, status="failed")
         raise
+
+
+#: errno values that mean the disk, not finetune, refused a write.
+_WRITE_ERRORS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EIO", "EACCES", "EPERM")
+                 if hasattr(errno, name)}
+
+
+def _inputs(recipe: Recipe) -> tuple[str, ...]:
+    """The local paths a run reads (its base model and data), which `--overwrite` must never delete."""
+    paths = (recipe.model.name_or_path, recipe.data.train, recipe.data.eval)
+    return tuple(p for p in paths if p and Path(p).expanduser().exists())
 
 
 def _process_state():
@@ -100,7 +119,7 @@ def _launch(recipe: Recipe, recipe_path: Path, run_dir: Path, overwrite: bool, r
 
     dist = recipe.distributed
     if dist.machine_rank == 0:  # other machines write nothing: their config goes to a temporary directory
-        rundir.claim(run_dir, recipe.model_dump(mode="json"), overwrite, resume, log)
+        rundir.claim(run_dir, recipe.model_dump(mode="json"), overwrite, resume, log, _inputs(recipe))
         where = run_dir
     else:
         where = Path(tempfile.mkdtemp(prefix="finetune-launch-"))
@@ -176,7 +195,10 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
         hooks.on_trainer(trainer, method)
     final = run_dir / method.artifact
     try:
-        trainer.train(resume_from_checkpoint=checkpoint)
+        if checkpoint is not None and t.max_steps and rundir.checkpoint_step(checkpoint) >= t.max_steps:
+            _finish_from(trainer, checkpoint)
+        else:
+            trainer.train(resume_from_checkpoint=checkpoint)
         stopped_early = guard.diverged or (stop.requested and trainer.state.global_step < trainer.state.max_steps)
         if not stopped_early:
             if data.eval is not None:
@@ -204,7 +226,8 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
         tokenizer.save_pretrained(final)  # with the chat template that was trained
         write_generation_config(final, tokenizer, model_path)  # generate() stops on the trained end of turn
         rundir.write_run_info(
-            run_dir, status="complete", base_model=m.name_or_path,
+            run_dir, drop=("stopped_at_step", "resume_command", "diverged_at_step", "reason"), status="complete",
+            base_model=m.name_or_path,
             base_model_path=str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
             base_weights_sha256=weights_hash(model_path), method=method.name, artifact=method.artifact, steps=step,
             finetune_version=__version__, warnings=guard.warnings,
@@ -218,6 +241,15 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
     if stopped is not None:
         raise stopped
     return run_dir
+
+
+def _finish_from(trainer, checkpoint: str) -> None:
+    """The checkpoint is the run's last step (a finished run whose final save failed, or one resumed as it was):
+    load its weights and state instead of training, which would take one step past max_steps."""
+    from transformers import TrainerState
+
+    trainer._load_from_checkpoint(checkpoint)  # pinned in tests/test_trainer.py
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
 
 
 def _record_recipe(run_dir: Path, resolved: dict, checkpoint: str | None, log) -> None:

@@ -173,6 +173,10 @@ def test_ctrl_c_saves_the_current_step_and_resume_continues(write_recipe, tmp_pa
     result = train(recipe, "--resume", "--set", f"train.max_steps={step + 3}")
     assert result.exit_code == 0, result.output
     assert logged_steps(run) == list(range(1, step + 4))
+    summaries = [r for r in read_metrics(run / "metrics.jsonl") if "train_loss" in r]
+    assert len(summaries) == 1 and summaries[0]["step"] == step + 3  # the interrupted segment's is dropped
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "complete" and "stopped_at_step" not in info and "resume_command" not in info
 
 
 def test_ctrl_c_before_the_first_step_exits_130_without_a_traceback(write_recipe, tmp_path):
@@ -262,3 +266,55 @@ def test_a_longer_resumed_run_follows_the_schedule_of_a_run_of_that_length(write
     for step in range(5, 9):
         assert rates["run"][step] == pytest.approx(rates["whole"][step], rel=1e-6), step
     assert os.path.exists(tmp_path / "run" / "model" / "model.safetensors")
+
+
+def test_overwrite_refuses_to_delete_the_runs_own_inputs(write_recipe, tmp_path):
+    recipe = write_recipe(train={"max_steps": 2})
+    assert train(recipe).exit_code == 0
+    run = tmp_path / "run"
+    before = sorted(p.name for p in run.iterdir())
+    for key, value in (("model.name_or_path", run / "model"), ("data.train", run / "held_out.jsonl")):
+        result = train(recipe, "--overwrite", "--set", f"{key}={value}")
+        assert result.exit_code == 2
+        assert "frominside" in said(result) and "Nothingwasdeleted" in said(result)
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_resume_at_or_past_max_steps_takes_no_extra_step(write_recipe, tmp_path):
+    recipe = write_recipe(train={"max_steps": 4, "save_steps": 2})
+    assert train(recipe).exit_code == 0
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.rmtree(run / "model")  # as a final save that failed on a full disk leaves it
+    result = train(recipe, "--resume")
+    assert result.exit_code == 0, result.output
+    assert (run / "model" / "model.safetensors").exists()
+    assert json.loads((run / "run.json").read_text())["steps"] == 4
+    assert logged_steps(run) == [1, 2, 3, 4] and not (run / "checkpoints" / "checkpoint-5").exists()
+
+    result = train(recipe, "--resume", "--set", "train.max_steps=3")
+    assert result.exit_code == 2 and "pasttrain.max_steps3" in said(result)
+
+
+def test_a_finite_blow_up_stops_the_run(write_recipe, tmp_path):
+    result = train(write_recipe(train={"learning_rate": 30.0, "max_steps": 20, "save_steps": 1,
+                                       "save_total_limit": 30}))
+    assert result.exit_code == 2
+    assert "more than twice a uniform guess" in " ".join(result.output.split())
+    run = tmp_path / "run"
+    assert not (run / "model").exists()
+    info = json.loads((run / "run.json").read_text())
+    newest = rundir.checkpoint_dirs(run / "checkpoints")[0]
+    assert info["status"] == "diverged" and rundir.checkpoint_step(str(newest)) < info["diverged_at_step"]
+
+
+def test_unusable_output_paths_and_a_leftover_lock_are_handled(write_recipe, tmp_path):
+    recipe = write_recipe(train={"max_steps": 2})
+    (tmp_path / "notes.txt").write_text("mine")
+    result = train(recipe, "--output", tmp_path / "notes.txt" / "sub")
+    assert result.exit_code == 2 and "cannot use" in result.output and "Traceback" not in result.output
+    leftover = tmp_path / "cut-short"
+    leftover.mkdir()
+    (leftover / rundir.LOCK).write_text("123\n")  # a claim cut short (full disk) leaves only the lock file
+    assert train(recipe, "--output", leftover).exit_code == 0

@@ -26,9 +26,41 @@ def test_each_overridden_internal_still_exists_with_the_same_parameters(name):
     assert getattr(Trainer, name) is not library  # ours really replaces it
 
 
+def test_the_checkpoint_loader_finetune_calls_is_unchanged():
+    """finetune.train finishes a run whose last checkpoint is its final step through Trainer._load_from_checkpoint."""
+    assert list(inspect.signature(HFTrainer._load_from_checkpoint).parameters) == [
+        "self", "resume_from_checkpoint", "model"]
+
+
 def test_trl_still_reads_its_lm_head_tile_width_from_the_module_global():
     import trl.trainer.utils as trl_utils
 
     assert isinstance(trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, int)
     source = inspect.getsource(trl_utils)
     assert source.count("_CHUNKED_LOGPROB_CHUNK_SIZE") >= 2  # defined and read at call time, not bound once
+
+
+def test_bitsandbytes_8bit_update_internals_the_cpu_chunking_calls_are_unchanged():
+    """finetune.optim.layerwise replaces AdamW8bit.update_step on CPU and calls bitsandbytes' blockwise kernel with
+    positional arguments: a reordered or renamed parameter would silently compute a different update."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    assert list(inspect.signature(bnb.optim.AdamW8bit.update_step).parameters) == [
+        "self", "group", "p", "gindex", "pindex"]
+    assert list(inspect.signature(bnb.optim.AdamW8bit.get_config).parameters) == ["self", "gindex", "pindex", "group"]
+    assert list(inspect.signature(F.optimizer_update_8bit_blockwise).parameters) == [
+        "optimizer_name", "g", "p", "state1", "state2", "beta1", "beta2", "beta3", "alpha", "eps", "step", "lr",
+        "qmap1", "qmap2", "absmax1", "absmax2", "weight_decay", "gnorm_scale", "skip_zeros"]
+
+
+def test_galore_projector_still_refreshes_through_get_orthogonal_matrix():
+    """finetune.optim.galore.Projector overrides get_orthogonal_matrix (randomized SVD); galore-torch must still
+    call it, with these arguments, for every projection side."""
+    from galore_torch.galore_projector import GaLoreProjector
+
+    assert list(inspect.signature(GaLoreProjector.get_orthogonal_matrix).parameters) == [
+        "self", "weights", "rank", "type"]
+    source = inspect.getsource(GaLoreProjector.project)
+    for side in ("right", "left", "full"):
+        assert f"self.get_orthogonal_matrix(full_rank_grad, self.rank, type='{side}')" in source
