@@ -169,14 +169,15 @@ def test_multimodal_rows_are_refused(tmp_path):
     assert len(rows) == 1
     tail = "multimodal rows are not supported: finetune trains on text only and would drop the media"
     assert problems == [f"{path}:2: `images`: {tail}", f"{path}:3: `videos`: {tail}", f"{path}:4: `audios`: {tail}",
-                        f"{path}:5: a `<image>` placeholder in turn 1: {tail}",
+                        f"{path}:5: a `<image>` placeholder in turn 1: {tail} (markup with its closing tags is text)",
                         f"{path}:6: a sharegpt row in a messages file (the format comes from the first row or "
                         "data.format; one format per file)"]
     sharegpt = write_rows(tmp_path, [{"conversations": [{"from": "human", "value": "<audio>Transcribe"},
                                                         {"from": "gpt", "value": "hi"}]}], "audio.jsonl")
-    assert load(sharegpt)[1] == [f"{sharegpt}:1: a `<audio>` placeholder in turn 1: {tail}"]
-    alpaca = write_rows(tmp_path, [{"instruction": "Describe <video> please", "output": "a clip"}], "video.jsonl")
-    assert load(alpaca)[1] == [f"{alpaca}:1: a `<video>` placeholder in turn 1: {tail}"]
+    assert load(sharegpt)[1] == []  # `<audio>`/`<video>` in text are HTML5 elements: text (tests/test_data_found.py)
+    alpaca = write_rows(tmp_path, [{"instruction": "Describe <video> please", "output": "a clip", "videos": ["v.mp4"]}],
+                        "video.jsonl")
+    assert load(alpaca)[1] == [f"{alpaca}:1: `videos`: {tail}"]
 
 
 def test_unknown_fields_are_logged_once_and_empty_known_ones_accepted(tmp_path, tokenizer):

@@ -45,24 +45,37 @@ REASONING = "reasoning traces are not supported yet (the ChatML template has no 
 REFUSED = {
     "functions": LEGACY_FUNCTIONS,
     **dict.fromkeys(("images", "image", "audios", "audio", "videos", "video"), MULTIMODAL),
-    "chosen": PAIRED, "rejected": PAIRED, "label": LABELLED, "kto_tag": LABELLED,
+    "chosen": PAIRED, "rejected": PAIRED, "kto_tag": LABELLED,
     "weight": "a row-level `weight` (sample weighting) is not supported; every row counts the same",
 }
+#: Turn fields that read as saying whether the turn is trained, in conventions finetune cannot honour: refused rather
+#: than ignored, since ignoring one could train a turn the data marks as not trained (or the reverse).
+MASKING = ("looks like it says whether this turn is trained, which finetune cannot honour; use `weight` (or "
+           "`loss_weight`): 0 = context only, 1 = trained")
 #: Turn fields refused the same way (OpenAI's tool fields; a speaker `name` the template cannot show).
 REFUSED_TURN = {
     "function_call": LEGACY_FUNCTIONS,
     "audio": MULTIMODAL, "images": MULTIMODAL,
     "name": "a speaker `name` is not supported (the ChatML template cannot show it)",
     "reasoning_content": REASONING, "reasoning": REASONING, "thinking": REASONING,
+    **dict.fromkeys(("mask", "masked", "loss_mask", "train", "trainable", "loss", "ignore", "ignored",
+                     "ignore_loss", "no_loss"), MASKING),
 }
+#: Per-turn training weights: OpenAI's `weight` and LLaMA-Factory v1's `loss_weight` (0.0 or 1.0), honoured alike.
+WEIGHT_FIELDS = ("weight", "loss_weight")
 #: Roles finetune cannot honour: OpenAI's deprecated `function` results, Llama 3.1's code-interpreter `ipython`.
 REFUSED_ROLES = {"function": LEGACY_FUNCTIONS,
                  "ipython": "`ipython` (code interpreter) turns are not supported; tool results are `role: tool`"}
 #: Turn fields each kind of turn carries besides its role and content.
 TURN_FIELDS = {"assistant": {"weight", "tool_calls"}, "tool": {"tool_call_id", "name"}}
 MEDIA_PARTS = {"image", "image_url", "input_image", "audio", "input_audio", "video", "video_url", "file", "input_file"}
-#: LLaMA-Factory's (and LLaVA's) media placeholders: the text refers to media the row carries elsewhere.
-PLACEHOLDER = re.compile(r"<(image|audio|video)>")
+#: Media placeholders in text. The rule: a row with media *fields* (`images`, `videos`, `audios`, ...) or media
+#: content parts is refused whatever its text says. In text alone, `<video>` and `<audio>` are HTML5 elements
+#: ("Use the <video> element...") and train as text. The bare token `<image>` (LLaVA's and LLaMA-Factory's image
+#: placeholder; HTML has no such element) is refused as a placeholder, unless the row also holds an HTML/XML
+#: closing tag (`</...>`), which makes it markup (e.g. SVG or XML that talks about an `<image>` element).
+PLACEHOLDER = "<image>"
+CLOSING_TAG = re.compile(r"</[A-Za-z][\w:.-]*\s*>")
 
 
 def detect_format(record: dict, where: str) -> str:
@@ -92,7 +105,8 @@ def refuse_preference_data(record: dict, where: str) -> None:
             "finetune trains supervised fine-tuning (SFT) only today; preference tuning (DPO/ORPO) is planned. "
             "To fine-tune on the preferred answers now, convert each row to `messages` ending with its `chosen` "
             "answer.")
-    kto = "kto_tag" in keys or (isinstance(record.get("label"), bool) and SIGNATURES["prompt_completion"] <= keys)
+    kto = "kto_tag" in keys or (isinstance(record.get("label"), bool)
+                                and (SIGNATURES["prompt_completion"] <= keys or "messages" in keys))
     if kto:
         raise UserError(
             f"{where}: this is unpaired preference data (KTO: a `label` per row marks its completion as desirable "
@@ -122,6 +136,9 @@ def normalise(record: dict, fmt: str) -> tuple[list[dict[str, Any]], set[str]]:
     for key in extra & REFUSED.keys():
         if _present(record[key]):
             raise ValueError(f"`{key}`: {REFUSED[key]}")
+    # Only a boolean `label` marks an answer good or bad (KTO); any other `label` (a class, a topic) is just a field.
+    if isinstance(record.get("label"), bool):
+        raise ValueError(f"`label`: {LABELLED}")
     ignored = {key for key in extra - REFUSED.keys() if _present(record[key])}
     messages = _NORMALISERS[fmt](record, ignored)
     system = _optional_text(record, "system")
@@ -196,17 +213,24 @@ def _turn(item: Any, number: int, role_key: str, content_key: str, roles: dict[s
     role = roles.get(given) if isinstance(given, str) else None
     if role is None:
         raise ValueError(f"unknown {role_key} {given!r} (expected one of {', '.join(roles)})")
-    extra = item.keys() - {role_key, content_key, "weight"} - TURN_FIELDS.get(role, set())
-    if extra:  # most turns have none: the checks below cost nothing then
+    where = f"`{field}` turn {number}"
+    if len(item) == 2 and content_key in item:  # most turns: a role and a content, nothing else to check
+        content = item[content_key]
+        if isinstance(content, str) and content.strip() and role != "tool" and given != "function_call":
+            return {"role": role, "content": content}
+    extra = item.keys() - {role_key, content_key, *WEIGHT_FIELDS} - TURN_FIELDS.get(role, set())
+    if extra:
         for key in extra & REFUSED_TURN.keys():
             if _present(item[key]):
                 raise ValueError(f"`{field}` turn {number} has `{key}`: {REFUSED_TURN[key]}")
         ignored.update(f"{field}[].{k}" for k in extra - REFUSED_TURN.keys() if _present(item[k]))
-    where = f"`{field}` turn {number}"
     message = _tool_turn(item, given, role, content_key, where)
     if message is None:
         message = {"role": role, "content": _content(item.get(content_key), content_key, where)}
-    if "weight" in item and not _trained(item["weight"], role, f"`{field}` turn {number}") and role == "assistant":
+    weights = [key for key in WEIGHT_FIELDS if item.get(key) is not None]
+    if len(weights) == 2 and item["weight"] != item["loss_weight"]:
+        raise ValueError(f"{where}: `weight` {item['weight']!r} and `loss_weight` {item['loss_weight']!r} disagree")
+    if weights and not _trained(item[weights[0]], role, where, weights[0]) and role == "assistant":
         message["weight"] = 0  # rendered like any assistant turn, outside the loss (see template.py)
     return message
 
@@ -227,18 +251,22 @@ def _tool_turn(item: dict, given: str, role: str, content_key: str, where: str) 
 
 
 def row_tools(record: dict) -> list[dict] | None:
-    """The row's tool schemas (`tools`, a list or its JSON text), or None; ValueError when malformed."""
-    return parse_tools(record["tools"]) if _present(record.get("tools")) else None
+    """The row's tool schemas (`tools`, a list or its JSON text), or None; ValueError when malformed.
+
+    No tools (null, "", [], or the JSON text "[]", as in glaive_toolcall_en_demo's plain chats) is None: the row is a
+    plain chat."""
+    return (parse_tools(record["tools"]) or None) if _present(record.get("tools")) else None
 
 
-def _trained(weight: Any, role: str, where: str) -> bool:
-    """OpenAI's per-turn `weight`: 0 keeps an assistant turn as context only, 1 (or absent) trains it."""
+def _trained(weight: Any, role: str, where: str, key: str = "weight") -> bool:
+    """OpenAI's per-turn `weight` (or LLaMA-Factory v1's `loss_weight`): 0 keeps an assistant turn as context only,
+    1 (or absent) trains it."""
     if weight is None:
         return True
-    if isinstance(weight, bool) or weight not in (0, 1):
-        raise ValueError(f"{where}: `weight` {weight!r} is not supported; use 0 (context only) or 1 (trained)")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
+        raise ValueError(f"{where}: `{key}` {weight!r} is not supported; use 0 (context only) or 1 (trained)")
     if weight == 1 and role != "assistant":
-        raise ValueError(f"{where}: `weight` 1 on a {role} turn; only assistant turns are trained")
+        raise ValueError(f"{where}: `{key}` 1 on a {role} turn; only assistant turns are trained")
     return weight == 1
 
 
@@ -276,10 +304,10 @@ def _check_conversation(messages: list[dict]) -> None:
         before = messages[number - 2] if number > 1 else {}
         if message["role"] == "tool" and not (before.get("tool_calls") or before.get("role") == "tool"):
             raise ValueError(f"turn {number} is a tool result that follows no tool call")
-    for number, message in enumerate(messages, start=1):
-        found = PLACEHOLDER.search(message["content"]) if "<" in message["content"] else None
-        if found:
-            raise ValueError(f"a `{found.group()}` placeholder in turn {number}: {MULTIMODAL}")
+    placeholder = next((n for n, m in enumerate(messages, start=1) if PLACEHOLDER in m["content"]), None)
+    if placeholder and not any(CLOSING_TAG.search(m["content"]) for m in messages):
+        raise ValueError(f"a `{PLACEHOLDER}` placeholder in turn {placeholder}: {MULTIMODAL} (markup with its "
+                         "closing tags is text)")
 
 
 def _present(value: Any) -> bool:

@@ -155,13 +155,11 @@ def load_conversations(source: str, split: str, format: str, log=None) -> tuple[
     return read.rows, read.problems, read.total
 
 
-def read_source(source: str, split: str, format: str, limit: int | None = None) -> SourceRows:
-    """Read and normalise a source; with `limit`, only its first rows (the rest are neither read nor counted)."""
+def read_source(source: str, split: str, format: str, keep: bool = True) -> SourceRows:
+    """Read and normalise every row of a source; `keep=False` counts and checks rows without keeping them."""
     read = SourceRows(source, None if format == "auto" else format)
     detected = False
     for number, record in read_records(source, split):
-        if limit is not None and read.total >= limit:
-            break
         read.total += 1
         where = f"{source}:{number}"
         try:
@@ -176,8 +174,10 @@ def read_source(source: str, split: str, format: str, limit: int | None = None) 
         except ValueError as err:
             read.problems.append(f"{where}: {err}")
             continue
-        read.ignored.update(ignored)
-        read.rows.append(Conversation(messages, source, number, tools))
+        if ignored:
+            read.ignored.update(ignored)
+        if keep:
+            read.rows.append(Conversation(messages, source, number, tools))
     return read
 
 
@@ -198,6 +198,8 @@ def check_bad_fraction(problems: list[str], total: int, limit: float, log) -> No
     shown = "\n".join(f"  - {p}" for p in problems[:_SHOWN_PROBLEMS])
     more = f"\n  ... and {len(problems) - _SHOWN_PROBLEMS} more" if len(problems) > _SHOWN_PROBLEMS else ""
     summary = f"{len(problems)} of {total} rows unusable ({len(problems) / total:.1%}):\n{shown}{more}"
+    if len(problems) >= total:  # nothing would train: raising max_bad_fraction is no way out
+        raise UserError(f"{summary}\nNo row is usable; fix the data or set data.format.")
     if len(problems) / total > limit:
         raise UserError(f"{summary}\nThat is more than data.max_bad_fraction={limit}; fix the data, set "
                         "data.format, or raise data.max_bad_fraction to train on the other rows only.")

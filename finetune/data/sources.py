@@ -1,8 +1,9 @@
 """Where rows come from: local files (read by suffix), dataset directories, hub datasets.
 
 A path that exists locally is read locally and never looked up on the hub; a local file whose suffix finetune
-cannot read is refused by name. Rows are numbered from 1: the line of a JSONL file, the index of a JSON array,
-Parquet, CSV/TSV (header excluded) or `datasets` row.
+cannot read is refused by name. Text files may be UTF-8 (with or without a byte-order mark), UTF-16 or UTF-32. A
+directory written by `datasets`' `save_to_disk` is read with `load_from_disk`. Rows are numbered from 1: the line of
+a JSONL file, the index of a JSON array, Parquet, CSV/TSV (header excluded) or `datasets` row.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ def read_records(source: str, split: str) -> Iterator[tuple[int, Any]]:
     """(row number, row) pairs; a row that cannot be parsed comes as the exception, so it is reported, not fatal."""
     path = Path(source).expanduser()
     if path.is_dir():
-        yield from enumerate(_load_dataset(str(path), split, f"dataset directory `{source}`"), start=1)
+        rows = _load_saved(path, split, source) if is_saved_dataset(path) else \
+            _load_dataset(str(path), split, f"dataset directory `{source}`")
+        yield from enumerate(rows, start=1)
     elif path.exists():
         problem = unsupported_suffix(path)
         if problem:
@@ -44,38 +47,56 @@ def read_records(source: str, split: str) -> Iterator[tuple[int, Any]]:
         yield from enumerate(_load_dataset(source, split, f"hub dataset `{source}`"), start=1)
 
 
-def count_rows(source: str, split: str) -> int:
-    """Exact row count of a local source; JSONL lines and Parquet footers are counted without parsing rows."""
-    path = Path(source).expanduser()
-    if path.is_file() and path.suffix.lower() == ".jsonl":
-        with path.open("rb") as handle:
-            return sum(1 for line in handle if line.strip())
-    if path.is_file() and path.suffix.lower() == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(path).metadata.num_rows
-    return sum(1 for _ in read_records(source, split))
+def text_encoding(path: Path) -> str:
+    """The codec of a text file: utf-8-sig, utf-16 or utf-32 from a byte-order mark (Windows editors save "Unicode"
+    text as UTF-16 with one), UTF-16/32 without one from the NUL bytes around its first ASCII character (JSON's own
+    rule, RFC 4627), else utf-8. UTF-8 text has no NUL bytes, so it is never mistaken."""
+    with path.open("rb") as handle:
+        return json.detect_encoding(handle.read(4))
 
 
 def _jsonl(path: Path, source: str) -> Iterator[tuple[int, Any]]:
-    # Bytes go to json.loads, which detects the encoding per line: a UTF-8 byte-order mark (Windows editors write
-    # one) no longer costs the first row.
-    with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
+    """One row per non-blank line. UTF-8 (with or without a BOM) is decoded line by line, so bytes that are not UTF-8
+    cost their row only; UTF-16/UTF-32 files are decoded as a whole."""
+    encoding = text_encoding(path)
+    if encoding.startswith("utf-8"):
+        with path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
                 try:
-                    yield number, json.loads(line)
-                except ValueError as err:  # bad JSON, or bytes that are not UTF-8
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as err:
                     yield number, err
+                    continue
+                if line.strip():
+                    try:
+                        yield number, json.loads(line)
+                    except ValueError as err:
+                        yield number, err
+        return
+    try:
+        with path.open(encoding=encoding) as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    try:
+                        yield number, json.loads(line)
+                    except ValueError as err:
+                        yield number, err
+    except UnicodeDecodeError as err:
+        raise UserError(f"{source}: not valid {encoding.upper()} text ({err.reason}); save it as UTF-8") from None
 
 
 def _json(path: Path, source: str) -> Iterator[tuple[int, Any]]:
+    encoding = text_encoding(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = json.loads(path.read_text(encoding=encoding))
     except UnicodeDecodeError as err:
-        raise UserError(f"{source}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise UserError(f"{source}: not {encoding.upper().removesuffix('-SIG')} text ({err.reason} at byte "
+                        f"{err.start})") from None
     except json.JSONDecodeError as err:
-        raise UserError(f"{source}: not valid JSON (line {err.lineno}): {err.msg}") from None
+        # A JSON value followed by more on a later line is JSON Lines under the wrong name.
+        hint = (" The file looks like JSON Lines (one row per line): rename it to .jsonl."
+                if err.msg == "Extra data" and err.lineno > 1 else "")
+        raise UserError(f"{source}: not valid JSON (line {err.lineno}): {err.msg}.{hint}") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -97,25 +118,42 @@ def _parquet(path: Path, source: str) -> Iterator[tuple[int, Any]]:
 def _delimited(path: Path, source: str) -> Iterator[tuple[int, Any]]:
     """CSV/TSV through `datasets`' csv builder, every column read as text (no number or "NA" guessing)."""
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    encoding = text_encoding(path)
     try:
-        with path.open(encoding="utf-8-sig", newline="") as handle:
-            header = next(csv.reader(handle, delimiter=delimiter), None)
+        with path.open(encoding=encoding, newline="") as handle:
+            reader = csv.reader(handle, delimiter=delimiter)
+            header = next(reader, None)
+            has_rows = any(any(cell.strip() for cell in row) for row in reader)
     except UnicodeDecodeError as err:
-        raise UserError(f"{source}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise UserError(f"{source}: not {encoding.upper().removesuffix('-SIG')} text ({err.reason} at byte "
+                        f"{err.start})") from None
+    except csv.Error as err:
+        raise UserError(f"{source}: could not read it as {path.suffix.lower()[1:].upper()}: {err}") from None
     if not header:
         raise UserError(f"{source}: empty file (no header row)")
     problem = flat_format_problem(header)
     if problem:
         raise UserError(f"{source}: {problem}")
+    if not has_rows:
+        raise UserError(f"{source}: no rows (only the header line)")
     import datasets
 
     features = datasets.Features({name: datasets.Value("string") for name in header})
     try:
         rows = datasets.load_dataset("csv", data_files=str(path), split="train", delimiter=delimiter,
-                                     features=features, keep_default_na=False, encoding="utf-8-sig")
+                                     features=features, keep_default_na=False, encoding=encoding)
     except Exception as err:  # ragged rows, duplicate columns: pandas' and arrow's own words name them
-        raise UserError(f"{source}: could not read it as {path.suffix.lower()[1:].upper()}: {err}") from None
+        raise UserError(f"{source}: could not read it as {path.suffix.lower()[1:].upper()}: {_root_cause(err)}") \
+            from None
     yield from enumerate(rows, start=1)
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost error's words: `datasets` wraps pandas' ("Expected 2 fields in line 3, saw 3") in its own
+    "An error occurred while generating the dataset"."""
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__
+    return str(err).strip() or type(err).__name__
 
 
 READERS = {".jsonl": _jsonl, ".json": _json, ".parquet": _parquet, ".csv": _delimited, ".tsv": _delimited}
@@ -129,3 +167,29 @@ def _load_dataset(name: str, split: str, what: str):
     except Exception as err:  # network, missing split, missing dataset: all the user's to fix
         local = "" if what.startswith("dataset directory") else " Offline? Point data.train/data.eval at a local file."
         raise UserError(f"could not load {what} split `{split}`: {err}.{local}") from None
+
+
+#: Files `datasets`' `save_to_disk` writes: dataset_dict.json for a DatasetDict, state.json and dataset_info.json
+#: for one Dataset.
+SAVED_MARKERS = ("dataset_dict.json", "state.json")
+
+
+def is_saved_dataset(path: Path) -> bool:
+    return any((path / name).is_file() for name in SAVED_MARKERS)
+
+
+def _load_saved(path: Path, split: str, source: str):
+    """A `save_to_disk` directory, read with `load_from_disk`: a DatasetDict's `split`, or the one Dataset."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # a partial copy, a newer `datasets` format
+        raise UserError(f"{source}: could not read this `save_to_disk` directory with `datasets.load_from_disk`: "
+                        f"{_root_cause(err)}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise UserError(f"{source}: no split `{split}` in this saved dataset (it has "
+                            f"{', '.join(loaded) or 'none'}); set data.train_split / data.eval_split")
+        return loaded[split]
+    return loaded
