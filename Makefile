@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FINETUNE := $(VENV)/bin/finetune
 
-.PHONY: install model test demo bench clean
+.PHONY: install model test test-fast demo bench clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,10 @@ model: install
 
 test: install model
 	$(PY) -m pytest -q tests
+
+# The unit tier for the edit loop (tiny model, no subprocesses, no embedded model): under 2 minutes.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
 
 demo: install model
 	$(PY) scripts/demo.py

@@ -136,7 +136,7 @@ class TrainSection(Section):
     lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     """Decay after warmup."""
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    """Fraction of steps spent warming up; 3% as in seed 003."""
+    """Fraction of steps spent warming up; 3% (Stanford Alpaca's warmup_ratio 0.03) keeps the first updates small."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW decoupled weight decay. 0: short fine-tunes gain nothing from it."""
     epochs: float = Field(1.0, gt=0)

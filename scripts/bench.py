@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
     parser.add_argument("--variants", nargs="*", default=None, help="subset of: " + ", ".join(VARIANTS))
     parser.add_argument("--set", dest="variant_set", choices=["galore", "lisa", "all"], default="all",
-                        help="a named group of variants (issue 4: galore, issue 5: lisa)")
+                        help="a named group of variants (galore, lisa)")
     parser.add_argument("--quick", action="store_true", help="tiny model, 4 steps: checks the harness")
     parser.add_argument("--out", type=Path, default=None, help="write the table here (.md) and JSON beside it")
     args = parser.parse_args()

@@ -5,15 +5,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = [
-    ("GaLore vs full AdamW, LoRA and the plain-Trainer peer (issue 4), CPU", "galore-smollm2-cpu.md"),
-    ("GaLore at 512 tokens per step: rank / tokens 0.25, as seed 000's 1024 / (16 x 256) (issue 4), CPU",
+    ("GaLore vs full AdamW, LoRA and the plain-Trainer peer, CPU", "galore-smollm2-cpu.md"),
+    ("GaLore at 512 tokens per step: rank / tokens 0.25, as the GaLore paper's 7B setting, 1024 / (16 x 256), CPU",
      "galore-smollm2-cpu-512tok.md"),
-    ("GaLore at 1024 tokens per step (seq 256 x batch 4; issue 4), CPU", "galore-smollm2-cpu-1024tok.md"),
-    ("LISA vs LoRA and full AdamW (issue 5), CPU", "lisa-smollm2-cpu.md"),
+    ("GaLore at 1024 tokens per step (seq 256 x batch 4), CPU", "galore-smollm2-cpu-1024tok.md"),
+    ("LISA vs LoRA and full AdamW, CPU", "lisa-smollm2-cpu.md"),
     ("Every method (`make bench`), CPU", "all-smollm2-cpu.md"),
-    ("`finetune plan` against measured peaks (issue 6), CPU", "plan-check-smollm2-cpu.md"),
-    ("`finetune plan` against measured peaks at 1024 tokens per step (issue 6), CPU", "plan-check-smollm2-cpu-1024tok.md"),
-    ("The same check with the timing runs' allocator (freed heap blocks stay resident; issue 6), CPU",
+    ("`finetune plan` against measured peaks, CPU", "plan-check-smollm2-cpu.md"),
+    ("`finetune plan` against measured peaks at 1024 tokens per step, CPU", "plan-check-smollm2-cpu-1024tok.md"),
+    ("The same check with the timing runs' allocator (freed heap blocks stay resident), CPU",
      "plan-check-smollm2-cpu-4mib.md"),
 ]
 GPU = ("## GPU: `python scripts/bench.py --arch llama2-7b --seq-len 2048` (bf16, flash attention if available)\n\n"

@@ -7,6 +7,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # spawns processes
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -104,6 +104,7 @@ def test_launch_configs_carry_the_recipe(tmp_path):
         "zero_optimization"]  # ZeRO-2 shards no weights, so there are none to offload
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(ddp_recipe, tmp_path, capfd):
     recipe = ddp_recipe()
     result = launch(recipe, tmp_path / "ddp")
@@ -128,6 +129,7 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(ddp_reci
 
 
 @pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.slow
 def test_layerwise_optimizer_under_ddp_steps_on_averaged_gradients(ddp_recipe, tmp_path, tiny4_model_dir, bits):
     """Peers refuse layer-wise optimizers under DDP; ours step after DDP's all-reduce, also with accumulation."""
     recipe = ddp_recipe(method={"name": "full", "layerwise": True, "optim_bits": bits},
@@ -148,6 +150,7 @@ def test_layerwise_optimizer_under_ddp_steps_on_averaged_gradients(ddp_recipe, t
     assert ddp == pytest.approx(one, rel=1e-4) and min(ddp) > 0
 
 
+@pytest.mark.slow
 def test_lisa_under_ddp_trains_the_same_layers_on_every_rank(ddp_recipe, tmp_path, tiny4_model_dir):
     recipe = ddp_recipe(method={**LISA, "layerwise": True}, train={"max_steps": 8})
     assert launch(recipe, tmp_path / "ddp").exit_code == 0
@@ -159,6 +162,7 @@ def test_lisa_under_ddp_trains_the_same_layers_on_every_rank(ddp_recipe, tmp_pat
     assert max_diff(tmp_path / "ddp" / "model", tmp_path / "one" / "model") < 1e-4
 
 
+@pytest.mark.slow
 def test_ddp_resume_continues_like_an_uninterrupted_run(ddp_recipe, tmp_path):
     recipe = ddp_recipe(method={"name": "full", "layerwise": True, "optim_bits": 8}, train={"save_steps": 3})
     assert launch(recipe, tmp_path / "whole").exit_code == 0
@@ -196,6 +200,7 @@ def test_validate_reports_every_distributed_problem(write_recipe):
     assert "2 problems" in text and "recipe:" not in text  # each cross-section problem counted and listed alone
 
 
+@pytest.mark.slow
 def test_two_machines_on_localhost_train_like_two_processes(ddp_recipe, tmp_path):
     """Multi-node flags: two `finetune train` commands, machine ranks 0 and 1, meet at machine 0's address; only
     machine 0 writes, and the result equals one process with the same global batch."""
@@ -222,6 +227,7 @@ def test_two_machines_on_localhost_train_like_two_processes(ddp_recipe, tmp_path
     assert config["num_machines"] == 2 and config["machine_rank"] == 0 and config["main_process_ip"] == "127.0.0.1"
 
 
+@pytest.mark.slow
 def test_under_the_users_own_torchrun_rank_0_claims_the_run_dir(ddp_recipe, tmp_path):
     import subprocess
     import sys
@@ -263,6 +269,7 @@ def test_fsdp_section_becomes_transformers_fsdp2_plugin(tmp_path):
     assert args.bf16
 
 
+@pytest.mark.slow
 def test_an_error_inside_the_processes_exits_2_without_a_launcher_traceback(ddp_recipe, tmp_path, capfd):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"foo": 1}\n')

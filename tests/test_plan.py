@@ -92,6 +92,7 @@ def check_prediction(model_dir: str, method: dict, tmp_path: Path, seq_len: int 
 
 
 @pytest.mark.parametrize("method", MEASURED, ids=lambda m: m["name"])
+@pytest.mark.slow
 def test_prediction_within_15_percent_on_the_tiny_model(tiny4_model_dir, method, tmp_path):
     check_prediction(str(tiny4_model_dir), method, tmp_path)
 

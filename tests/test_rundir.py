@@ -69,6 +69,7 @@ def test_overwrite_replaces_a_run_dir_finetune_made(write_recipe, tmp_path):
     assert not (run / "stale.txt").exists() and logged_steps(run) == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_second_process_is_refused_and_a_killed_one_leaves_no_stale_lock(write_recipe, tmp_path):
     recipe = write_recipe(train={"max_steps": 2})
     run = tmp_path / "run"
@@ -153,6 +154,7 @@ def _wait_for(ready, process, limit_s=120):
     raise AssertionError(f"the run never got there: {process.communicate()}")
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_the_current_step_and_resume_continues(write_recipe, tmp_path):
     recipe = write_recipe(train={"max_steps": 400, "save_steps": 1000})
     run = tmp_path / "run"
@@ -179,6 +181,7 @@ def test_ctrl_c_saves_the_current_step_and_resume_continues(write_recipe, tmp_pa
     assert info["status"] == "complete" and "stopped_at_step" not in info and "resume_command" not in info
 
 
+@pytest.mark.slow
 def test_ctrl_c_before_the_first_step_exits_130_without_a_traceback(write_recipe, tmp_path):
     recipe = write_recipe(train={"max_steps": 400})
     run = tmp_path / "run"

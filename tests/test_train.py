@@ -129,6 +129,7 @@ def test_resume_without_checkpoint_and_qlora_without_cuda_exit_2(write_recipe, t
     assert not (tmp_path / "run" / "recipe.yaml").exists()  # refused before loading anything
 
 
+@pytest.mark.slow
 def test_validate_reports_everything_without_traceback(tmp_path, train_file):
     broken = tmp_path / "broken.yaml"
     broken.write_text(f"data: {{train: {train_file}}}\nmethod: {{name: lora, rnak: 8}}\ntrain: {{learning_rat: 1}}\n")

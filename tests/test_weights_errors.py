@@ -119,6 +119,7 @@ DAMAGES = {
 
 
 @pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.slow
 def test_damaged_weights_stop_merge_eval_and_chat_with_one_message(damage, trained, tmp_path):
     kind, apply = DAMAGES[damage]
     marker = tmp_path / "payload-ran"
@@ -188,6 +189,7 @@ def assert_one_clean_error(done: subprocess.CompletedProcess, names: str) -> Non
     assert "\n\n" not in done.stderr.strip(), done.stderr  # one paragraph
 
 
+@pytest.mark.slow
 def test_user_errors_print_one_clean_message_and_nothing_else(tmp_path, tiny_model_dir):
     assert_one_clean_error(_cli("validate", "missing.yaml", cwd=tmp_path), "missing.yaml")
     (tmp_path / "bad.yaml").write_text("model:\n  name_or_path: x\nbogus: 1\n")
