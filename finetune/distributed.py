@@ -266,3 +266,22 @@ def _pass_on(signum, frame) -> None:
 
     for child in psutil.Process().children():
         child.send_signal(signum)
+
+
+def process_state():
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())  # CPU-only machines train over gloo
+
+
+def close_process_group(wrapped_model) -> None:
+    """Every rank closes its process group before it returns (left to interpreter exit, gloo threads can abort the
+    rank). DDP's Reducer goes first: the group's destructor run from it holds the GIL a gloo thread waits for."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(wrapped_model, DistributedDataParallel):
+        wrapped_model.logger = wrapped_model.reducer = None  # the logger holds the Reducer too
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -21,6 +21,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from finetune import rundir
+from finetune.errors import RunStopped
 
 #: Consecutive logged steps of zero gradient at a high loss before a collapse is reported: one such step can be
 #: a coincidence (a batch of context-only rows), three in a row are not.
@@ -156,3 +157,19 @@ class DivergenceGuard(TrainerCallback):
                        f"learning (learning rate {args.learning_rate:g} too high?)")
             self.warnings.append(warning)
             self.log(f"[yellow]warning: {warning}[/yellow]")
+
+
+def diverged_error(run_dir: Path, diverged: tuple[int, str], learning_rate: float, method: str,
+                   rank: int) -> RunStopped:
+    """The one message of a diverged run: where, why, what is kept, the likely cause; run.json records it."""
+    step, reason = diverged
+    newest = rundir.last_complete_checkpoint(run_dir / "checkpoints", log=lambda *_: None)
+    if rank == 0:
+        rundir.write_run_info(run_dir, status="diverged", diverged_at_step=step, reason=reason)
+    kept = (f"the newest checkpoint, {newest}, holds finite weights" if newest else "no checkpoint was saved")
+    return RunStopped(
+        f"training diverged at step {step}: {reason}; stopped, and no final weights were saved ({kept}). Likely "
+        f"cause: train.learning_rate {learning_rate:g} is too high for method {method} "
+        "(typical: 1e-5 to 5e-5 for full fine-tuning, 1e-4 to 3e-4 for LoRA); also check for fp16 overflow (use "
+        "bf16) and for rows with extreme content. Start a new run with a lower learning rate (a resumed run "
+        "cannot change it).")

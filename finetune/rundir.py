@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune import __version__
-from finetune.errors import UserError
+from finetune.errors import RunStopped, UserError
 
 RUN_INFO = "run.json"
 LOCK = ".finetune.lock"
@@ -270,6 +270,34 @@ def last_complete_checkpoint(checkpoints: Path, log=print, remove_incomplete: bo
             shutil.rmtree(checkpoint)
         log(f"[yellow]{'removed' if remove_incomplete else 'skipping'} incomplete {checkpoint}: {reason}[/yellow]")
     return None
+
+
+def write_failure(path: Path, cause: BaseException, run_dir: Path, resume_command: str, rank: int) -> RunStopped:
+    """One message for a checkpoint or final model that could not be written: where, why, how much room it takes,
+    and what is still usable. The partial directory is removed (it holds nothing resumable and uses the space)."""
+    newest = last_complete_checkpoint(run_dir / "checkpoints", log=lambda *_: None)
+    written = directory_bytes(path)
+    if rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        write_run_info(run_dir, status="failed")
+    free = shutil.disk_usage(run_dir).free
+    needed = directory_bytes(Path(newest)) if newest else written
+    size = (f"about {_size(needed)} (the size of {Path(newest).name})" if newest
+            else f"more than the {_size(written)} written before the failure")
+    # torch's zip writer reports a full disk as "unexpected pos ..." or "file write failed", with no errno.
+    why = "the disk is full" if free < needed else "the write failed"
+    then = (f"{Path(newest).name} is complete and untouched: make room, then continue with: {resume_command}"
+            if newest else "no complete checkpoint exists yet: make room and start the run again with --overwrite")
+    return RunStopped(f"could not write {path}: {why} ({cause}). A checkpoint of this run needs {size}; "
+                      f"{_size(free)} is free on that disk now. The partial {path.name} was removed; {then}")
+
+
+def _size(count: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1000
+    return ""
 
 
 def checkpoint_step(checkpoint: str) -> int:

@@ -64,7 +64,7 @@ def run_training(recipe: Recipe, recipe_path: Path, output: Path | None = None, 
     if rank == 0 and os.environ.get(distributed.LAUNCHED_RUN_DIR) != str(run_dir.resolve()):
         rundir.claim(run_dir, recipe.model_dump(mode="json"), overwrite, resume, log, _inputs(recipe))
     if world > 1:
-        _process_state().wait_for_everyone()  # nobody reads the run dir before rank 0 has claimed it
+        distributed.process_state().wait_for_everyone()  # nobody reads the run dir before rank 0 has claimed it
     checkpoint = rundir.last_complete_checkpoint(run_dir / "checkpoints", log=lambda *_: None) if resume else None
     command = shlex.join(["finetune", "train", str(recipe_path), *[a for o in overrides for a in ("--set", o)],
                           "--output", str(run_dir), "--resume"])
@@ -101,13 +101,6 @@ def _inputs(recipe: Recipe) -> tuple[str, ...]:
     return tuple(p for p in paths if p and Path(p).expanduser().exists())
 
 
-def _process_state():
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())  # CPU-only machines train over gloo
-
-
 def _launch(recipe: Recipe, recipe_path: Path, run_dir: Path, overwrite: bool, resume: bool, overrides: list[str],
             log) -> Path:
     """Claim the run dir here, write the launch config into it, and start the processes through accelerate."""
@@ -140,7 +133,7 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
     from transformers import set_seed
 
     from finetune.data import build_datasets, save_conversations
-    from finetune.guards import DivergenceGuard, MarkCheckpointsComplete, StopOnSignal
+    from finetune.guards import DivergenceGuard, MarkCheckpointsComplete, StopOnSignal, diverged_error
     from finetune.methods import build_method
     from finetune.modeling import (load_model, load_tokenizer, resolve_attention, resolve_dtype, resolve_model_path,
                                    template_for, write_generation_config)
@@ -207,7 +200,7 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
                 trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
             _save_final(trainer, final)  # every rank takes part (sharded weights are gathered); rank 0 writes
     except CheckpointWriteError as err:
-        raise _write_failure(err.path, err.cause, run_dir, resume_command, rank) from None
+        raise rundir.write_failure(err.path, err.cause, run_dir, resume_command, rank) from None
     finally:
         stop.restore()
     step = trainer.state.global_step
@@ -215,7 +208,7 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
         plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
     stopped = None
     if guard.diverged:
-        stopped = _diverged(run_dir, guard.diverged, recipe, rank)
+        stopped = diverged_error(run_dir, guard.diverged, t.learning_rate, recipe.method.name, rank)
     elif stopped_early:
         if rank == 0:
             rundir.write_run_info(run_dir, status="interrupted", stopped_at_step=step, resume_command=resume_command)
@@ -237,7 +230,7 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
         log(f"[green]done:[/green] {final} ({step} steps); metrics in {run_dir / 'metrics.jsonl'}")
     if args.world_size > 1:  # rank 0 has written everything before any rank exits (a launcher ends the rest then)
         trainer.accelerator.wait_for_everyone()
-        close_process_group(trainer.model_wrapped)
+        distributed.close_process_group(trainer.model_wrapped)
     if stopped is not None:
         raise stopped
     return run_dir
@@ -283,69 +276,6 @@ def _save_final(trainer, final: Path) -> None:
         trainer.save_model(str(final))
     except (OSError, RuntimeError, SafetensorError) as err:
         raise CheckpointWriteError(final, err) from err
-
-
-def _write_failure(path: Path, cause: BaseException, run_dir: Path, resume_command: str, rank: int) -> RunStopped:
-    """One message for a checkpoint or final model that could not be written: where, why, how much room it takes,
-    and what is still usable. The partial directory is removed (it holds nothing resumable and uses the space)."""
-    import shutil
-
-    newest = rundir.last_complete_checkpoint(run_dir / "checkpoints", log=lambda *_: None)
-    written = rundir.directory_bytes(path)
-    if rank == 0:
-        shutil.rmtree(path, ignore_errors=True)
-        rundir.write_run_info(run_dir, status="failed")
-    free = shutil.disk_usage(run_dir).free
-    needed = rundir.directory_bytes(Path(newest)) if newest else written
-    size = (f"about {_size(needed)} (the size of {Path(newest).name})" if newest
-            else f"more than the {_size(written)} written before the failure")
-    # torch's zip writer reports a full disk as "unexpected pos ..." or "file write failed", with no errno.
-    why = "the disk is full" if free < needed else "the write failed"
-    then = (f"{Path(newest).name} is complete and untouched: make room, then continue with: {resume_command}"
-            if newest else "no complete checkpoint exists yet: make room and start the run again with --overwrite")
-    return RunStopped(f"could not write {path}: {why} ({cause}). A checkpoint of this run needs {size}; "
-                      f"{_size(free)} is free on that disk now. The partial {path.name} was removed; {then}")
-
-
-def _size(count: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if count < 1000 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
-        count /= 1000
-    return ""
-
-
-def _diverged(run_dir: Path, diverged: tuple[int, str], recipe: Recipe, rank: int) -> RunStopped:
-    step, reason = diverged
-    newest = rundir.last_complete_checkpoint(run_dir / "checkpoints", log=lambda *_: None)
-    if rank == 0:
-        rundir.write_run_info(run_dir, status="diverged", diverged_at_step=step, reason=reason)
-    kept = (f"the newest checkpoint, {newest}, holds finite weights" if newest else "no checkpoint was saved")
-    return RunStopped(
-        f"training diverged at step {step}: {reason}; stopped, and no final weights were saved ({kept}). Likely "
-        f"cause: train.learning_rate {recipe.train.learning_rate:g} is too high for method {recipe.method.name} "
-        "(typical: 1e-5 to 5e-5 for full fine-tuning, 1e-4 to 3e-4 for LoRA); also check for fp16 overflow (use "
-        "bf16) and for rows with extreme content. Start a new run with a lower learning rate (a resumed run "
-        "cannot change it).")
-
-
-def close_process_group(wrapped_model) -> None:
-    """Every rank closes its process group before it returns, in an order that cannot deadlock.
-
-    Left to interpreter exit, gloo's worker threads sometimes outlive it and the rank aborts ("terminate called
-    without an active exception", status -6). Destroyed carelessly it hangs: if DDP's C++ Reducer holds the last
-    reference to the group, the group's destructor runs with the GIL held while a gloo thread waits for the GIL
-    to free a finished collective's tensors. Python-side references release the GIL when they destroy a group,
-    so the Reducer goes first, while the group is still registered, and the registry's reference goes last.
-    """
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(wrapped_model, DistributedDataParallel):
-        wrapped_model.logger = wrapped_model.reducer = None  # the logger holds the Reducer too
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
 
 
 def _trainer_args(recipe: Recipe, run_dir: Path, dtype):

@@ -238,7 +238,7 @@ def test_under_the_users_own_torchrun_rank_0_claims_the_run_dir(ddp_recipe, tmp_
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                str(free_port()), "-m", "finetune.cli", "train", str(recipe), "--output", str(tmp_path / "run")]
     refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert refused.returncode != 0 and "is not empty" in " ".join(refused.stderr.split())
+    assert refused.returncode != 0 and "holds files finetune did not write" in " ".join(refused.stderr.split())
     assert (tmp_path / "run" / "precious.txt").read_text() == "keep me"  # nothing lost
     (tmp_path / "run" / "precious.txt").unlink()
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
