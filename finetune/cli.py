@@ -49,6 +49,8 @@ def user_errors(command):
         except UserError as err:
             if kwargs.get("debug"):
                 raise
+            if os.environ.get("LOCAL_RANK", "0") != "0":  # every process of a launch meets the same input error:
+                raise typer.Exit(getattr(err, "exit_code", 2)) from None  # one message per machine is enough
             label = "stopped" if isinstance(err, RunStopped) else "error"
             errors.print(f"[bold red]{label}:[/bold red] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(getattr(err, "exit_code", 2)) from None

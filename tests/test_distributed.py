@@ -277,5 +277,5 @@ def test_an_error_inside_the_processes_exits_2_without_a_launcher_traceback(ddp_
     printed = capfd.readouterr()
     text = " ".join((result.output + printed.out + printed.err).split())
     assert result.exit_code == 2
-    assert "bad.jsonl:1:" in text  # the row-level data error, printed by the processes
+    assert text.count("bad.jsonl:1:") == 1  # the row-level data error, printed once (by local rank 0)
     assert "the distributed run stopped" in text and "Traceback" not in text and "ChildFailedError" not in text
