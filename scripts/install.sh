@@ -15,4 +15,5 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   fi
 fi
 "$PY" -m pip install -q -c constraints.txt -e ".[dev]"
-"$PY" -c "import torch, transformers, trl, peft; print(f'install: torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, peft {peft.__version__}')"
+# Versions from the package metadata: importing peft would import bitsandbytes, whose import prints CPU-kernel notices.
+"$PY" -c "from importlib.metadata import version as v; print('install: ' + ', '.join(f'{p} {v(p)}' for p in ('torch', 'transformers', 'trl', 'peft')))"
