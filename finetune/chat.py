@@ -13,7 +13,7 @@ def chat_loop(target: str, max_new_tokens: int, system: str | None, read=input, 
     tokenizer_source = str(where.adapter) if where.adapter is not None else where.model_path
     model, tokenizer = load_for_eval(where.model_path, where.adapter, tokenizer_source)
     messages = [{"role": "system", "content": system}] if system else []
-    stop = stop_token_ids(tokenizer)  # the template's end-of-turn token (and eos)
+    stop = stop_token_ids(tokenizer, model)  # the template's end of turn, eos, and the model's configured ones
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     while True:
         try:

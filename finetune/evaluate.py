@@ -136,7 +136,7 @@ def generate(model, tokenizer, rows: list[Conversation], batch_size: int, max_ne
     import torch
 
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
-    stop = stop_token_ids(tokenizer)  # the template's end-of-turn token, not a hard-coded one
+    stop = stop_token_ids(tokenizer, model)  # the template's end of turn, eos, and the model's configured ones
     outputs = []
     for start in range(0, len(rows), batch_size):
         batch_rows = rows[start:start + batch_size]

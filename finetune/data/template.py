@@ -215,6 +215,13 @@ def _turn_span(tokenizer, template: ChatTemplate, messages: list[dict], tools, k
     if end < 0:
         raise ValueError(f"the chat template ({template.name}) renders no {template.end_of_turn} after assistant "
                          f"turn {k + 1}, so that answer would never learn to stop")
+    answer = messages[k].get("content") or ""
+    leaked = [m["role"] for m in messages[:k] if m["role"] != "assistant" and isinstance(m.get("content"), str)
+              and m["content"].strip() and m["content"].strip() in text[start:end] and m["content"].strip() not in answer]
+    if leaked:  # the prompt renders differently once the answer follows (e.g. a system prompt moved or dropped)
+        raise ValueError(f"the chat template ({template.name}) renders the turns before assistant turn {k + 1} "
+                         f"differently once the answer follows, so the trained span would hold {leaked[0]} text; "
+                         "finetune refuses the row rather than train the wrong tokens")
     calls = [c.get("function", c)["name"] for c in messages[k].get("tool_calls") or []]
     if any(name not in text[start:end] for name in calls):  # templates without tool support drop calls silently
         raise ValueError(f"the chat template ({template.name}) does not show the tool calls of assistant turn "
@@ -236,10 +243,13 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """Where generation stops: the template's end-of-turn token, then the tokenizer's eos (when they differ)."""
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Where generation stops: the template's end-of-turn token, the tokenizer's eos, and every eos the model's
+    generation_config names (as plain `generate()` stops there too, e.g. Llama-3.1's <|eom_id|>)."""
     try:
         ids = [chat_template(tokenizer).end_of_turn_id]
     except ValueError:  # a template without a special end-of-turn token: eos is all there is
         ids = []
-    return list(dict.fromkeys(i for i in (*ids, tokenizer.eos_token_id) if i is not None))
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    return list(dict.fromkeys(i for i in (*ids, tokenizer.eos_token_id, *configured) if i is not None))
