@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from finetune.errors import UserError
+
 
 def chat_loop(target: str, max_new_tokens: int, system: str | None, read=input, write=print) -> None:
     from transformers import TextStreamer
@@ -23,8 +25,12 @@ def chat_loop(target: str, max_new_tokens: int, system: str | None, read=input, 
         if not text:
             break
         messages.append({"role": "user", "content": text})
-        batch = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                              return_dict=True)
+        try:
+            batch = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                  return_dict=True)
+        except Exception as err:  # jinja's raise_exception: e.g. a template with no system role and --system
+            raise UserError(f"the model's chat template refused the conversation: {str(err).strip()}. Without "
+                            "--system if it names the system role; the template decides what it accepts") from None
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
                              pad_token_id=tokenizer.pad_token_id, streamer=streamer)
         answer = tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()

@@ -150,6 +150,9 @@ def data_(
     _quiet_libraries()
     from finetune.data.inspect import inspect_data
 
+    if dump is not None and (dump.is_dir() or not dump.parent.is_dir()):
+        raise UserError(f"--dump {dump}: " + ("is a directory; name a .jsonl file" if dump.is_dir() else
+                                              f"its directory {dump.parent} does not exist"))
     inspect_data(loaded, show=show, dump=dump, console=console)
 
 

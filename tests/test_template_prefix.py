@@ -25,3 +25,28 @@ def test_a_prompt_that_changes_once_the_answer_follows_is_refused_not_mis_masked
     assert trained == "3 4 5</s>"
     with pytest.raises(ValueError, match="renders the turns before assistant turn 3 differently"):
         encode_samples(tokenizer, [{"role": "system", "content": "Be brief."}, *plain], 128)
+
+
+def test_chat_with_a_system_message_the_template_refuses_is_one_clear_error(tmp_path):
+    from finetune.chat import chat_loop
+    from finetune.errors import UserError
+    from finetune.testing import build_tiny_llama
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = (
+        "{%- for m in messages %}{%- if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{%- endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{%- endfor %}"
+        "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+    tokenizer.save_pretrained(tmp_path)
+    build_tiny_llama(len(tokenizer)).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="System role not supported"):
+        chat_loop(str(tmp_path), 4, "Be brief.", read=lambda prompt: "hi", write=lambda *_: None)
+
+
+def test_dump_to_a_directory_is_refused_before_any_work(tmp_path, write_recipe):
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    result = CliRunner().invoke(app, ["data", str(write_recipe()), "--dump", str(tmp_path)])
+    assert result.exit_code == 2 and "is a directory" in result.output
