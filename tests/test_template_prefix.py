@@ -50,3 +50,15 @@ def test_dump_to_a_directory_is_refused_before_any_work(tmp_path, write_recipe):
 
     result = CliRunner().invoke(app, ["data", str(write_recipe()), "--dump", str(tmp_path)])
     assert result.exit_code == 2 and "is a directory" in result.output
+
+
+def test_a_user_word_inside_the_end_of_turn_markup_is_no_leak():
+    """Only what precedes the answer counts: Phi-3's `<|end|>` after the answer holds the user's word "end"."""
+    tokenizer = build_tokenizer(special_tokens=("<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"), eos="<|end|>")
+    tokenizer.chat_template = ("{%- for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{%- endfor %}"
+                               "{%- if add_generation_prompt %}<|assistant|>\n{%- endif %}")
+    rows = [{"role": "user", "content": "end"}, {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "again"}, {"role": "assistant", "content": "3 4"}]
+    (sample,) = encode_samples(tokenizer, rows, 128)
+    trained = tokenizer.decode([t for t in sample.labels if t != -100])
+    assert "ok<|end|>" in trained and "3 4<|end|>" in trained and "again" not in trained and "<|user|>" not in trained

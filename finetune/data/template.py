@@ -216,8 +216,9 @@ def _turn_span(tokenizer, template: ChatTemplate, messages: list[dict], tools, k
         raise ValueError(f"the chat template ({template.name}) renders no {template.end_of_turn} after assistant "
                          f"turn {k + 1}, so that answer would never learn to stop")
     answer = messages[k].get("content") or ""
+    before = text[start:text.find(answer, start)] if answer and answer in text[start:end] else text[start:end]
     leaked = [m["role"] for m in messages[:k] if m["role"] != "assistant" and isinstance(m.get("content"), str)
-              and m["content"].strip() and m["content"].strip() in text[start:end] and m["content"].strip() not in answer]
+              and m["content"].strip() and m["content"].strip() in before]
     if leaked:  # the prompt renders differently once the answer follows (e.g. a system prompt moved or dropped)
         raise ValueError(f"the chat template ({template.name}) renders the turns before assistant turn {k + 1} "
                          f"differently once the answer follows, so the trained span would hold {leaked[0]} text; "
