@@ -203,11 +203,12 @@ def write_run_info(run_dir: Path, drop: tuple[str, ...] = (), **fields) -> dict:
     """Merge `fields` into run.json (less the keys in `drop`), written whole or not at all (a temporary file
     renamed over it)."""
     info = {k: v for k, v in read_run_info(run_dir, missing_ok=True).items() if k not in drop} | fields
-    _write_atomic(run_dir / RUN_INFO, json.dumps(info, indent=2) + "\n")
+    write_atomic(run_dir / RUN_INFO, json.dumps(info, indent=2) + "\n")
     return info
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file whole or not at all: a temporary file beside it, renamed over it."""
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
@@ -231,7 +232,7 @@ def weights_hash(model_dir: str) -> str | None:
 def mark_complete(checkpoint: Path, step: int) -> None:
     files = {str(f.relative_to(checkpoint)): f.stat().st_size for f in sorted(checkpoint.rglob("*")) if f.is_file()
              and f.name != COMPLETE}
-    _write_atomic(checkpoint / COMPLETE, json.dumps({"step": step, "files": files}, indent=1) + "\n")
+    write_atomic(checkpoint / COMPLETE, json.dumps({"step": step, "files": files}, indent=1) + "\n")
 
 
 def incomplete_reason(checkpoint: Path) -> str | None:
