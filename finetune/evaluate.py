@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.data import Conversation, encode_samples, load_conversations, read_saved_conversations, split_held_out
-from finetune.data.template import stop_token_ids
+from finetune.data.template import ChatTemplate, chat_template, fit_messages, stop_token_ids
 from finetune import rundir
 from finetune.errors import UserError
 
@@ -28,6 +28,18 @@ class Target:
     adapter: Path | None
     base_path: str | None  # for --compare-base
     out_dir: Path
+    fold_system: bool = False  # the run's data.fold_system: prompts are folded as training folded them
+
+
+def run_fold_system(run_dir: Path) -> bool:
+    """Whether a run folded system text into the first user turn (data.fold_system in its recipe.yaml)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    return bool((saved.get("data") or {}).get("fold_system", False))
 
 
 def resolve_target(target: str, output: Path | None) -> Target:
@@ -36,10 +48,11 @@ def resolve_target(target: str, output: Path | None) -> Target:
     path = Path(target)
     info = rundir.finished_run(path)
     if info is not None:
+        fold = run_fold_system(path)
         if info["artifact"] == "adapter":
             base = run_base_model(info)
-            return Target(base, path / "adapter", base, output or path)
-        return Target(str(path / "model"), None, info.get("base_model_path"), output or path)
+            return Target(base, path / "adapter", base, output or path, fold)
+        return Target(str(path / "model"), None, info.get("base_model_path"), output or path, fold)
     model_path = resolve_model_path(target)
     if not Path(model_path).exists():
         raise UserError(f"{target}: neither a run directory (with run.json), a model directory, nor an alias")
@@ -103,16 +116,26 @@ def load_for_eval(model_path: str, adapter: Path | None, tokenizer_path: str):
     return model.eval(), tokenizer
 
 
-def assistant_loss(model, tokenizer, rows: list[Conversation], batch_size: int, max_length: int = 2048) -> dict:
+def eval_template(tokenizer, fold_system: bool = False) -> ChatTemplate:
+    try:
+        return chat_template(tokenizer, fold_system=fold_system)
+    except ValueError as err:
+        raise UserError(f"model: {err}") from None
+
+
+def assistant_loss(model, tokenizer, rows: list[Conversation], batch_size: int, max_length: int = 2048,
+                   template: ChatTemplate | None = None) -> dict:
     """Token-weighted mean cross-entropy over assistant tokens (the same tokens training puts in the loss)."""
     import torch
     import torch.nn.functional as F
 
     total, count = 0.0, 0
     encoded = []
+    template = template or eval_template(tokenizer)
     for row in rows:
         try:
-            encoded += [(s.input_ids, s.labels) for s in encode_samples(tokenizer, row.messages, max_length, row.tools)]
+            samples = encode_samples(tokenizer, row.messages, max_length, row.tools, template)
+            encoded += [(s.input_ids, s.labels) for s in samples]
         except ValueError as err:
             raise UserError(f"{row.source}:{row.row}: {err}") from None
     for start in range(0, len(encoded), batch_size):
@@ -131,16 +154,20 @@ def assistant_loss(model, tokenizer, rows: list[Conversation], batch_size: int, 
     return {"loss": mean, "perplexity": math.exp(mean), "assistant_tokens": count}
 
 
-def generate(model, tokenizer, rows: list[Conversation], batch_size: int, max_new_tokens: int, progress=None):
-    """Greedy answers to each row's last assistant turn, given everything before it."""
+def generate(model, tokenizer, rows: list[Conversation], batch_size: int, max_new_tokens: int, progress=None,
+             template: ChatTemplate | None = None):
+    """Greedy answers to each row's last assistant turn, given everything before it (folded as training folded
+    it when the run used data.fold_system)."""
     import torch
+
+    template = template or eval_template(tokenizer)
 
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
     stop = stop_token_ids(tokenizer, model)  # the template's end of turn, eos, and the model's configured ones
     outputs = []
     for start in range(0, len(rows), batch_size):
         batch_rows = rows[start:start + batch_size]
-        prompts = [_prompt(r.messages) for r in batch_rows]
+        prompts = [_fitted_prompt(template, r) for r in batch_rows]
         texts = [prompt_text(tokenizer, p, r.tools) for p, r in zip(prompts, batch_rows)]
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
@@ -174,6 +201,13 @@ def _prompt(messages: list[dict]) -> list[dict]:
     return messages[:_answer(messages)]
 
 
+def _fitted_prompt(template: ChatTemplate, row: Conversation) -> list[dict]:
+    try:
+        return fit_messages(template, _prompt(row.messages))
+    except ValueError as err:
+        raise UserError(f"{row.source}:{row.row}: {err}") from None
+
+
 def _last_prompt_turn(messages: list[dict]) -> str:
     prompt = _prompt(messages)
     return prompt[-1]["content"] if prompt else ""  # a row that opens with the answer has no prompt
@@ -197,9 +231,10 @@ def match_scores(predictions: list[str], references: list[str]) -> dict:
 
 
 def evaluate_model(model, tokenizer, rows: list[Conversation], batch_size: int, max_new_tokens: int,
-                   progress=None) -> tuple[dict, list[str]]:
-    metrics = assistant_loss(model, tokenizer, rows, batch_size)
-    predictions = generate(model, tokenizer, rows, batch_size, max_new_tokens, progress)
+                   progress=None, fold_system: bool = False) -> tuple[dict, list[str]]:
+    template = eval_template(tokenizer, fold_system)
+    metrics = assistant_loss(model, tokenizer, rows, batch_size, template=template)
+    predictions = generate(model, tokenizer, rows, batch_size, max_new_tokens, progress, template)
     metrics.update(match_scores(predictions, [reference(r.messages) for r in rows]))
     return metrics, predictions
 
@@ -223,6 +258,10 @@ def run_eval(target: str, recipe: Path | None = None, data: Path | None = None, 
     from finetune.weights import check_adapter_dir, check_model_dir
 
     where = resolve_target(target, output)
+    if recipe is not None:
+        from finetune.recipe import load_recipe
+
+        where.fold_system = load_recipe(recipe).data.fold_system
     rows = held_out_rows(target, recipe, data)[:max_samples]
     tokenizer_source = str(where.adapter) if where.adapter is not None else where.model_path
     candidates = {"tuned" if where.base_path else "model": (where.model_path, where.adapter)}
@@ -240,7 +279,8 @@ def run_eval(target: str, recipe: Path | None = None, data: Path | None = None, 
             model, tokenizer = load_for_eval(model_path, adapter, tokenizer_source)
             task = progress.add_task(f"eval {name}", total=len(rows))
             results[name], predictions[name] = evaluate_model(
-                model, tokenizer, rows, batch_size, max_new_tokens, lambda n: progress.advance(task, n))
+                model, tokenizer, rows, batch_size, max_new_tokens, lambda n: progress.advance(task, n),
+                where.fold_system)
             del model
     where.out_dir.mkdir(parents=True, exist_ok=True)
     samples = [{"prompt": _last_prompt_turn(r.messages), "reference": reference(r.messages),

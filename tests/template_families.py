@@ -28,6 +28,10 @@ FAMILIES = {
              "phi3.jinja", "<|end|>", "{}<|end|>"),
     # meta-llama/Llama-2-7b-chat-hf: answers are " {content} </s>".
     "llama2": (("<unk>", "<s>", "</s>"), "<s>", "</s>", "llama2.jinja", "</s>", " {} </s>"),
+    # mistralai/Mistral-Nemo-Instruct-2407: the system prompt is shown only in the last user turn.
+    "mistral-nemo": (("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]",
+                      "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"), "<s>", "</s>", "mistral-nemo.jinja",
+                     "</s>", "{}</s>"),
     # A base model with no template: finetune's ChatML, its tokens added.
     "chatml": (("<|endoftext|>",), None, "<|endoftext|>", None, "<|im_end|>", "{}<|im_end|>"),
 }

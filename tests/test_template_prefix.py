@@ -1,5 +1,6 @@
 """A template that renders the prompt differently once the answer follows (Mistral-Nemo-2407 shows the system
-prompt only in the last user turn) must not get a mask that trains user text: the row is refused."""
+prompt only in the last user turn) must not get a mask that trains user text: each answer trains after the prompt a
+runtime gives it."""
 
 import pytest
 
@@ -16,15 +17,24 @@ NEMO_LIKE = (
 )
 
 
-def test_a_prompt_that_changes_once_the_answer_follows_is_refused_not_mis_masked():
+def test_a_prompt_that_changes_once_the_answer_follows_trains_in_the_runtime_prompt():
     tokenizer = build_tokenizer(special_tokens=("<|endoftext|>", "<s>", "</s>", "[INST]", "[/INST]"), eos="</s>")
     tokenizer.chat_template = NEMO_LIKE
     plain = [{"role": "user", "content": "Count from 3"}, {"role": "assistant", "content": "3 4 5"}]
     (sample,) = encode_samples(tokenizer, plain, 128)
     trained = tokenizer.decode([t for t in sample.labels if t != -100])
     assert trained == "3 4 5</s>"
-    with pytest.raises(ValueError, match="renders the turns before assistant turn 3 differently"):
-        encode_samples(tokenizer, [{"role": "system", "content": "Be brief."}, *plain], 128)
+    system = {"role": "system", "content": "Be brief."}
+    later = [{"role": "user", "content": "Go on"}, {"role": "assistant", "content": "6 7"}]
+    first, second = encode_samples(tokenizer, [system, *plain, *later], 128)
+    for sample, answer in ((first, "3 4 5</s>"), (second, "6 7</s>")):
+        prompt = [i for i, label in zip(sample.input_ids, sample.labels) if label == -100]
+        assert tokenizer.decode([t for t in sample.labels if t != -100]) == answer
+        assert tokenizer.decode(prompt).endswith("[INST]Be brief.\n\n" + ("Go on" if answer == "6 7</s>" else
+                                                                           "Count from 3") + "[/INST]")
+    # exactly what apply_chat_template gives a runtime before the second answer
+    runtime = tokenizer.apply_chat_template([system, *plain, later[0]], tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(second.input_ids) == runtime + "6 7</s>"
 
 
 def test_chat_with_a_system_message_the_template_refuses_is_one_clear_error(tmp_path):
@@ -39,7 +49,7 @@ def test_chat_with_a_system_message_the_template_refuses_is_one_clear_error(tmp_
         "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
     tokenizer.save_pretrained(tmp_path)
     build_tiny_llama(len(tokenizer)).save_pretrained(tmp_path)
-    with pytest.raises(UserError, match="System role not supported"):
+    with pytest.raises(UserError, match="--system: this model's chat template has no system role"):
         chat_loop(str(tmp_path), 4, "Be brief.", read=lambda prompt: "hi", write=lambda *_: None)
 
 

@@ -123,9 +123,10 @@ def test_an_end_of_turn_that_is_not_a_special_token_is_refused(tokenizer, write_
     assert chat_template(tokenizer).text == CHATML_TEMPLATE  # no template of its own: ChatML
 
 
-@pytest.mark.parametrize("family", ["llama3", "gemma", "chatml"])
+@pytest.mark.parametrize("family", ["llama3", "gemma", "chatml", "mistral-nemo"])
 def test_a_model_trained_with_its_template_stops_at_that_token(family, tmp_path, write_recipe):
-    """Plain transformers, as a user deploys it: apply_chat_template + generate, no stop tokens passed."""
+    """Plain transformers, as a user deploys it: apply_chat_template + generate, no stop tokens passed. Mistral-Nemo
+    with a system prompt, which its template shows only in the prompt a runtime builds."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from typer.testing import CliRunner
@@ -135,6 +136,8 @@ def test_a_model_trained_with_its_template_stops_at_that_token(family, tmp_path,
     base = family_model_dir(family, tmp_path / "base")
     data = tmp_path / "hi.jsonl"
     row = {"messages": [{"role": "user", "content": "Say 1"}, {"role": "assistant", "content": "1 2 3"}]}
+    if family == "mistral-nemo":
+        row["messages"].insert(0, {"role": "system", "content": "Count."})
     data.write_text((json.dumps(row) + "\n") * 16)
     recipe = write_recipe(model={"name_or_path": str(base)}, data={"train": str(data)},
                           train={"learning_rate": 1e-2, "max_steps": 30})
@@ -144,8 +147,9 @@ def test_a_model_trained_with_its_template_stops_at_that_token(family, tmp_path,
     tokenizer = AutoTokenizer.from_pretrained(saved)
     model = AutoModelForCausalLM.from_pretrained(saved)
     eot = tokenizer.convert_tokens_to_ids(FAMILIES[family][4])
-    assert eot in json.loads((saved / "generation_config.json").read_text())["eos_token_id"]
-    prompt = tokenizer.apply_chat_template(row["messages"][:1], add_generation_prompt=True, return_tensors="pt",
+    stops = json.loads((saved / "generation_config.json").read_text())["eos_token_id"]
+    assert eot in (stops if isinstance(stops, list) else [stops])
+    prompt = tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, return_tensors="pt",
                                            return_dict=True)
     with torch.no_grad():
         out = model.generate(**prompt, max_new_tokens=40, do_sample=False)

@@ -48,8 +48,10 @@ def test_openai_and_sharegpt_tool_rows_normalise_to_one_shape(tmp_path):
     call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
     assert openai.messages[1] == {"role": "assistant", "content": "", "tool_calls": [{**call, "id": "call_1"}]}
     assert sharegpt.messages[1] == {"role": "assistant", "content": "", "tool_calls": [call]}
-    assert openai.messages[2] == {"role": "tool", "content": "sunny, 21 C", "tool_call_id": "call_1"}
-    assert sharegpt.messages[2] == {"role": "tool", "content": "sunny, 21 C"}
+    # A result is named after its call (Hermes-2-Pro's tool_use template requires the name).
+    named = {"role": "tool", "content": "sunny, 21 C", "name": "get_weather"}
+    assert openai.messages[2] == {**named, "tool_call_id": "call_1"}
+    assert sharegpt.messages[2] == named
     assert openai.tools == sharegpt.tools == [{"type": "function", "function": WEATHER}]
 
 

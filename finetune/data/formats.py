@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from finetune.data.tools import openai_calls, parse_tools, result_text, sharegpt_calls
+from finetune.data.tools import name_results, openai_calls, parse_tools, result_text, sharegpt_calls
 from finetune.errors import UserError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -40,7 +40,8 @@ PAIRED = ("preference data (a `chosen` and a `rejected` answer): finetune trains
           "tuning is planned")
 LABELLED = ("a `label` field (KTO data marks each answer as good or bad with it): finetune trains SFT only today "
             "and cannot honour it; drop the field if it says nothing about the answer's quality")
-REASONING = "reasoning traces are not supported yet (the ChatML template has no place for them)"
+REASONING = ("name the reasoning `reasoning_content`, the field chat templates read (Qwen3's renders it; a template "
+             "without a place for it gets the row refused)")
 #: Row fields that change what is trained but cannot be honoured yet: a row carrying one (non-empty) is refused.
 REFUSED = {
     "functions": LEGACY_FUNCTIONS,
@@ -57,7 +58,7 @@ REFUSED_TURN = {
     "function_call": LEGACY_FUNCTIONS,
     "audio": MULTIMODAL, "images": MULTIMODAL,
     "name": "a speaker `name` is not supported (the ChatML template cannot show it)",
-    "reasoning_content": REASONING, "reasoning": REASONING, "thinking": REASONING,
+    "reasoning": REASONING, "thinking": REASONING,
     **dict.fromkeys(("mask", "masked", "loss_mask", "train", "trainable", "loss", "ignore", "ignored",
                      "ignore_loss", "no_loss"), MASKING),
 }
@@ -67,7 +68,7 @@ WEIGHT_FIELDS = ("weight", "loss_weight")
 REFUSED_ROLES = {"function": LEGACY_FUNCTIONS,
                  "ipython": "`ipython` (code interpreter) turns are not supported; tool results are `role: tool`"}
 #: Turn fields each kind of turn carries besides its role and content.
-TURN_FIELDS = {"assistant": {"weight", "tool_calls"}, "tool": {"tool_call_id", "name"}}
+TURN_FIELDS = {"assistant": {"weight", "tool_calls", "reasoning_content"}, "tool": {"tool_call_id", "name"}}
 MEDIA_PARTS = {"image", "image_url", "input_image", "audio", "input_audio", "video", "video_url", "file", "input_file"}
 #: Media placeholders in text. The rule: a row with media *fields* (`images`, `videos`, `audios`, ...) or media
 #: content parts is refused whatever its text says. In text alone, `<video>` and `<audio>` are HTML5 elements
@@ -147,7 +148,7 @@ def normalise(record: dict, fmt: str) -> tuple[list[dict[str, Any]], set[str]]:
             raise ValueError("both a row-level `system` and a system turn; keep one")
         messages.insert(0, {"role": "system", "content": system})
     _check_conversation(messages)
-    return messages, ignored
+    return name_results(messages), ignored
 
 
 def to_messages(record: dict, fmt: str) -> list[dict[str, Any]]:
@@ -227,6 +228,9 @@ def _turn(item: Any, number: int, role_key: str, content_key: str, roles: dict[s
     message = _tool_turn(item, given, role, content_key, where)
     if message is None:
         message = {"role": role, "content": _content(item.get(content_key), content_key, where)}
+    if role == "assistant" and _present(item.get("reasoning_content")):
+        # Shown by the template or the row is refused (finetune.data.template checks every trained span).
+        message["reasoning_content"] = _content(item["reasoning_content"], "reasoning_content", where)
     weights = [key for key in WEIGHT_FIELDS if item.get(key) is not None]
     if len(weights) == 2 and item["weight"] != item["loss_weight"]:
         raise ValueError(f"{where}: `weight` {item['weight']!r} and `loss_weight` {item['loss_weight']!r} disagree")

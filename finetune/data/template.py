@@ -11,11 +11,22 @@ is a prefix of it (the concatenation property). Templates that rewrite earlier t
 drop the thinking of past turns, so an answer is rendered differently once the conversation goes on). Such a row
 becomes one sample per assistant turn: `messages[:k+1]` rendered on its own, turn k trained, the earlier turns as
 the template shows them at that position. Each answer is then trained in exactly the context a runtime gives it.
+
+Some templates render the prompt differently once an answer follows it (Mistral-7B-Instruct-v0.3 and Mistral-Nemo show
+the system prompt only when the last user turn is the last message, i.e. only in the generation prompt). Then turn k
+trains as the runtime sees it: `messages[:k]` with the generation prompt, followed by what the template renders for
+that answer after its generation prompt in a one-question conversation.
+
+Nothing the row says may vanish: every system, user and tool text must appear in what is trained, and every trained
+answer (its `reasoning_content` too) inside its trained span. A template that drops text (an old Mistral template
+without a system branch, DeepSeek-R1's, which strips `<think>...</think>` from every answer) gets the row refused.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -61,6 +72,10 @@ CHATML_TEMPLATE = (
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 CHOICES = ("auto", "chatml", "model")
 _PROBE = "PROBE-ANSWER-7f3a"
+_PROBE_SYSTEM = "PROBE-SYSTEM-5c1e"
+_PROBE_TOOLS = [{"type": "function", "function": {"name": "probe", "description": "d",
+                                                  "parameters": {"type": "object", "properties": {}}}}]
+THINK_TAG = re.compile(r"</?think>")
 
 
 class Sample(NamedTuple):
@@ -79,15 +94,36 @@ class ChatTemplate:
     end_of_turn_id: int
     accepts_system: bool
     fold_system: bool = False
+    #: A tokenizer's named `tool_use` template (Hermes-2-Pro, Command-R): used for rows with tools, as
+    #: `apply_chat_template` does, and saved with the run's tokenizer next to the default one.
+    tool_text: str | None = None
 
     @property
     def supports_tools(self) -> bool:
-        return "tools" in self.text and "tool_calls" in self.text
+        return self.tool_text is not None or ("tools" in self.text and "tool_calls" in self.text)
+
+    def text_for(self, tools: list | None) -> str:
+        return self.tool_text if tools and self.tool_text is not None else self.text
 
 
-def choose_template(tokenizer, choice: str) -> tuple[str, str, list[str]]:
-    """(template text, its name, ChatML tokens to add) for `data.chat_template`: auto, chatml, model or a path."""
-    own = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+def named_templates(value) -> tuple[str | None, str | None]:
+    """(default, tool_use) of a tokenizer's chat_template: a string, or a dict of named templates (the list form of
+    tokenizer_config.json; transformers picks `tool_use` when tools are passed, else `default`)."""
+    if isinstance(value, str):
+        return value, None
+    if not isinstance(value, dict) or not value:
+        return None, None
+    default = value.get("default") or (next(iter(value.values())) if len(value) == 1 else None)
+    if default is None:
+        raise ValueError(f"the tokenizer has named chat templates ({', '.join(value)}) and none is `default`; point "
+                         "data.chat_template at the one to train as a .jinja file")
+    return default, value.get("tool_use")
+
+
+def choose_template(tokenizer, choice: str) -> tuple[str | dict, str, list[str]]:
+    """(template text, or the tokenizer's named templates; its name; ChatML tokens to add) for
+    `data.chat_template`: auto, chatml, model or a path."""
+    own = tokenizer.chat_template if named_templates(tokenizer.chat_template)[0] else None
     if choice == "auto":
         choice = "model" if own else "chatml"
     if choice == "model":
@@ -96,8 +132,11 @@ def choose_template(tokenizer, choice: str) -> tuple[str, str, list[str]]:
                              "(or `auto`, which picks ChatML for base models) or a .jinja file")
         return own, "the model's own", []
     if choice == "chatml":
-        vocab = tokenizer.get_vocab()
-        return CHATML_TEMPLATE, "ChatML", [t for t in CHATML_TOKENS if t not in vocab]
+        # Missing markers are added; ones the tokenizer has as ordinary text tokens become special (same ids), so
+        # that <|im_end|> can be a stop token and decoding drops it.
+        special = {*tokenizer.all_special_tokens,
+                   *(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)}
+        return CHATML_TEMPLATE, "ChatML", [t for t in CHATML_TOKENS if t not in special]
     path = os.path.expanduser(choice)
     if not os.path.isfile(path):
         raise ValueError(f"data.chat_template: `{choice}` is not auto, chatml, model or an existing .jinja file")
@@ -110,31 +149,59 @@ def chat_template(tokenizer, name: str | None = None, fold_system: bool = False)
     if not getattr(tokenizer, "is_fast", True):
         raise ValueError("exact assistant masks need a fast (Rust `tokenizers`) tokenizer, for character offsets; "
                          "this one is a slow Python tokenizer (save a fast one with transformers and point at it)")
-    text = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else CHATML_TEMPLATE
+    text, tool_text = named_templates(tokenizer.chat_template)
+    text = text or CHATML_TEMPLATE
     name = name or ("ChatML" if text == CHATML_TEMPLATE else "the model's own")
-    try:
-        probe = render(tokenizer, text, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}])
-    except Exception as err:
-        raise ValueError(f"chat template ({name}) cannot render a user turn and an answer: {err}") from None
-    after = probe[probe.rfind(_PROBE) + len(_PROBE):].lstrip(" ")
-    specials = sorted({*tokenizer.all_special_tokens, *(t.content for t in tokenizer.added_tokens_decoder.values()
-                                                        if t.special)}, key=len, reverse=True)
-    eot = next((token for token in specials if token and after.startswith(token)), None)
-    if eot is None:
-        raise ValueError(
-            f"chat template ({name}) ends an assistant turn with {after[:30]!r}, which is not a special token of the "
-            "tokenizer: a model trained on it cannot reliably stop, and generation_config cannot name it. Use a "
-            "template whose turns end with a special token (data.chat_template: chatml adds <|im_end|>).")
+    eot = _end_of_turn(tokenizer, text, name)
+    if tool_text is not None and _end_of_turn(tokenizer, tool_text, f"{name}, tool_use", _PROBE_TOOLS) != eot:
+        raise ValueError(f"chat template ({name}): its `tool_use` template ends a turn with another token than its "
+                         f"default one ({eot}); one run trains one end-of-turn token")
     eot_id = tokenizer.convert_tokens_to_ids(eot)
     if tokenizer(eot, add_special_tokens=False)["input_ids"] != [eot_id]:
         raise ValueError(f"chat template ({name}): its end-of-turn token {eot!r} does not encode as one token")
-    try:
-        render(tokenizer, text, [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
-                                 {"role": "assistant", "content": "A"}])
-        accepts_system = True
-    except Exception:  # Gemma's and Mistral's templates raise on a system turn
+    try:  # Gemma's and Mistral-v0.2's templates raise on a system turn; some older ones drop it without a word
+        shown = render(tokenizer, text, [{"role": "system", "content": _PROBE_SYSTEM},
+                                         {"role": "user", "content": "Hi"}], generation_prompt=True)
+        accepts_system = _PROBE_SYSTEM in shown
+    except Exception:
         accepts_system = False
-    return ChatTemplate(text, name, eot, eot_id, accepts_system, fold_system)
+    return ChatTemplate(text, name, eot, eot_id, accepts_system, fold_system, tool_text)
+
+
+def _end_of_turn(tokenizer, text: str, name: str, tools: list | None = None) -> str:
+    """The special token the template puts right after an answer (whitespace between them allowed: deepseek-coder
+    renders `answer\n<|EOT|>`)."""
+    try:
+        probe = render(tokenizer, text, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}],
+                       tools)
+    except Exception as err:
+        raise ValueError(f"chat template ({name}) cannot render a user turn and an answer: {err}") from None
+    if _PROBE not in probe:
+        raise ValueError(f"chat template ({name}) does not show an assistant answer it is given")
+    rest = probe[probe.rfind(_PROBE) + len(_PROBE):]
+    after = rest.lstrip()
+    added = tokenizer.added_tokens_decoder.values()
+    specials = sorted({*tokenizer.all_special_tokens, *(t.content for t in added if t.special)}, key=len, reverse=True)
+    eot = next((token for token in specials if token and after.startswith(token)), None)
+    if eot is not None:
+        return eot
+    if not rest:
+        raise ValueError(
+            f"chat template ({name}) renders nothing after an assistant answer, so no token ends a turn (GLM-style "
+            "templates stop on the next turn's header): a model trained on it cannot learn to stop. Use a .jinja "
+            "template whose answers end with a special token, or data.chat_template: chatml.")
+    plain = next((t.content for t in sorted(added, key=lambda t: -len(t.content)) if after.startswith(t.content)),
+                 None)
+    if plain is not None:
+        raise ValueError(
+            f"chat template ({name}) ends an assistant turn with {plain!r}, which this tokenizer has as an ordinary "
+            "added token, not a special one: generation_config cannot name it as a stop and decoding keeps it as "
+            "text. Mark it special in the tokenizer (tokenizer.add_special_tokens, then save_pretrained) and point "
+            "model.name_or_path's tokenizer there.")
+    raise ValueError(
+        f"chat template ({name}) ends an assistant turn with {(after or rest)[:30]!r}, which is not a special token of the "
+        "tokenizer: a model trained on it cannot reliably stop, and generation_config cannot name it. Use a template "
+        "whose turns end with a special token (data.chat_template: chatml, or a .jinja file).")
 
 
 def render(tokenizer, text: str, messages: list[dict], tools: list | None = None, generation_prompt=False) -> str:
@@ -170,21 +237,23 @@ def encode_samples(tokenizer, messages: list[dict], max_length: int, tools: list
         raise ValueError(f"tool calling, but the chat template ({template.name}) has no tool support (no `tools` / "
                          "`tool_calls`); use data.chat_template: chatml (Hermes-style <tool_call>) or a template "
                          "with tools")
+    text = template.text_for(tools)
     try:
-        full = render(tokenizer, template.text, messages, tools)
+        full = render(tokenizer, text, messages, tools)
         turns = [k for k, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0]
-        spans = {k: _turn_span(tokenizer, template, messages, tools, k) for k in turns}
+        spans = {k: _turn_span(tokenizer, template, text, messages, tools, k) for k in turns}
     except ValueError:
         raise
     except Exception as err:  # jinja's TemplateError from raise_exception(...), or a template bug the row meets
-        raise ValueError(f"the chat template ({template.name}) refused this row: {_first_line(err)}") from None
-    if tools:
-        missing = [t["function"]["name"] for t in tools if t["function"]["name"] not in full]
-        if missing:
-            raise ValueError(f"the chat template ({template.name}) does not show the tools {missing} it was given")
-    if all(full.startswith(text[:end]) for text, _, end in spans.values()):
+        reason = _first_line(err)
+        raise ValueError(f"the chat template ({template.name}) refused this row: {reason}"
+                         f"{_missing_ids(messages, reason)}") from None
+    together = all(full.startswith(rendered[:end]) for rendered, _, end in spans.values())
+    texts = [full] if together else [rendered for rendered, _, _ in spans.values()]
+    _check_shown(template, messages[:max(turns) + 1], tools, texts)
+    if together:
         return [_tokenise(tokenizer, full, [(start, end) for _, start, end in spans.values()], max_length)]
-    return [_tokenise(tokenizer, text, [(start, end)], max_length) for text, start, end in spans.values()]
+    return [_tokenise(tokenizer, rendered, [(start, end)], max_length) for rendered, start, end in spans.values()]
 
 
 def encode(tokenizer, messages: list[dict], max_length: int, tools: list | None = None,
@@ -197,37 +266,96 @@ def encode(tokenizer, messages: list[dict], max_length: int, tools: list | None 
     return samples[0].input_ids, samples[0].labels
 
 
-def _turn_span(tokenizer, template: ChatTemplate, messages: list[dict], tools, k: int) -> tuple[str, int, int]:
-    """(messages[:k+1] rendered, start, end): the characters of turn k the model generates, end-of-turn included."""
-    text = render(tokenizer, template.text, messages[:k + 1], tools)
+def _turn_span(tokenizer, template: ChatTemplate, text: str, messages: list[dict], tools,
+               k: int) -> tuple[str, int, int]:
+    """(the text turn k trains in, start, end): the characters of turn k the model generates, end-of-turn included."""
+    rendered = render(tokenizer, text, messages[:k + 1], tools)
     if k > 0:
-        prompt = render(tokenizer, template.text, messages[:k], tools, generation_prompt=True)
-        start = len(os.path.commonprefix([prompt, text]))
+        prompt = render(tokenizer, text, messages[:k], tools, generation_prompt=True)
+        if not rendered.startswith(prompt):  # the prompt reads otherwise once the answer follows: train it as the
+            rendered = prompt + _answer_text(tokenizer, template, text, messages[k], tools)  # runtime prompts it
+        start = len(prompt)
     else:  # a row opening with the answer: the generation prompt alone precedes it
         probe = [{"role": "user", "content": "x"}]
-        with_prompt = render(tokenizer, template.text, probe, generation_prompt=True)
-        header = with_prompt[len(os.path.commonprefix([with_prompt, render(tokenizer, template.text, probe)])):]
-        start = text.find(header) + len(header) if header and header in text else -1
+        with_prompt = render(tokenizer, text, probe, generation_prompt=True)
+        header = with_prompt[len(os.path.commonprefix([with_prompt, render(tokenizer, text, probe)])):]
+        start = rendered.find(header) + len(header) if header and header in rendered else -1
         if start < 0:
             raise ValueError(f"the first turn is an answer, and the chat template ({template.name}) shows no "
                              "generation prompt before it")
-    end = text.find(template.end_of_turn, start)
+    end = rendered.find(template.end_of_turn, start)
     if end < 0:
         raise ValueError(f"the chat template ({template.name}) renders no {template.end_of_turn} after assistant "
                          f"turn {k + 1}, so that answer would never learn to stop")
-    answer = messages[k].get("content") or ""
-    before = text[start:text.find(answer, start)] if answer and answer in text[start:end] else text[start:end]
-    leaked = [m["role"] for m in messages[:k] if m["role"] != "assistant" and isinstance(m.get("content"), str)
-              and m["content"].strip() and m["content"].strip() in before]
-    if leaked:  # the prompt renders differently once the answer follows (e.g. a system prompt moved or dropped)
-        raise ValueError(f"the chat template ({template.name}) renders the turns before assistant turn {k + 1} "
-                         f"differently once the answer follows, so the trained span would hold {leaked[0]} text; "
-                         "finetune refuses the row rather than train the wrong tokens")
-    calls = [c.get("function", c)["name"] for c in messages[k].get("tool_calls") or []]
-    if any(name not in text[start:end] for name in calls):  # templates without tool support drop calls silently
+    message, span = messages[k], rendered[start:end]
+    for field in ("content", "reasoning_content"):
+        if isinstance(message.get(field), str) and not _shown(message[field], span):
+            raise ValueError(f"the chat template ({template.name}) does not show all of assistant turn {k + 1}'s "
+                             f"`{field}` where the model answers ({_preview(message[field])}); "
+                             f"{REASONING_HINT if field == 'reasoning_content' or '</think>' in message[field] else ''}"
+                             "finetune refuses the row rather than train an answer the data does not give")
+    calls = [c.get("function", c)["name"] for c in message.get("tool_calls") or []]
+    if any(name not in span for name in calls):  # templates without tool support drop calls silently
         raise ValueError(f"the chat template ({template.name}) does not show the tool calls of assistant turn "
                          f"{k + 1}")
-    return text, start, end + len(template.end_of_turn)
+    return rendered, start, end + len(template.end_of_turn)
+
+
+#: Why an answer's reasoning goes missing, and what to do.
+REASONING_HINT = ("reasoning models' templates (DeepSeek-R1's) strip <think>...</think> from answers, and most "
+                  "templates have no place for `reasoning_content` (Qwen3's renders it); use a .jinja template that "
+                  "shows the reasoning; ")
+
+
+def _answer_text(tokenizer, template: ChatTemplate, text: str, message: dict, tools) -> str:
+    """What the template renders for `message` after its generation prompt, in a one-question conversation."""
+    probe = [{"role": "user", "content": "x"}]
+    prompt = render(tokenizer, text, probe, tools, generation_prompt=True)
+    answered = render(tokenizer, text, probe + [message], tools)
+    if not answered.startswith(prompt):
+        raise ValueError(f"the chat template ({template.name}) renders an answer differently from how its "
+                         f"generation prompt begins it (the prompt ends {prompt[-24:]!r}, the answer is rendered as "
+                         f"{answered[len(os.path.commonprefix([prompt, answered])):][:40]!r}), so no training text "
+                         "matches what a runtime would prompt the model with")
+    return answered[len(prompt):]
+
+
+def _check_shown(template: ChatTemplate, messages: list[dict], tools, texts: list[str]) -> None:
+    """Every turn's text and every tool appear in what is trained (see the module docstring)."""
+    for number, message in enumerate(messages, start=1):
+        content = message.get("content")
+        if isinstance(content, str) and not any(_shown(content, t) for t in texts):
+            hint = " (data.fold_system: true puts it in the first user turn)" if message["role"] == "system" else ""
+            raise ValueError(f"the chat template ({template.name}) does not show the text of {message['role']} turn "
+                             f"{number} ({_preview(content)}){hint}; finetune refuses the row rather than train "
+                             "without it")
+    missing = [t["function"]["name"] for t in tools or () if not any(t["function"]["name"] in x for x in texts)]
+    if missing:
+        raise ValueError(f"the chat template ({template.name}) does not show the tools {missing} it was given")
+
+
+def _shown(value: str, text: str) -> bool:
+    """`value` appears in `text` as the template may put it: trimmed (Llama-3, Gemma) or JSON-escaped, and an answer's
+    <think> block and its answer each on their own (Qwen3 re-renders `<think>a</think>b` with its own newlines)."""
+    pieces = [piece.strip() for piece in THINK_TAG.split(value)]
+    return all(not piece or any(form in text for form in (piece, json.dumps(piece)[1:-1],
+                                                          json.dumps(piece, ensure_ascii=False)[1:-1]))
+               for piece in pieces)
+
+
+def _preview(text: str) -> str:
+    text = " ".join(text.split())
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+def _missing_ids(messages: list[dict], reason: str) -> str:
+    calls = [c for m in messages for c in m.get("tool_calls") or []]
+    results = [m for m in messages if m["role"] == "tool"]
+    about_ids = "id" in reason.lower() or "undefined" in reason.lower()  # Mistral's tojson of a missing id
+    if about_ids and (any("id" not in c for c in calls) or any("tool_call_id" not in m for m in results)):
+        return ("; the row's tool calls carry no `id` (or its tool results no `tool_call_id`), which templates "
+                "such as Mistral's need (9 letters or digits each, the result naming its call)")
+    return ""
 
 
 def _tokenise(tokenizer, text: str, spans: list[tuple[int, int]], max_length: int) -> Sample:

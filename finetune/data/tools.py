@@ -71,3 +71,22 @@ def _json(text: str, what: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{what} is not valid JSON ({err.msg} at character {err.pos})") from None
+
+
+def name_results(messages: list[dict]) -> list[dict]:
+    """Tool results without a `name` get their call's, which some templates require (Hermes-2-Pro's tool_use
+    template raises without it): the call with the result's `tool_call_id`, else the call in the same position
+    among the calls the results answer (OpenAI's order). Nothing is invented: a result whose call is ambiguous keeps
+    no name, and the template decides."""
+    named, calls, answered = [], [], 0
+    for message in messages:
+        if message.get("tool_calls"):
+            calls, answered = message["tool_calls"], 0
+        elif message["role"] == "tool" and calls:
+            by_id = [c for c in calls if message.get("tool_call_id") and c.get("id") == message["tool_call_id"]]
+            call = by_id[0] if by_id else calls[answered] if answered < len(calls) else None
+            answered += 1
+            if call is not None and "name" not in message:
+                message = {**message, "name": call["function"]["name"]}
+        named.append(message)
+    return named
