@@ -240,6 +240,29 @@ def merge(
 
 @app.command()
 @user_errors
+def export(
+    target: Annotated[str, typer.Argument(help="A finished run directory (LoRA runs are merged first) or a model directory.")],
+    format_: Annotated[str, typer.Option("--format", help="Output format: gguf.")] = "gguf",
+    quant: Annotated[str, typer.Option(help="f16, bf16, q8_0 (q4_k_m needs llama.cpp's quantiser: refused).")] = "q8_0",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="The .gguf file (default: RUN/gguf-QUANT/NAME-QUANT.gguf).")] = None,
+    ollama: Annotated[bool, typer.Option("--ollama", help="Also write an Ollama Modelfile next to the file.")] = False,
+    max_samples: Annotated[int, typer.Option(min=1, help="Held-out rows the check answers.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation length limit of the check.")] = 32,
+    debug: Debug = False,
+):
+    """Export a run or model to GGUF (llama.cpp, Ollama, LM Studio) with the trained chat template and stop token,
+    then check the file's greedy answers against the trained model's (written to export.json)."""
+    from finetune.export import check_request
+
+    check_request(format_, quant)  # before any library loads: a refused type answers at once
+    _quiet_libraries()
+    from finetune.export import export as run_export
+
+    run_export(target, format_, quant, output, ollama, max_samples, max_new_tokens, log=console.print)
+
+
+@app.command()
+@user_errors
 def pull(
     alias: Annotated[str, typer.Argument(help="An embedded model alias, e.g. smollm2-135m-instruct.")] = "smollm2-135m-instruct",
     debug: Debug = False,

