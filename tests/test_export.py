@@ -11,6 +11,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from finetune import llama_runtime
 from finetune.cli import app
 from finetune.export import converter_dir
 from finetune.modeling import cache_dir, template_for
@@ -106,6 +107,22 @@ def test_q8_0_export_of_a_lora_run_merges_first(tmp_path_factory, tiny_model_dir
     assert not any(p.name.startswith(".export-merge") for p in run.iterdir())  # the temporary merge is gone
     again = runner.invoke(app, ["export", str(run), "--quant", "q8_0"])
     assert again.exit_code == 2 and "already exists" in again.output and "Traceback" not in again.output
+
+
+@pytest.mark.slow
+@needs_converter
+@pytest.mark.skipif(not llama_runtime.available(), reason="llama-cpp-python not installed (scripts/install.sh builds it)")
+def test_q4_k_m_is_quantised_by_llama_cpp_and_run_by_it(full_run, tmp_path):
+    out = tmp_path / "tiny-q4_k_m.gguf"
+    result = runner.invoke(app, ["export", str(full_run), "--quant", "q4_k_m", "--output", str(out), "--max-samples", "4"])
+    assert result.exit_code == 0, result.output
+    fields = gguf_fields(out)
+    assert fields["general.file_type"] == 15  # llama.h's LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert fields["tokenizer.ggml.eos_token_id"] == build_tokenizer().convert_tokens_to_ids("<|im_end|>")
+    assert fields["tokenizer.chat_template"] == (full_run / "model" / "chat_template.jinja").read_text()
+    check = json.loads((tmp_path / "export.json").read_text())["check"]
+    assert check["llama_cpp"]["agreeing_rows"] <= check["rows"] == 4  # llama.cpp loaded and answered every row
+    assert not list(tmp_path.glob(".*partial"))  # the intermediate f16 file is gone
 
 
 def test_refusals_exit_2_with_one_message(tmp_path, monkeypatch):
