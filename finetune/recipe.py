@@ -99,6 +99,12 @@ class DataSection(Section):
     turn. Off: such rows are refused, naming the template."""
     max_length: int = Field(1024, ge=16)
     """Tokens per row after the chat template; longer rows are cut at the end."""
+    cache: bool = True
+    """Keep the prepared (tokenised, masked) data on disk under a key of the data files' content, the tokenizer,
+    the template and these options (in $FINETUNE_CACHE/data, default ~/.cache/finetune/data), so the next run with
+    the same inputs starts in seconds and DDP ranks prepare once. Hub datasets are prepared every time."""
+    num_proc: int | None = Field(None, ge=1)
+    """Processes that prepare the data; unset: the cores available (small sets use one)."""
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
     """Refuse to train when more than this fraction of rows is malformed or loses all assistant tokens to
     truncation. 1% tolerates a few broken rows in a scraped set but stops a wrong format or field name."""

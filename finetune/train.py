@@ -154,8 +154,11 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
     data = build_datasets(
         tokenizer, train=d.train, train_split=d.train_split, eval=d.eval, eval_split=d.eval_split,
         eval_fraction=d.eval_fraction, format=d.format, max_length=d.max_length,
-        max_bad_fraction=d.max_bad_fraction, seed=t.seed, log=log, template=template,
+        max_bad_fraction=d.max_bad_fraction, seed=t.seed, log=log, template=template, cache=d.cache,
+        num_proc=d.num_proc,
     )
+    if data.cache_line:
+        log(data.cache_line)
     if rank == 0:
         _record_recipe(run_dir, recipe.model_dump(mode="json"), checkpoint, log)
         save_conversations(data.eval_conversations, run_dir / "held_out.jsonl")

@@ -34,17 +34,20 @@ def inspect_data(recipe, show: int = 0, dump: Path | None = None, console=None) 
     data = build_datasets(
         tokenizer, train=d.train, train_split=d.train_split, eval=d.eval, eval_split=d.eval_split,
         eval_fraction=d.eval_fraction, format=d.format, max_length=d.max_length,
-        max_bad_fraction=d.max_bad_fraction, seed=recipe.train.seed, log=log, template=template,
+        max_bad_fraction=d.max_bad_fraction, seed=recipe.train.seed, log=log, template=template, cache=d.cache,
+        num_proc=d.num_proc,
     )
     report = summarise(data, d.max_length)
     report.update(template=template.name, end_of_turn=template.end_of_turn,
                   added_tokens=tokenizer.convert_ids_to_tokens(added))
     _print_report(report, data.problems, say)
+    if data.cache_line:
+        say(escape(data.cache_line))
     for number in range(min(show, len(data.train))):
-        conv = data.train_conversations[number]
+        source, row = data.origin(number)
         sample = data.train[number]
         legend = "[bold green]trained[/bold green], [dim]not trained[/dim]" if console.color_system else "⟦trained⟧"
-        say(f"\n[bold]sample {number + 1}[/bold] ({escape(conv.source)}:{conv.row}, {len(sample['input_ids'])} tokens; "
+        say(f"\n[bold]sample {number + 1}[/bold] ({escape(source)}:{row}, {len(sample['input_ids'])} tokens; "
             f"{legend}):")
         marks = ("", "") if console.color_system else ("⟦", "⟧")  # piped or NO_COLOR: trained text in brackets
         console.print(highlight(tokenizer, sample["input_ids"], sample["labels"], marks), soft_wrap=True)
@@ -55,16 +58,20 @@ def inspect_data(recipe, show: int = 0, dump: Path | None = None, console=None) 
 
 
 def summarise(data, max_length: int) -> dict:
-    lengths = sorted(len(ids) for ids in data.train["input_ids"])
-    trained = sum(sum(label != -100 for label in labels) for labels in data.train["labels"])
-    rows_kept = len({(c.source, c.row) for c in data.train_conversations}) + len(data.eval_conversations)
+    import numpy as np
+    import pyarrow.compute as pc
+
+    # On the Arrow columns: a million-row set never becomes Python lists.
+    lengths = np.sort(pc.list_value_length(data.train.data.column("input_ids")).to_numpy())
+    trained = pc.sum(pc.not_equal(pc.list_flatten(data.train.data.column("labels")), -100)).as_py()
+    rows_kept = len(set(data.train_rows["row"])) + len(data.eval_conversations)
     return {
         "rows_read": data.rows_read, "rows_kept": rows_kept, "rows_refused": len(data.problems),
         "train_samples": len(lengths), "eval_samples": len(data.eval) if data.eval is not None else 0,
-        "tokens_mean": sum(lengths) / len(lengths), "tokens_p95": lengths[min(len(lengths) - 1,
-                                                                             int(0.95 * len(lengths)))],
-        "tokens_max": lengths[-1], "truncated": data.truncated, "max_length": max_length,
-        "trained_share": trained / sum(lengths),
+        "tokens_mean": float(lengths.mean()), "tokens_p95": int(lengths[min(len(lengths) - 1,
+                                                                                int(0.95 * len(lengths)))]),
+        "tokens_max": int(lengths[-1]), "truncated": data.truncated, "max_length": max_length,
+        "trained_share": trained / int(lengths.sum()),
     }
 
 
@@ -104,6 +111,6 @@ def write_dump(path: Path, data) -> None:
     train.seed): the row it came from, input_ids, and labels (-100 where no loss)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as handle:
-        for conv, sample in zip(data.train_conversations, data.train):
-            handle.write(json.dumps({"source": conv.source, "row": conv.row, "input_ids": sample["input_ids"],
-                                     "labels": sample["labels"]}) + "\n")
+        for origin, sample in zip(data.train_rows, data.train):
+            handle.write(json.dumps({"source": data.train_source, "row": origin["row"],
+                                     "input_ids": sample["input_ids"], "labels": sample["labels"]}) + "\n")

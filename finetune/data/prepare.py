@@ -11,8 +11,11 @@ training: TRL would silently drop rows whose assistant tokens all fall past `max
 
 from __future__ import annotations
 
+import atexit
 import json
 import random
+import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +23,11 @@ from typing import Any
 
 from rich.markup import escape
 
+from finetune.data.cache import cache_key, claimed, is_complete, write_complete
 from finetune.data.formats import first_row_format, normalise, row_tools
+from finetune.data.pipeline import conversations, encode_source, select_samples
 from finetune.data.sources import read_records
-from finetune.data.template import ChatTemplate, chat_template, encode_samples, fit_messages
+from finetune.data.template import ChatTemplate, chat_template
 from finetune.errors import UserError
 
 _SHOWN_PROBLEMS = 10
@@ -59,15 +64,22 @@ class SourceRows:
 
 @dataclass
 class PreparedData:
-    train: Any  # datasets.Dataset with input_ids, labels
+    train: Any  # datasets.Dataset with input_ids, labels (memory-mapped Arrow)
     eval: Any | None
     eval_conversations: list[Conversation]
     mean_train_tokens: float
     problems: list[str] = field(default_factory=list)
     template: ChatTemplate | None = None
-    train_conversations: list[Conversation] = field(default_factory=list)  # the row of each training sample
+    train_rows: Any = None  # datasets.Dataset: the source row of each training sample, and whether it was cut
+    train_source: str = ""
     rows_read: int = 0
     truncated: int = 0  # samples cut at max_length
+    cache: str | None = None  # the cache entry the samples were read from or written to
+    ignored_lines: list[str] = field(default_factory=list)  # the fields no format uses, per source
+    cache_line: str | None = None  # where the prepared data lives, and whether it was prepared again
+
+    def origin(self, index: int) -> tuple[str, int]:
+        return self.train_source, self.train_rows[index]["row"]
 
 
 def build_datasets(
@@ -83,64 +95,125 @@ def build_datasets(
     seed: int,
     log=print,
     template: ChatTemplate | None = None,
+    cache: bool = True,
+    num_proc: int | None = None,
 ) -> PreparedData:
-    """Load, normalise, split and tokenise with the tokenizer's chat template (or `template`); raise UserError when
-    too many rows are bad."""
-    from datasets import Dataset
-
+    """Load, normalise, split and tokenise with the tokenizer's chat template (or `template`), on Arrow over
+    `num_proc` processes (default: the cores available), cached on disk under a key of the inputs' content (see
+    cache.py); raise UserError when too many rows are bad."""
     if template is None:
         try:
             template = chat_template(tokenizer)
         except ValueError as err:
             raise UserError(str(err)) from None
-    train_rows, problems, total = load_conversations(train, train_split, format, log)
-    if eval is not None:
-        eval_rows, eval_problems, eval_total = load_conversations(eval, eval_split, format, log)
-        problems += eval_problems
-        total += eval_total
+    # The sources' names too: refusal lines and sample origins name them.
+    options = {"train": train, "eval": eval, "train_split": train_split, "eval_split": eval_split,
+               "eval_fraction": eval_fraction,
+               "format": format, "max_length": max_length, "seed": seed if eval_fraction > 0 else None}
+    key = cache_key(tokenizer, template, {"train": train, "eval": eval}, options) if cache else None
+
+    def prepare(directory: Path) -> None:
+        _prepare(tokenizer, template, train, train_split, eval, eval_split, eval_fraction, format, max_length,
+                 seed, num_proc, directory, key or "uncached")
+
+    if key is None:  # a hub dataset (or data.cache off): prepared in a temporary entry, removed at exit
+        directory = Path(tempfile.mkdtemp(prefix="finetune-data-"))
+        atexit.register(shutil.rmtree, directory, True)
+        prepare(directory)
+        data = _load(directory, template)
     else:
-        train_rows, eval_rows = split_held_out(train_rows, eval_fraction, seed)
-
-    encoded, truncated = {}, 0
-    for name, rows in (("train", train_rows), ("eval", eval_rows)):
-        kept_rows, sample_rows, columns = [], [], {"input_ids": [], "labels": []}
-        for conv in rows:
-            try:
-                conv.messages = fit_messages(template, conv.messages)  # held_out.jsonl keeps what was trained
-                samples = encode_samples(tokenizer, conv.messages, max_length, conv.tools, template)
-            except ValueError as err:
-                problems.append(f"{conv.source}:{conv.row}: {err}")
-                continue
-            samples = [s for s in samples if any(label != -100 for label in s.labels)]
-            if not samples:
-                problems.append(f"{conv.source}:{conv.row}: no assistant token left within max_length={max_length}"
-                                " (raise data.max_length or shorten the row)")
-                continue
-            for sample in samples:
-                columns["input_ids"].append(sample.input_ids)
-                columns["labels"].append(sample.labels)
-                sample_rows.append(conv)
-                truncated += sample.truncated and name == "train"
-            kept_rows.append(conv)
-        encoded[name] = (kept_rows, columns, sample_rows)
-
-    check_bad_fraction(problems, total, max_bad_fraction, log)
-    train_rows, train_columns, train_samples = encoded["train"]
-    eval_rows, eval_columns, _ = encoded["eval"]
-    if not train_rows:
+        with claimed(key) as directory:
+            hit = is_complete(directory)
+            if not hit:
+                write_complete(directory, prepare)
+            data = _load(directory, template)
+    for line in data.ignored_lines:
+        log(escape(line))
+    check_bad_fraction(data.problems, data.rows_read, max_bad_fraction, log)
+    if len(data.train) == 0:
         raise UserError(f"{train}: no usable training rows")
-    mean_tokens = sum(map(len, train_columns["input_ids"])) / len(train_columns["input_ids"])
-    return PreparedData(
-        train=Dataset.from_dict(train_columns),
-        eval=Dataset.from_dict(eval_columns) if eval_rows else None,
-        eval_conversations=eval_rows,
-        mean_train_tokens=mean_tokens,
-        problems=problems,
+    if key is not None:
+        data.cache_line = f"data: {'read from' if hit else 'prepared into'} the cache {directory}"
+    return data
+
+
+def _prepare(tokenizer, template, train, train_split, eval, eval_split, eval_fraction, format, max_length, seed,
+             num_proc, directory: Path, key: str) -> None:
+    """Encode the sources, split off the held-out rows and write the entry: train/ and eval/ datasets,
+    held_out.jsonl and meta.json (written last: its presence marks the entry complete)."""
+    import numpy as np
+
+    work = directory / "work"
+    encoded = encode_source(train, train_split, format, tokenizer, template, max_length, work, num_proc, key)
+    problems, rows_read, ignored = list(encoded.problems), encoded.rows_read, [_ignored_line(encoded)]
+    rows = encoded.sample_rows
+    if eval is not None:
+        held_encoded = encode_source(eval, eval_split, format, tokenizer, template, max_length, work / "eval",
+                                     num_proc, key + "-eval")
+        problems += held_encoded.problems
+        rows_read += held_encoded.rows_read
+        ignored.append(_ignored_line(held_encoded))
+        held_samples = select_samples(held_encoded, None)
+        held_rows = sorted(set(held_encoded.sample_rows.tolist()))
+        train_samples = select_samples(encoded, None)
+    else:
+        held = _held_out_rows(encoded.pool, eval_fraction, seed)
+        in_held = np.isin(rows, np.asarray(held, dtype=rows.dtype))
+        train_samples = select_samples(encoded, ~in_held)
+        held_samples = select_samples(encoded, in_held)
+        held_encoded = encoded
+        held_rows = sorted(set(rows[in_held].tolist()))
+    held_out = conversations(held_encoded, held_rows, template, format)
+    for name, samples in (("train", train_samples), ("eval", held_samples)):
+        if len(samples):  # datasets cannot load back a saved dataset of no rows
+            samples.save_to_disk(str(directory / name))
+    save_conversations(held_out, directory / "held_out.jsonl")
+    shutil.rmtree(work, ignore_errors=True)
+    meta = {"train_source": train, "rows_read": rows_read, "problems": problems,
+            "ignored_lines": [line for line in ignored if line]}
+    (directory / "meta.json").write_text(json.dumps(meta) + "\n")
+
+
+def _load(directory: Path, template: ChatTemplate) -> PreparedData:
+    import datasets
+
+    from finetune.data.pipeline import sample_features
+    import pyarrow.compute as pc
+
+    meta = json.loads((directory / "meta.json").read_text())
+    held = datasets.load_from_disk(str(directory / "eval")) if (directory / "eval").is_dir() else None
+    samples = datasets.load_from_disk(str(directory / "train")) if (directory / "train").is_dir() else \
+        datasets.Dataset.from_dict({"row": [], "input_ids": [], "labels": [], "truncated": []}, features=sample_features())
+    lengths = pc.list_value_length(samples.data.column("input_ids"))
+    data = PreparedData(
+        train=samples.select_columns(["input_ids", "labels"]),
+        eval=held.select_columns(["input_ids", "labels"]) if held is not None else None,
+        eval_conversations=read_saved_conversations(directory / "held_out.jsonl"),
+        mean_train_tokens=pc.mean(lengths).as_py() or 0.0,
+        problems=meta["problems"],
         template=template,
-        train_conversations=train_samples,
-        rows_read=total,
-        truncated=truncated,
+        train_rows=samples.select_columns(["row", "truncated"]),
+        train_source=meta["train_source"],
+        rows_read=meta["rows_read"],
+        truncated=pc.sum(samples.data.column("truncated")).as_py() or 0,
+        cache=str(directory),
+        ignored_lines=meta["ignored_lines"],
     )
+    return data
+
+
+def _ignored_line(encoded) -> str | None:
+    read = SourceRows(encoded.source, ignored=Counter(encoded.ignored))
+    return read.ignored_line()
+
+
+def _held_out_rows(pool: list[int], fraction: float, seed: int) -> list[int]:
+    """The same seeded draw as split_held_out, over the rows that normalised (file order)."""
+    if fraction <= 0 or not pool:
+        return []
+    order = list(range(len(pool)))
+    random.Random(seed).shuffle(order)
+    return sorted(pool[i] for i in order[:max(1, round(fraction * len(pool)))])
 
 
 def load_conversations(source: str, split: str, format: str, log=None) -> tuple[list[Conversation], list[str], int]:

@@ -60,18 +60,14 @@ def _jsonl(path: Path, source: str) -> Iterator[tuple[int, Any]]:
     cost their row only; UTF-16/UTF-32 files are decoded as a whole."""
     encoding = text_encoding(path)
     if encoding.startswith("utf-8"):
-        with path.open("rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                try:
-                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-                except UnicodeDecodeError as err:
-                    yield number, err
-                    continue
-                if line.strip():
-                    try:
-                        yield number, json.loads(line)
-                    except ValueError as err:
-                        yield number, err
+        for number, line in _utf8_lines(path):
+            if isinstance(line, Exception):
+                yield number, line
+                continue
+            try:
+                yield number, json.loads(line)
+            except ValueError as err:
+                yield number, err
         return
     try:
         with path.open(encoding=encoding) as handle:
@@ -83,6 +79,27 @@ def _jsonl(path: Path, source: str) -> Iterator[tuple[int, Any]]:
                         yield number, err
     except UnicodeDecodeError as err:
         raise UserError(f"{source}: not valid {encoding.upper()} text ({err.reason}); save it as UTF-8") from None
+
+
+def text_lines(source: str) -> Iterator[tuple[int, str | Exception]] | None:
+    """A UTF-8 JSON Lines file's non-blank lines, unparsed (a line that is not UTF-8 comes as its error), for
+    preparation that parses rows in worker processes; None for any other source."""
+    path = Path(source).expanduser()
+    if not (path.is_file() and path.suffix.lower() == ".jsonl" and text_encoding(path).startswith("utf-8")):
+        return None
+    return _utf8_lines(path)
+
+
+def _utf8_lines(path: Path) -> Iterator[tuple[int, str | Exception]]:
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                yield number, err
+                continue
+            if line.strip():
+                yield number, line
 
 
 def _json(path: Path, source: str) -> Iterator[tuple[int, Any]]:

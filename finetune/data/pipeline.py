@@ -1,0 +1,203 @@
+"""One source to token ids on Arrow: rows are read as text into a memory-mapped dataset, then parsed, normalised,
+rendered and masked by `datasets.map` over several processes (each row's fate kept in the output: its samples, or
+the reason it was refused, and at which stage).
+
+Memory stays flat whatever the number of rows: rows and samples live in Arrow files on disk, and only the refused
+rows' reasons and the held-out rows come back as Python objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune.data.formats import first_row_format, normalise, row_tools
+from finetune.data.sources import read_records, text_lines
+from finetune.data.template import ChatTemplate, encode_samples, fit_messages
+from finetune.errors import UserError
+
+#: Row stages in the encoded dataset: a sample, a row refused while normalising (not in the held-out split's pool,
+#: as before any template is involved), a row refused by the template or max_length.
+SAMPLE, REFUSED_FORMAT, REFUSED_TEMPLATE = 0, 1, 2
+#: Rows per `map` batch: large enough to amortise the batch overhead, small enough to keep a worker's memory flat.
+BATCH = 500
+#: Below this many rows per process, starting processes costs more than it saves.
+ROWS_PER_PROCESS = 2000
+
+
+@dataclass
+class Encoded:
+    """A source after preparation: its encoded rows, which of them are samples, its refused rows and counts."""
+
+    source: str
+    encoded: Any  # datasets.Dataset: row, input_ids, labels, truncated, stage, problem, ignored
+    samples: Any  # numpy positions in `encoded` of the samples (file order)
+    sample_rows: Any  # numpy: the file row of each sample
+    problems: list[str]
+    ignored: dict[str, int]
+    rows_read: int
+    pool: list[int]  # rows that normalised, in file order: the held-out split draws from these
+    raw: Any  # datasets.Dataset of the row texts, to rebuild held-out conversations
+
+
+def processes(rows: int, wanted: int | None) -> int:
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(wanted or available, rows // ROWS_PER_PROCESS))
+
+
+def encode_source(source: str, split: str, format: str, tokenizer, template: ChatTemplate, max_length: int,
+                  work: Path, num_proc: int | None = None, tag: str = "") -> Encoded:
+    import datasets
+    import numpy as np
+    import pyarrow.compute as pc
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are forked: one thread each
+    try:
+        raw = datasets.Dataset.from_generator(
+            _raw_rows, gen_kwargs={"source": source, "split": split, "tag": tag}, cache_dir=str(work / "raw"),
+            features=datasets.Features({"row": datasets.Value("int64"), "text": datasets.Value("string"),
+                                        "error": datasets.Value("string")}))
+    except Exception as err:  # datasets wraps what the reader raised (a missing split, an unreadable file)
+        cause = err
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__ or cause.__context__
+        raise (cause or err) from None
+    if len(raw) == 0:
+        raise UserError(f"{source}: no rows")
+    fmt = _detect(raw, source, None if format == "auto" else format)
+    features = datasets.Features({
+        "row": datasets.Value("int64"), "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "labels": datasets.Sequence(datasets.Value("int32")), "truncated": datasets.Value("bool"),
+        "stage": datasets.Value("int8"), "problem": datasets.Value("string"),
+        "ignored": datasets.Sequence(datasets.Value("string"))})
+    encoded = raw.map(
+        _encode_batch, batched=True, batch_size=BATCH, num_proc=processes(len(raw), num_proc) if num_proc != 1 else None,
+        remove_columns=raw.column_names, features=features, new_fingerprint=f"{tag}-encoded",
+        fn_kwargs={"tokenizer": tokenizer, "template": template, "fmt": fmt, "max_length": max_length},
+        desc=f"preparing {Path(source).name}")
+    table = encoded.data
+    stage = table.column("stage").to_numpy()
+    rows = table.column("row").to_numpy()
+    refused = np.flatnonzero(stage != SAMPLE)
+    reasons = encoded.select_columns(["row", "problem"]).select(refused).to_dict() if len(refused) else {"row": []}
+    problems = [f"{source}:{row}: {reason}" for row, reason in zip(reasons["row"], reasons.get("problem", []))]
+    counts = pc.value_counts(pc.list_flatten(table.column("ignored"))).to_pylist()
+    ignored = {entry["values"]: entry["counts"] for entry in counts}
+    normalised = rows[stage != REFUSED_FORMAT]
+    pool = normalised[np.concatenate(([True], normalised[1:] != normalised[:-1]))] if len(normalised) else normalised
+    samples = np.flatnonzero(stage == SAMPLE)
+    return Encoded(source, encoded, samples, rows[samples], problems, ignored, len(raw), pool.tolist(), raw)
+
+
+def _raw_rows(source: str, split: str, tag: str):
+    """Every row as JSON text; a row that cannot be decoded carries its error. JSON Lines files pass their lines
+    through unparsed (the workers parse them), other sources are read and written as JSON text. `tag` (the
+    preparation's key) only makes `datasets`' own generator cache tell different inputs apart."""
+    lines = text_lines(source)
+    if lines is not None:
+        for number, line in lines:
+            error = isinstance(line, Exception)
+            yield {"row": number, "text": "" if error else line, "error": f"not valid JSON: {line}" if error else ""}
+        return
+    for number, record in read_records(source, split):
+        if isinstance(record, Exception):
+            yield {"row": number, "text": "", "error": f"not valid JSON: {record}"}
+        else:
+            yield {"row": number, "text": json.dumps(record, ensure_ascii=False, default=str), "error": ""}
+
+
+def _detect(raw, source: str, format: str | None) -> str:
+    """The file's format from its first object row (preference data is refused here, for the whole file)."""
+    head = raw.select(range(min(1000, len(raw)))).to_dict()
+    for row, text, error in zip(head["row"], head["text"], head["error"]):
+        record = _parse(text, error, raise_errors=False)
+        if isinstance(record, dict):
+            return first_row_format(record, format, f"{source}:{row}")
+    if format is not None:
+        return format
+    raise UserError(f"{source}: no row of the first 1000 is a JSON object, so its format cannot be detected")
+
+
+def _parse(text: str, error: str, raise_errors: bool = True):
+    try:
+        if error:
+            raise ValueError(error)
+        try:
+            return json.loads(text)
+        except ValueError as err:
+            raise ValueError(f"not valid JSON: {err}") from None
+    except ValueError:
+        if raise_errors:
+            raise
+        return None
+
+
+def _encode_batch(batch: dict, tokenizer, template: ChatTemplate, fmt: str, max_length: int) -> dict:
+    out: dict[str, list] = {k: [] for k in ("row", "input_ids", "labels", "truncated", "stage", "problem", "ignored")}
+
+    def emit(row, stage, problem="", ids=(), labels=(), truncated=False, ignored=()):
+        for key, value in zip(out, (row, list(ids), list(labels), truncated, stage, problem, sorted(ignored))):
+            out[key].append(value)
+
+    for row, text, error in zip(batch["row"], batch["text"], batch["error"]):
+        try:
+            record = _parse(text, error)
+            if not isinstance(record, dict):
+                raise ValueError(f"expected an object, got {type(record).__name__}")
+            messages, ignored = normalise(record, fmt)
+            tools = row_tools(record)
+        except ValueError as err:
+            emit(row, REFUSED_FORMAT, str(err))
+            continue
+        try:
+            samples = encode_samples(tokenizer, fit_messages(template, messages), max_length, tools, template)
+        except ValueError as err:
+            emit(row, REFUSED_TEMPLATE, str(err), ignored=ignored)
+            continue
+        samples = [s for s in samples if any(label != -100 for label in s.labels)]
+        if not samples:
+            emit(row, REFUSED_TEMPLATE, f"no assistant token left within max_length={max_length} (raise "
+                 "data.max_length or shorten the row)", ignored=ignored)
+        for number, sample in enumerate(samples):
+            emit(row, SAMPLE, "", sample.input_ids, sample.labels, sample.truncated, ignored if number == 0 else ())
+    return out
+
+
+def conversations(encoded: Encoded, rows: list[int], template: ChatTemplate, fmt_hint: str) -> list:
+    """The given rows (file row numbers) as fitted Conversations, rebuilt from their text: held-out rows for
+    held_out.jsonl and `finetune eval`."""
+    import numpy as np
+
+    from finetune.data.prepare import Conversation
+
+    if not rows:
+        return []
+    raw_rows = encoded.raw.data.column("row").to_numpy()
+    positions = np.searchsorted(raw_rows, np.asarray(rows))
+    picked = encoded.raw.select(positions).to_dict()
+    fmt = _detect(encoded.raw, encoded.source, None if fmt_hint == "auto" else fmt_hint)
+    out = []
+    for row, text, error in zip(picked["row"], picked["text"], picked["error"]):
+        record = _parse(text, error)
+        messages, _ = normalise(record, fmt)
+        out.append(Conversation(fit_messages(template, messages), encoded.source, row, row_tools(record)))
+    return out
+
+
+def sample_features():
+    import datasets
+
+    return datasets.Features({"row": datasets.Value("int64"), "input_ids": datasets.Sequence(datasets.Value("int32")),
+                              "labels": datasets.Sequence(datasets.Value("int32")), "truncated": datasets.Value("bool")})
+
+
+def select_samples(encoded: Encoded, which):
+    """The samples at `which` (a boolean mask over `encoded.samples`) as a dataset of row, input_ids, labels and
+    truncated; `save_to_disk` writes just those."""
+    import numpy as np
+
+    positions = encoded.samples[np.asarray(which)] if which is not None else encoded.samples
+    return encoded.encoded.select(positions).select_columns(["row", "input_ids", "labels", "truncated"])
