@@ -87,9 +87,10 @@ def held_out_rows(target: str, recipe_path: Path | None, data: Path | None) -> l
         d = recipe.data
         if d.eval is not None:
             return load_conversations(d.eval, d.eval_split, d.format)[0]
-        if d.eval_fraction > 0:
-            rows = load_conversations(d.train, d.train_split, d.format)[0]
-            return split_held_out(rows, d.eval_fraction, recipe.train.seed)[1]
+        if d.eval_fraction > 0:  # each source's share, drawn as training drew it
+            return [row for s in d.train_sources() for row in split_held_out(
+                load_conversations(s.path, s.split, s.format, columns=s.columns)[0], d.eval_fraction,
+                recipe.train.seed)[1]]
         raise UserError(f"{recipe_path}: the recipe has no held-out data (data.eval or data.eval_fraction)")
     saved = Path(target) / "held_out.jsonl"
     if saved.exists():

@@ -66,13 +66,50 @@ class ModelSection(Section):
         return _check_local(value, "model path")
 
 
+class SourceSection(Section):
+    """One training source of a mixture."""
+
+    path: str
+    """A local .jsonl/.json/.parquet/.csv/.tsv file, a dataset directory, or a hub dataset id."""
+    split: str = "train"
+    """Split to read when `path` is a hub dataset id or a dataset directory."""
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = "auto"
+    """This source's row format (see data.format)."""
+    columns: dict[str, str] = {}
+    """The format's field names for this file's own: `{prompt: question, completion: answer}` reads `question` as
+    `prompt` and `answer` as `completion`."""
+    weight: float | None = Field(None, gt=0)
+    """This source's share of the training rows, relative to the other weighted sources; together they give as many
+    rows as they hold, each up- or down-sampled to its share (seeded by train.seed)."""
+    rows: int | None = Field(None, ge=1)
+    """Exactly this many training rows from this source (repeating its rows when it has fewer)."""
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, value: str) -> str:
+        path = Path(value).expanduser()
+        problem = unsupported_suffix(path) if path.exists() else None
+        if problem:
+            raise ValueError(f"data file `{value}`: {problem}")
+        return _check_local(value, "data file")
+
+    @model_validator(mode="after")
+    def _one_share(self):
+        if self.weight is not None and self.rows is not None:
+            raise ValueError("set either `weight` or `rows` for a source, not both")
+        return self
+
+
 class DataSection(Section):
     """Training and held-out data: local JSON/JSONL/Parquet/CSV/TSV files, dataset directories or hub dataset ids."""
 
-    train: str
+    train: str | None = None
     """A local .jsonl/.json/.parquet/.csv/.tsv file, a dataset directory, or a hub dataset id. A path that exists
     is always read locally. CSV/TSV files need a header naming Alpaca (instruction, output, optional input,
     system) or prompt/completion columns."""
+    sources: list[SourceSection] | None = None
+    """Several training sources mixed into one run (instead of `train`), each with its own path, split, format,
+    column names and share (`weight` or `rows`); the mix in rows and tokens is printed at the start."""
     train_split: str = "train"
     """Split to read when `train` is a hub dataset id."""
     eval: str | None = None
@@ -131,7 +168,20 @@ class DataSection(Section):
     def _one_eval_source(self):
         if self.eval is not None and self.eval_fraction > 0:
             raise ValueError("set either `data.eval` or `data.eval_fraction`, not both")
+        if (self.train is None) == (self.sources is None):
+            raise ValueError("set either `data.train` (one source) or `data.sources` (a mixture), not both"
+                             if self.train is not None else "set `data.train` (one source) or `data.sources`")
+        if self.sources is not None and not self.sources:
+            raise ValueError("`data.sources` is empty")
         return self
+
+    def train_sources(self) -> list:
+        """Every training source as a `finetune.data.mixture.Source` (a plain `train` is one)."""
+        from finetune.data.mixture import Source
+
+        if self.sources is None:
+            return [Source(self.train, self.train_split, self.format)]
+        return [Source(s.path, s.split, s.format, dict(s.columns), s.weight, s.rows) for s in self.sources]
 
 
 class TrainSection(Section):

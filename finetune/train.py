@@ -97,7 +97,7 @@ _WRITE_ERRORS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", 
 
 def _inputs(recipe: Recipe) -> tuple[str, ...]:
     """The local paths a run reads (its base model and data), which `--overwrite` must never delete."""
-    paths = (recipe.model.name_or_path, recipe.data.train, recipe.data.eval)
+    paths = (recipe.model.name_or_path, recipe.data.eval, *(s.path for s in recipe.data.train_sources()))
     return tuple(p for p in paths if p and Path(p).expanduser().exists())
 
 
@@ -152,13 +152,15 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
     template = template_for(tokenizer, d.chat_template, d.fold_system, m.name_or_path)
     log(f"chat template: {template.name}, end of turn {template.end_of_turn}")
     data = build_datasets(
-        tokenizer, train=d.train, train_split=d.train_split, eval=d.eval, eval_split=d.eval_split,
+        tokenizer, train=d.train_sources(), train_split=d.train_split, eval=d.eval, eval_split=d.eval_split,
         eval_fraction=d.eval_fraction, format=d.format, max_length=d.max_length,
         max_bad_fraction=d.max_bad_fraction, seed=t.seed, log=log, template=template, cache=d.cache,
         num_proc=d.num_proc,
     )
     if data.cache_line:
         log(data.cache_line)
+    if len(data.mix) > 1:
+        log("training mix: " + "; ".join(data.mix_lines()))
     if rank == 0:
         _record_recipe(run_dir, recipe.model_dump(mode="json"), checkpoint, log)
         save_conversations(data.eval_conversations, run_dir / "held_out.jsonl")

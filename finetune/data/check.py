@@ -20,23 +20,23 @@ _SHOWN = 5
 def check_data(data, log) -> list[str]:
     """Report on each local source of a recipe's `data` section; return the problems that fail validation."""
     problems = []
-    for key in ("train", "eval"):
-        source, split = getattr(data, key), getattr(data, f"{key}_split")
-        if source is None:
-            continue
-        label = f"data.{key}"
+    listed = [("data.train" if data.sources is None else f"data.sources[{i}]", s.path, s.split, s.format, s.columns)
+              for i, s in enumerate(data.train_sources())]
+    if data.eval is not None:
+        listed.append(("data.eval", data.eval, data.eval_split, data.format, {}))
+    for label, source, split, format, columns in listed:
         if not Path(source).expanduser().exists():
             log(f"  {label}: hub dataset `{escape(source)}` not checked (validate downloads nothing)")
             continue
         try:
-            problems += _check_source(label, source, split, data.format, data.max_bad_fraction, log)
+            problems += _check_source(label, source, split, format, data.max_bad_fraction, log, columns)
         except UserError as err:
             problems.append(f"{label}: {err}")
     return problems
 
 
-def _check_source(label: str, source: str, split: str, format: str, limit: float, log) -> list[str]:
-    read = read_source(source, split, format, keep=False)
+def _check_source(label: str, source: str, split: str, format: str, limit: float, log, columns=None) -> list[str]:
+    read = read_source(source, split, format, keep=False, columns=columns)
     if read.total == 0:
         return [f"{label}: {source}: no rows (an empty data file)"]
     rows = f"{read.total} row" + ("s" if read.total > 1 else "")

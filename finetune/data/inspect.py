@@ -32,7 +32,7 @@ def inspect_data(recipe, show: int = 0, dump: Path | None = None, console=None) 
     tokenizer, added = load_tokenizer(model_path, m.trust_remote_code, d.chat_template)
     template = template_for(tokenizer, d.chat_template, d.fold_system, m.name_or_path)
     data = build_datasets(
-        tokenizer, train=d.train, train_split=d.train_split, eval=d.eval, eval_split=d.eval_split,
+        tokenizer, train=d.train_sources(), train_split=d.train_split, eval=d.eval, eval_split=d.eval_split,
         eval_fraction=d.eval_fraction, format=d.format, max_length=d.max_length,
         max_bad_fraction=d.max_bad_fraction, seed=recipe.train.seed, log=log, template=template, cache=d.cache,
         num_proc=d.num_proc,
@@ -41,6 +41,10 @@ def inspect_data(recipe, show: int = 0, dump: Path | None = None, console=None) 
     report.update(template=template.name, end_of_turn=template.end_of_turn,
                   added_tokens=tokenizer.convert_ids_to_tokens(added))
     _print_report(report, data.problems, say)
+    if len(data.mix) > 1:
+        say("training mix:")
+        for line in data.mix_lines():
+            say(f"  {escape(line)}")
     if data.cache_line:
         say(escape(data.cache_line))
     for number in range(min(show, len(data.train))):
@@ -71,7 +75,7 @@ def summarise(data, max_length: int) -> dict:
         "tokens_mean": float(lengths.mean()), "tokens_p95": int(lengths[min(len(lengths) - 1,
                                                                                 int(0.95 * len(lengths)))]),
         "tokens_max": int(lengths[-1]), "truncated": data.truncated, "max_length": max_length,
-        "trained_share": trained / int(lengths.sum()),
+        "trained_share": trained / int(lengths.sum()), "mix": data.mix,
     }
 
 
@@ -112,5 +116,5 @@ def write_dump(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as handle:
         for origin, sample in zip(data.train_rows, data.train):
-            handle.write(json.dumps({"source": data.train_source, "row": origin["row"],
+            handle.write(json.dumps({"source": data.sources[origin["source"]], "row": origin["row"],
                                      "input_ids": sample["input_ids"], "labels": sample["labels"]}) + "\n")

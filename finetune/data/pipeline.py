@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.data.formats import first_row_format, normalise, row_tools
+from finetune.data.mixture import rename
 from finetune.data.sources import read_records, text_lines
 from finetune.data.template import ChatTemplate, encode_samples, fit_messages
 from finetune.errors import UserError
@@ -41,6 +42,8 @@ class Encoded:
     rows_read: int
     pool: list[int]  # rows that normalised, in file order: the held-out split draws from these
     raw: Any  # datasets.Dataset of the row texts, to rebuild held-out conversations
+    format: str = "messages"
+    columns: dict = None
 
 
 def processes(rows: int, wanted: int | None) -> int:
@@ -49,7 +52,7 @@ def processes(rows: int, wanted: int | None) -> int:
 
 
 def encode_source(source: str, split: str, format: str, tokenizer, template: ChatTemplate, max_length: int,
-                  work: Path, num_proc: int | None = None, tag: str = "") -> Encoded:
+                  work: Path, num_proc: int | None = None, tag: str = "", columns: dict | None = None) -> Encoded:
     import datasets
     import numpy as np
     import pyarrow.compute as pc
@@ -67,7 +70,8 @@ def encode_source(source: str, split: str, format: str, tokenizer, template: Cha
         raise (cause or err) from None
     if len(raw) == 0:
         raise UserError(f"{source}: no rows")
-    fmt = _detect(raw, source, None if format == "auto" else format)
+    columns = columns or {}
+    fmt = _detect(raw, source, None if format == "auto" else format, columns)
     features = datasets.Features({
         "row": datasets.Value("int64"), "input_ids": datasets.Sequence(datasets.Value("int32")),
         "labels": datasets.Sequence(datasets.Value("int32")), "truncated": datasets.Value("bool"),
@@ -76,7 +80,8 @@ def encode_source(source: str, split: str, format: str, tokenizer, template: Cha
     encoded = raw.map(
         _encode_batch, batched=True, batch_size=BATCH, num_proc=processes(len(raw), num_proc) if num_proc != 1 else None,
         remove_columns=raw.column_names, features=features, new_fingerprint=f"{tag}-encoded",
-        fn_kwargs={"tokenizer": tokenizer, "template": template, "fmt": fmt, "max_length": max_length},
+        fn_kwargs={"tokenizer": tokenizer, "template": template, "fmt": fmt, "max_length": max_length,
+                   "columns": columns},
         desc=f"preparing {Path(source).name}")
     table = encoded.data
     stage = table.column("stage").to_numpy()
@@ -89,7 +94,8 @@ def encode_source(source: str, split: str, format: str, tokenizer, template: Cha
     normalised = rows[stage != REFUSED_FORMAT]
     pool = normalised[np.concatenate(([True], normalised[1:] != normalised[:-1]))] if len(normalised) else normalised
     samples = np.flatnonzero(stage == SAMPLE)
-    return Encoded(source, encoded, samples, rows[samples], problems, ignored, len(raw), pool.tolist(), raw)
+    return Encoded(source, encoded, samples, rows[samples], problems, ignored, len(raw), pool.tolist(), raw, fmt,
+                   columns)
 
 
 def _raw_rows(source: str, split: str, tag: str):
@@ -109,13 +115,13 @@ def _raw_rows(source: str, split: str, tag: str):
             yield {"row": number, "text": json.dumps(record, ensure_ascii=False, default=str), "error": ""}
 
 
-def _detect(raw, source: str, format: str | None) -> str:
+def _detect(raw, source: str, format: str | None, columns: dict) -> str:
     """The file's format from its first object row (preference data is refused here, for the whole file)."""
     head = raw.select(range(min(1000, len(raw)))).to_dict()
     for row, text, error in zip(head["row"], head["text"], head["error"]):
         record = _parse(text, error, raise_errors=False)
         if isinstance(record, dict):
-            return first_row_format(record, format, f"{source}:{row}")
+            return first_row_format(rename(record, columns), format, f"{source}:{row}")
     if format is not None:
         return format
     raise UserError(f"{source}: no row of the first 1000 is a JSON object, so its format cannot be detected")
@@ -135,7 +141,7 @@ def _parse(text: str, error: str, raise_errors: bool = True):
         return None
 
 
-def _encode_batch(batch: dict, tokenizer, template: ChatTemplate, fmt: str, max_length: int) -> dict:
+def _encode_batch(batch: dict, tokenizer, template: ChatTemplate, fmt: str, max_length: int, columns: dict) -> dict:
     out: dict[str, list] = {k: [] for k in ("row", "input_ids", "labels", "truncated", "stage", "problem", "ignored")}
 
     def emit(row, stage, problem="", ids=(), labels=(), truncated=False, ignored=()):
@@ -147,6 +153,7 @@ def _encode_batch(batch: dict, tokenizer, template: ChatTemplate, fmt: str, max_
             record = _parse(text, error)
             if not isinstance(record, dict):
                 raise ValueError(f"expected an object, got {type(record).__name__}")
+            record = rename(record, columns)
             messages, ignored = normalise(record, fmt)
             tools = row_tools(record)
         except ValueError as err:
@@ -166,7 +173,7 @@ def _encode_batch(batch: dict, tokenizer, template: ChatTemplate, fmt: str, max_
     return out
 
 
-def conversations(encoded: Encoded, rows: list[int], template: ChatTemplate, fmt_hint: str) -> list:
+def conversations(encoded: Encoded, rows: list[int], template: ChatTemplate) -> list:
     """The given rows (file row numbers) as fitted Conversations, rebuilt from their text: held-out rows for
     held_out.jsonl and `finetune eval`."""
     import numpy as np
@@ -178,11 +185,10 @@ def conversations(encoded: Encoded, rows: list[int], template: ChatTemplate, fmt
     raw_rows = encoded.raw.data.column("row").to_numpy()
     positions = np.searchsorted(raw_rows, np.asarray(rows))
     picked = encoded.raw.select(positions).to_dict()
-    fmt = _detect(encoded.raw, encoded.source, None if fmt_hint == "auto" else fmt_hint)
     out = []
     for row, text, error in zip(picked["row"], picked["text"], picked["error"]):
-        record = _parse(text, error)
-        messages, _ = normalise(record, fmt)
+        record = rename(_parse(text, error), encoded.columns or {})
+        messages, _ = normalise(record, encoded.format)
         out.append(Conversation(fit_messages(template, messages), encoded.source, row, row_tools(record)))
     return out
 
@@ -191,13 +197,15 @@ def sample_features():
     import datasets
 
     return datasets.Features({"row": datasets.Value("int64"), "input_ids": datasets.Sequence(datasets.Value("int32")),
-                              "labels": datasets.Sequence(datasets.Value("int32")), "truncated": datasets.Value("bool")})
+                              "labels": datasets.Sequence(datasets.Value("int32")), "truncated": datasets.Value("bool"),
+                              "source": datasets.Value("int64")})
 
 
-def select_samples(encoded: Encoded, which):
-    """The samples at `which` (a boolean mask over `encoded.samples`) as a dataset of row, input_ids, labels and
-    truncated; `save_to_disk` writes just those."""
+def select_samples(encoded: Encoded, times, source: int = 0):
+    """The samples repeated `times` each (an int array over `encoded.samples`; 0 leaves one out) as a dataset of
+    source (its index in the run's list), row, input_ids, labels and truncated; `save_to_disk` writes just those."""
     import numpy as np
 
-    positions = encoded.samples[np.asarray(which)] if which is not None else encoded.samples
-    return encoded.encoded.select(positions).select_columns(["row", "input_ids", "labels", "truncated"])
+    positions = np.repeat(encoded.samples, times)
+    chosen = encoded.encoded.select(positions).select_columns(["row", "input_ids", "labels", "truncated"])
+    return chosen.add_column("source", np.full(len(positions), source, dtype=np.int32).tolist())

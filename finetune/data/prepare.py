@@ -25,6 +25,7 @@ from rich.markup import escape
 
 from finetune.data.cache import cache_key, claimed, is_complete, write_complete
 from finetune.data.formats import first_row_format, normalise, row_tools
+from finetune.data.mixture import Source, draw, planned_rows, rename
 from finetune.data.pipeline import conversations, encode_source, select_samples
 from finetune.data.sources import read_records
 from finetune.data.template import ChatTemplate, chat_template
@@ -70,21 +71,29 @@ class PreparedData:
     mean_train_tokens: float
     problems: list[str] = field(default_factory=list)
     template: ChatTemplate | None = None
-    train_rows: Any = None  # datasets.Dataset: the source row of each training sample, and whether it was cut
-    train_source: str = ""
+    train_rows: Any = None  # datasets.Dataset: the source (index) and row of each training sample, and if it was cut
+    sources: list[str] = field(default_factory=list)
     rows_read: int = 0
     truncated: int = 0  # samples cut at max_length
     cache: str | None = None  # the cache entry the samples were read from or written to
     ignored_lines: list[str] = field(default_factory=list)  # the fields no format uses, per source
     cache_line: str | None = None  # where the prepared data lives, and whether it was prepared again
+    mix: list[dict] = field(default_factory=list)  # per training source: rows, samples and tokens it gives
+
+    def mix_lines(self) -> list[str]:
+        """The training mixture, one line per source: rows and tokens it gives and their shares."""
+        rows, tokens = sum(m["rows"] for m in self.mix) or 1, sum(m["tokens"] for m in self.mix) or 1
+        return [f"{m['source']}: {m['rows']} rows ({m['rows'] / rows:.1%}), {m['tokens']} tokens "
+                f"({m['tokens'] / tokens:.1%})" for m in self.mix]
 
     def origin(self, index: int) -> tuple[str, int]:
-        return self.train_source, self.train_rows[index]["row"]
+        sample = self.train_rows[index]
+        return self.sources[sample["source"]], sample["row"]
 
 
 def build_datasets(
     tokenizer,
-    train: str,
+    train: str | list[Source],
     train_split: str,
     eval: str | None,
     eval_split: str,
@@ -100,21 +109,23 @@ def build_datasets(
 ) -> PreparedData:
     """Load, normalise, split and tokenise with the tokenizer's chat template (or `template`), on Arrow over
     `num_proc` processes (default: the cores available), cached on disk under a key of the inputs' content (see
-    cache.py); raise UserError when too many rows are bad."""
+    cache.py); raise UserError when too many rows are bad. `train` is one source or a mixture (mixture.py)."""
     if template is None:
         try:
             template = chat_template(tokenizer)
         except ValueError as err:
             raise UserError(str(err)) from None
+    sources = [Source(train, train_split, format)] if isinstance(train, str) else list(train)
     # The sources' names too: refusal lines and sample origins name them.
-    options = {"train": train, "eval": eval, "train_split": train_split, "eval_split": eval_split,
-               "eval_fraction": eval_fraction,
-               "format": format, "max_length": max_length, "seed": seed if eval_fraction > 0 else None}
-    key = cache_key(tokenizer, template, {"train": train, "eval": eval}, options) if cache else None
+    options = {"sources": [source.key() for source in sources], "eval": eval, "eval_split": eval_split,
+               "eval_fraction": eval_fraction, "format": format, "max_length": max_length,
+               "seed": seed if eval_fraction > 0 or len(sources) > 1 else None}
+    paths = {f"train{i}": source.path for i, source in enumerate(sources)}
+    key = cache_key(tokenizer, template, {**paths, "eval": eval}, options) if cache else None
 
     def prepare(directory: Path) -> None:
-        _prepare(tokenizer, template, train, train_split, eval, eval_split, eval_fraction, format, max_length,
-                 seed, num_proc, directory, key or "uncached")
+        _prepare(tokenizer, template, sources, eval, eval_split, eval_fraction, format, max_length, seed, num_proc,
+                 directory, key or "uncached")
 
     if key is None:  # a hub dataset (or data.cache off): prepared in a temporary entry, removed at exit
         directory = Path(tempfile.mkdtemp(prefix="finetune-data-"))
@@ -131,75 +142,87 @@ def build_datasets(
         log(escape(line))
     check_bad_fraction(data.problems, data.rows_read, max_bad_fraction, log)
     if len(data.train) == 0:
-        raise UserError(f"{train}: no usable training rows")
+        raise UserError(f"{', '.join(s.path for s in sources)}: no usable training rows")
     if key is not None:
         data.cache_line = f"data: {'read from' if hit else 'prepared into'} the cache {directory}"
     return data
 
 
-def _prepare(tokenizer, template, train, train_split, eval, eval_split, eval_fraction, format, max_length, seed,
+def _prepare(tokenizer, template, sources: list[Source], eval, eval_split, eval_fraction, format, max_length, seed,
              num_proc, directory: Path, key: str) -> None:
-    """Encode the sources, split off the held-out rows and write the entry: train/ and eval/ datasets,
-    held_out.jsonl and meta.json (written last: its presence marks the entry complete)."""
+    """Encode the sources, split off the held-out rows, draw the mixture and write the entry: train/ and eval/
+    datasets, held_out.jsonl and meta.json (written last: its presence marks the entry complete)."""
+    import datasets
     import numpy as np
 
     work = directory / "work"
-    encoded = encode_source(train, train_split, format, tokenizer, template, max_length, work, num_proc, key)
-    problems, rows_read, ignored = list(encoded.problems), encoded.rows_read, [_ignored_line(encoded)]
-    rows = encoded.sample_rows
+    encoded = [encode_source(s.path, s.split, s.format, tokenizer, template, max_length, work / f"train{i}",
+                             num_proc, f"{key}-{i}", s.columns) for i, s in enumerate(sources)]
+    problems = [p for e in encoded for p in e.problems]
+    rows_read, ignored = sum(e.rows_read for e in encoded), [_ignored_line(e) for e in encoded]
+    held_parts, held_out, candidates = [], [], []
     if eval is not None:
         held_encoded = encode_source(eval, eval_split, format, tokenizer, template, max_length, work / "eval",
                                      num_proc, key + "-eval")
         problems += held_encoded.problems
         rows_read += held_encoded.rows_read
         ignored.append(_ignored_line(held_encoded))
-        held_samples = select_samples(held_encoded, None)
-        held_rows = sorted(set(held_encoded.sample_rows.tolist()))
-        train_samples = select_samples(encoded, None)
-    else:
-        held = _held_out_rows(encoded.pool, eval_fraction, seed)
-        in_held = np.isin(rows, np.asarray(held, dtype=rows.dtype))
-        train_samples = select_samples(encoded, ~in_held)
-        held_samples = select_samples(encoded, in_held)
-        held_encoded = encoded
-        held_rows = sorted(set(rows[in_held].tolist()))
-    held_out = conversations(held_encoded, held_rows, template, format)
-    for name, samples in (("train", train_samples), ("eval", held_samples)):
-        if len(samples):  # datasets cannot load back a saved dataset of no rows
-            samples.save_to_disk(str(directory / name))
+        held_parts.append(select_samples(held_encoded, 1, len(sources)))
+        held_out = conversations(held_encoded, sorted(set(held_encoded.sample_rows.tolist())), template)
+    for index, source in enumerate(encoded):  # each source gives its share of the held-out rows
+        held = np.asarray(_held_out_rows(source.pool, eval_fraction, seed) if eval is None else [], dtype=np.int64)
+        in_held = np.isin(source.sample_rows, held)
+        if in_held.any():
+            held_parts.append(select_samples(source, in_held.astype(np.int64), index))
+            held_out += conversations(source, sorted(set(source.sample_rows[in_held].tolist())), template)
+        candidates.append(sorted(set(source.sample_rows[~in_held].tolist())))
+    planned = planned_rows(sources, [len(rows) for rows in candidates])
+    train_parts, mix = [], []
+    for index, (source, rows, wanted) in enumerate(zip(encoded, candidates, planned)):
+        chosen = np.asarray(draw(rows, wanted, seed + index), dtype=np.int64)
+        counts = np.bincount(chosen, minlength=int(source.sample_rows.max(initial=0)) + 1)
+        part = select_samples(source, counts[source.sample_rows], index)
+        train_parts.append(part)
+        tokens = int(np.asarray(part.data.column("input_ids").combine_chunks().value_lengths()).sum()) if len(part) \
+            else 0
+        mix.append({"source": source.source, "rows": len(chosen), "samples": len(part), "tokens": tokens})
+    for name, parts in (("train", train_parts), ("eval", held_parts)):
+        parts = [part for part in parts if len(part)]
+        if parts:  # datasets cannot load back a saved dataset of no rows
+            datasets.concatenate_datasets(parts).save_to_disk(str(directory / name))
     save_conversations(held_out, directory / "held_out.jsonl")
     shutil.rmtree(work, ignore_errors=True)
-    meta = {"train_source": train, "rows_read": rows_read, "problems": problems,
-            "ignored_lines": [line for line in ignored if line]}
+    meta = {"sources": [s.path for s in sources] + ([eval] if eval else []), "rows_read": rows_read,
+            "problems": problems, "ignored_lines": [line for line in ignored if line], "mix": mix}
     (directory / "meta.json").write_text(json.dumps(meta) + "\n")
 
 
 def _load(directory: Path, template: ChatTemplate) -> PreparedData:
     import datasets
+    import pyarrow.compute as pc
 
     from finetune.data.pipeline import sample_features
-    import pyarrow.compute as pc
 
     meta = json.loads((directory / "meta.json").read_text())
     held = datasets.load_from_disk(str(directory / "eval")) if (directory / "eval").is_dir() else None
     samples = datasets.load_from_disk(str(directory / "train")) if (directory / "train").is_dir() else \
-        datasets.Dataset.from_dict({"row": [], "input_ids": [], "labels": [], "truncated": []}, features=sample_features())
+        datasets.Dataset.from_dict({name: [] for name in sample_features()}, features=sample_features())
     lengths = pc.list_value_length(samples.data.column("input_ids"))
-    data = PreparedData(
+    return PreparedData(
         train=samples.select_columns(["input_ids", "labels"]),
         eval=held.select_columns(["input_ids", "labels"]) if held is not None else None,
         eval_conversations=read_saved_conversations(directory / "held_out.jsonl"),
         mean_train_tokens=pc.mean(lengths).as_py() or 0.0,
         problems=meta["problems"],
         template=template,
-        train_rows=samples.select_columns(["row", "truncated"]),
-        train_source=meta["train_source"],
+        train_rows=samples.select_columns(["source", "row", "truncated"]),
+        sources=meta["sources"],
         rows_read=meta["rows_read"],
         truncated=pc.sum(samples.data.column("truncated")).as_py() or 0,
         cache=str(directory),
         ignored_lines=meta["ignored_lines"],
+        mix=meta["mix"],
     )
-    return data
 
 
 def _ignored_line(encoded) -> str | None:
@@ -216,11 +239,12 @@ def _held_out_rows(pool: list[int], fraction: float, seed: int) -> list[int]:
     return sorted(pool[i] for i in order[:max(1, round(fraction * len(pool)))])
 
 
-def load_conversations(source: str, split: str, format: str, log=None) -> tuple[list[Conversation], list[str], int]:
+def load_conversations(source: str, split: str, format: str, log=None,
+                       columns: dict | None = None) -> tuple[list[Conversation], list[str], int]:
     """Every row of a source normalised to messages; refused rows become problem lines, not exceptions.
 
     With `log`, the fields no format uses are listed there once for the source."""
-    read = read_source(source, split, format)
+    read = read_source(source, split, format, columns=columns)
     if read.total == 0:
         raise UserError(f"{source}: no rows")
     if log is not None and read.ignored:
@@ -228,7 +252,7 @@ def load_conversations(source: str, split: str, format: str, log=None) -> tuple[
     return read.rows, read.problems, read.total
 
 
-def read_source(source: str, split: str, format: str, keep: bool = True) -> SourceRows:
+def read_source(source: str, split: str, format: str, keep: bool = True, columns: dict | None = None) -> SourceRows:
     """Read and normalise every row of a source; `keep=False` counts and checks rows without keeping them."""
     read = SourceRows(source, None if format == "auto" else format)
     detected = False
@@ -240,6 +264,7 @@ def read_source(source: str, split: str, format: str, keep: bool = True) -> Sour
                 raise ValueError(f"not valid JSON: {record}")
             if not isinstance(record, dict):
                 raise ValueError(f"expected an object, got {type(record).__name__}")
+            record = rename(record, columns or {})
             if not detected:
                 read.format, detected = first_row_format(record, read.format, where), True
             messages, ignored = normalise(record, read.format)
