@@ -136,6 +136,10 @@ class DataSection(Section):
     turn. Off: such rows are refused, naming the template."""
     max_length: int = Field(1024, ge=16)
     """Tokens per row after the chat template; longer rows are cut at the end."""
+    streaming: bool = False
+    """Read, normalise and tokenise training rows as training consumes them (hub datasets and files too large to
+    prepare up front): needs `train.max_steps`; held-out data comes from `data.eval`; rows are shuffled in a
+    seeded 10k-row buffer and a resumed run continues where it stopped."""
     cache: bool = True
     """Keep the prepared (tokenised, masked) data on disk under a key of the data files' content, the tokenizer,
     the template and these options (in $FINETUNE_CACHE/data, default ~/.cache/finetune/data), so the next run with
@@ -221,6 +225,20 @@ class TrainSection(Section):
     """Run directory. Default: `runs/<recipe file name>`."""
 
 
+def _streaming_problems(data, train) -> list[str]:
+    problems = []
+    if train.max_steps is None:
+        problems.append("`data.streaming` needs `train.max_steps`: a stream has no length to count epochs in")
+    if data.eval_fraction > 0:
+        problems.append("`data.streaming` takes held-out rows from `data.eval`, not `data.eval_fraction` (a fraction "
+                        "of a stream is no fixed split)")
+    if any(s.rows is not None for s in data.sources or []):
+        problems.append("`data.streaming` mixes sources by `weight`; a fixed number of `rows` needs the whole source")
+    if train.packing:
+        problems.append("`data.streaming` with `train.packing` is not supported yet; turn one off")
+    return problems
+
+
 MethodOptions = Annotated[
     Union[tuple(module.Options for module in METHODS.values())],  # noqa: UP007 - built from the registry
     Field(discriminator="name"),
@@ -241,6 +259,8 @@ class Recipe(Section):
         # Decided here, from the recipe alone, so that `validate` reports them and `train` stops before loading.
         problems = compatibility_problems(self.method, self.distributed)
         has_eval = self.data.eval is not None or self.data.eval_fraction > 0
+        if self.data.streaming:
+            problems += _streaming_problems(self.data, self.train)
         if self.train.eval_steps is not None and not has_eval:
             problems.append("`train.eval_steps` is set but there is no held-out data: set `data.eval` or "
                             "`data.eval_fraction`")

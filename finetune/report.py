@@ -145,7 +145,7 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def start_summary(*, model, method: str, dtype, attention: str, batch_size: int, accumulation: int,
-                  world_size: int, max_length: int, mean_tokens: float, train_rows: int, eval_rows: int,
+                  world_size: int, max_length: int, mean_tokens: float, train_rows: int | str, eval_rows: int,
                   run_dir: Path) -> list[tuple[str, str]]:
     """The derived quantities a user needs to trust a run, as (label, value) rows."""
     trainable, total = count_parameters(model)

@@ -155,7 +155,7 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
         tokenizer, train=d.train_sources(), train_split=d.train_split, eval=d.eval, eval_split=d.eval_split,
         eval_fraction=d.eval_fraction, format=d.format, max_length=d.max_length,
         max_bad_fraction=d.max_bad_fraction, seed=t.seed, log=log, template=template, cache=d.cache,
-        num_proc=d.num_proc,
+        num_proc=d.num_proc, streaming=d.streaming,
     )
     if data.cache_line:
         log(data.cache_line)
@@ -173,7 +173,7 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
     for label, value in start_summary(
         model=model, method=method.name, dtype=dtype, attention=attention, batch_size=t.batch_size,
         accumulation=t.gradient_accumulation_steps, world_size=args.world_size, max_length=d.max_length,
-        mean_tokens=data.mean_train_tokens, train_rows=len(data.train),
+        mean_tokens=data.mean_train_tokens, train_rows="streamed" if data.streaming else len(data.train),
         eval_rows=len(data.eval) if data.eval is not None else 0, run_dir=run_dir,
     ):
         log(f"[bold]{label:>26}[/bold]  {value}")

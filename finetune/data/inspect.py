@@ -35,8 +35,10 @@ def inspect_data(recipe, show: int = 0, dump: Path | None = None, console=None) 
         tokenizer, train=d.train_sources(), train_split=d.train_split, eval=d.eval, eval_split=d.eval_split,
         eval_fraction=d.eval_fraction, format=d.format, max_length=d.max_length,
         max_bad_fraction=d.max_bad_fraction, seed=recipe.train.seed, log=log, template=template, cache=d.cache,
-        num_proc=d.num_proc,
+        num_proc=d.num_proc, streaming=d.streaming,
     )
+    if data.streaming:
+        say(f"data.streaming: this report covers the first {_materialise(data)} training samples of the stream")
     report = summarise(data, d.max_length)
     report.update(template=template.name, end_of_turn=template.end_of_turn,
                   added_tokens=tokenizer.convert_ids_to_tokens(added))
@@ -51,7 +53,8 @@ def inspect_data(recipe, show: int = 0, dump: Path | None = None, console=None) 
         source, row = data.origin(number)
         sample = data.train[number]
         legend = "[bold green]trained[/bold green], [dim]not trained[/dim]" if console.color_system else "⟦trained⟧"
-        say(f"\n[bold]sample {number + 1}[/bold] ({escape(source)}:{row}, {len(sample['input_ids'])} tokens; "
+        where = f"{source}, streamed" if data.streaming else f"{source}:{row}"
+        say(f"\n[bold]sample {number + 1}[/bold] ({escape(where)}, {len(sample['input_ids'])} tokens; "
             f"{legend}):")
         marks = ("", "") if console.color_system else ("⟦", "⟧")  # piped or NO_COLOR: trained text in brackets
         console.print(highlight(tokenizer, sample["input_ids"], sample["labels"], marks), soft_wrap=True)
@@ -61,6 +64,24 @@ def inspect_data(recipe, show: int = 0, dump: Path | None = None, console=None) 
     return report
 
 
+#: Samples of a stream that `finetune data` reads to report on.
+STREAM_REPORT = 1000
+
+
+def _materialise(data) -> int:
+    """Replace a stream by its first STREAM_REPORT samples (the same order training reads them in)."""
+    from itertools import islice
+
+    import datasets
+
+    first = list(islice(iter(data.train), STREAM_REPORT))
+    data.train = datasets.Dataset.from_list(first)
+    # A stream does not keep which row a sample came from (row 0 stands for "streamed").
+    data.train_rows = datasets.Dataset.from_dict({"source": [0] * len(first), "row": [0] * len(first)})
+    data.rows_read = len(first)
+    return len(first)
+
+
 def summarise(data, max_length: int) -> dict:
     import numpy as np
     import pyarrow.compute as pc
@@ -68,7 +89,7 @@ def summarise(data, max_length: int) -> dict:
     # On the Arrow columns: a million-row set never becomes Python lists.
     lengths = np.sort(pc.list_value_length(data.train.data.column("input_ids")).to_numpy())
     trained = pc.sum(pc.not_equal(pc.list_flatten(data.train.data.column("labels")), -100)).as_py()
-    rows_kept = len(set(data.train_rows["row"])) + len(data.eval_conversations)
+    rows_kept = (data.rows_read if data.streaming else len(set(data.train_rows["row"]))) + len(data.eval_conversations)
     return {
         "rows_read": data.rows_read, "rows_kept": rows_kept, "rows_refused": len(data.problems),
         "train_samples": len(lengths), "eval_samples": len(data.eval) if data.eval is not None else 0,

@@ -28,7 +28,7 @@ from finetune.data.formats import first_row_format, normalise, row_tools
 from finetune.data.mixture import Source, draw, planned_rows, rename
 from finetune.data.pipeline import conversations, encode_source, select_samples
 from finetune.data.sources import read_records
-from finetune.data.template import ChatTemplate, chat_template
+from finetune.data.template import ChatTemplate, chat_template, fit_messages
 from finetune.errors import UserError
 
 _SHOWN_PROBLEMS = 10
@@ -79,6 +79,7 @@ class PreparedData:
     ignored_lines: list[str] = field(default_factory=list)  # the fields no format uses, per source
     cache_line: str | None = None  # where the prepared data lives, and whether it was prepared again
     mix: list[dict] = field(default_factory=list)  # per training source: rows, samples and tokens it gives
+    streaming: bool = False  # `train` is a datasets.IterableDataset read as training goes (stream.py)
 
     def mix_lines(self) -> list[str]:
         """The training mixture, one line per source: rows and tokens it gives and their shares."""
@@ -106,6 +107,7 @@ def build_datasets(
     template: ChatTemplate | None = None,
     cache: bool = True,
     num_proc: int | None = None,
+    streaming: bool = False,
 ) -> PreparedData:
     """Load, normalise, split and tokenise with the tokenizer's chat template (or `template`), on Arrow over
     `num_proc` processes (default: the cores available), cached on disk under a key of the inputs' content (see
@@ -116,6 +118,9 @@ def build_datasets(
         except ValueError as err:
             raise UserError(str(err)) from None
     sources = [Source(train, train_split, format)] if isinstance(train, str) else list(train)
+    if streaming:
+        return _streamed(tokenizer, template, sources, eval, eval_split, format, max_length, max_bad_fraction, seed,
+                         log, cache, num_proc)
     # The sources' names too: refusal lines and sample origins name them.
     options = {"sources": [source.key() for source in sources], "eval": eval, "eval_split": eval_split,
                "eval_fraction": eval_fraction, "format": format, "max_length": max_length,
@@ -223,6 +228,25 @@ def _load(directory: Path, template: ChatTemplate) -> PreparedData:
         ignored_lines=meta["ignored_lines"],
         mix=meta["mix"],
     )
+
+
+def _streamed(tokenizer, template, sources, eval, eval_split, format, max_length, max_bad_fraction, seed, log,
+              cache, num_proc) -> PreparedData:
+    """The training rows as a stream; the held-out source (small) prepared and cached up front."""
+    from finetune.data.stream import Tally, mean_length, streaming_dataset
+
+    data = PreparedData(
+        train=streaming_dataset(sources, tokenizer, template, max_length, seed, Tally(max_bad_fraction, log)),
+        eval=None, eval_conversations=[], mean_train_tokens=mean_length(sources, tokenizer, template, max_length),
+        template=template, sources=[s.path for s in sources], streaming=True)
+    if eval is not None:
+        held = build_datasets(tokenizer, eval, eval_split, None, eval_split, 0.0, format, max_length,
+                              max_bad_fraction, seed, log, template, cache, num_proc)
+        kept = set(held.train_rows["row"])
+        data.eval, data.problems, data.cache_line = held.train, held.problems, held.cache_line
+        data.eval_conversations = [Conversation(fit_messages(template, c.messages), c.source, c.row, c.tools)
+                                   for c in load_conversations(eval, eval_split, format)[0] if c.row in kept]
+    return data
 
 
 def _ignored_line(encoded) -> str | None:

@@ -29,8 +29,9 @@ def unsupported_suffix(path: Path) -> str | None:
             "files, dataset directories and hub dataset ids")
 
 
-def read_records(source: str, split: str) -> Iterator[tuple[int, Any]]:
-    """(row number, row) pairs; a row that cannot be parsed comes as the exception, so it is reported, not fatal."""
+def read_records(source: str, split: str, streaming: bool = False) -> Iterator[tuple[int, Any]]:
+    """(row number, row) pairs; a row that cannot be parsed comes as the exception, so it is reported, not fatal.
+    `streaming`: hub datasets are read as they download (`load_dataset(streaming=True)`), never stored whole."""
     path = Path(source).expanduser()
     if path.is_dir():
         rows = _load_saved(path, split, source) if is_saved_dataset(path) else \
@@ -44,7 +45,7 @@ def read_records(source: str, split: str) -> Iterator[tuple[int, Any]]:
     elif source.startswith(("/", "./", "../", "~")) or source.lower().endswith(PATH_SUFFIXES):
         raise UserError(f"{source}: data file not found (relative paths are taken from the current directory)")
     else:
-        yield from enumerate(_load_dataset(source, split, f"hub dataset `{source}`"), start=1)
+        yield from enumerate(_load_dataset(source, split, f"hub dataset `{source}`", streaming), start=1)
 
 
 def text_encoding(path: Path) -> str:
@@ -176,11 +177,11 @@ def _root_cause(err: BaseException) -> str:
 READERS = {".jsonl": _jsonl, ".json": _json, ".parquet": _parquet, ".csv": _delimited, ".tsv": _delimited}
 
 
-def _load_dataset(name: str, split: str, what: str):
+def _load_dataset(name: str, split: str, what: str, streaming: bool = False):
     import datasets
 
     try:
-        return datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(name, split=split, streaming=streaming)
     except Exception as err:  # network, missing split, missing dataset: all the user's to fix
         local = "" if what.startswith("dataset directory") else " Offline? Point data.train/data.eval at a local file."
         raise UserError(f"could not load {what} split `{split}`: {err}.{local}") from None
