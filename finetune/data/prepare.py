@@ -279,28 +279,37 @@ def load_conversations(source: str, split: str, format: str, log=None,
 def read_source(source: str, split: str, format: str, keep: bool = True, columns: dict | None = None) -> SourceRows:
     """Read and normalise every row of a source; `keep=False` counts and checks rows without keeping them."""
     read = SourceRows(source, None if format == "auto" else format)
-    detected = False
-    for number, record in read_records(source, split):
+    for number, row, read.format in normalised_rows(source, split, format, columns):
         read.total += 1
-        where = f"{source}:{number}"
-        try:
-            if isinstance(record, Exception):
-                raise ValueError(f"not valid JSON: {record}")
-            if not isinstance(record, dict):
-                raise ValueError(f"expected an object, got {type(record).__name__}")
-            record = rename(record, columns or {})
-            if not detected:
-                read.format, detected = first_row_format(record, read.format, where), True
-            messages, ignored = normalise(record, read.format)
-            tools = row_tools(record)
-        except ValueError as err:
-            read.problems.append(f"{where}: {err}")
+        if isinstance(row, ValueError):
+            read.problems.append(f"{source}:{number}: {row}")
             continue
+        messages, ignored, tools = row
         if ignored:
             read.ignored.update(ignored)
         if keep:
             read.rows.append(Conversation(messages, source, number, tools))
     return read
+
+
+def normalised_rows(source: str, split: str, format: str, columns: dict | None = None, streaming: bool = False):
+    """(row number, (messages, ignored fields, tools) or the ValueError refusing the row, the format) for every row
+    of a source; the format is detected from its first object row, where preference data is refused for the file."""
+    fmt = None if format == "auto" else format
+    detected = False
+    for number, record in read_records(source, split, streaming):
+        try:
+            if isinstance(record, Exception):
+                raise ValueError(f"not valid JSON: {record}")
+            if not isinstance(record, dict):
+                raise ValueError(f"expected an object, got {type(record).__name__}")
+            record = rename(dict(record), columns or {})
+            if not detected:
+                fmt, detected = first_row_format(record, fmt, f"{source}:{number}"), True
+            messages, ignored = normalise(record, fmt)
+            yield number, (messages, ignored, row_tools(record)), fmt
+        except ValueError as err:
+            yield number, err, fmt
 
 
 def split_held_out(rows: list[Conversation], fraction: float, seed: int):

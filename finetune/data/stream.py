@@ -16,9 +16,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from finetune.data.formats import normalise, row_tools
-from finetune.data.mixture import Source, rename
-from finetune.data.sources import read_records
+from finetune.data.mixture import Source
 from finetune.data.template import ChatTemplate, encode_samples, fit_messages
 from finetune.errors import UserError
 
@@ -53,23 +51,16 @@ class Tally:
 
 def stream_samples(source: Source, tokenizer, template: ChatTemplate, max_length: int, tally: Tally):
     """Samples of one source, in file order: {"input_ids", "labels"}."""
-    fmt = None if source.format == "auto" else source.format
-    for number, record in read_records(source.path, source.split, streaming=True):
+    from finetune.data.prepare import normalised_rows
+
+    for number, row, _ in normalised_rows(source.path, source.split, source.format, source.columns, streaming=True):
         tally.read += 1
         where = f"{source.path}:{number}"
         try:
-            if isinstance(record, Exception):
-                raise ValueError(f"not valid JSON: {record}")
-            if not isinstance(record, dict):
-                raise ValueError(f"expected an object, got {type(record).__name__}")
-            record = rename(dict(record), source.columns)
-            if fmt is None:
-                from finetune.data.formats import first_row_format
-
-                fmt = first_row_format(record, None, where)
-            messages, _ = normalise(record, fmt)
-            samples = encode_samples(tokenizer, fit_messages(template, messages), max_length, row_tools(record),
-                                     template)
+            if isinstance(row, ValueError):
+                raise row
+            messages, _, tools = row
+            samples = encode_samples(tokenizer, fit_messages(template, messages), max_length, tools, template)
         except ValueError as err:
             tally.refused(f"{where}: {err}")
             continue
