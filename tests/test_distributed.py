@@ -105,10 +105,15 @@ def test_launch_configs_carry_the_recipe(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(ddp_recipe, tmp_path, capfd):
+def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(ddp_recipe, tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
     recipe = ddp_recipe()
     result = launch(recipe, tmp_path / "ddp")
     assert result.exit_code == 0, result.output
+    both = capfd.readouterr()
+    # The data is prepared once: one rank under the cache's lock, the other reads what it wrote.
+    assert len(list((tmp_path / "cache" / "data").glob("*/meta.json"))) == 1
+    assert " ".join((both.out + both.err).split()).count("preparing count.jsonl (num_proc=1): 0%") == 1
     assert single(recipe, tmp_path / "one").exit_code == 0
     run = tmp_path / "ddp"
     config = yaml.safe_load((run / "accelerate.yaml").read_text())
@@ -117,7 +122,7 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(ddp_reci
     records = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 7))  # one writer: rank 0
     assert records[-1]["loss"] < records[0]["loss"] - 0.3
-    printed = capfd.readouterr().out  # the processes' own output
+    printed = both.out  # the processes' own output
     assert " ".join(printed.split()).count("2 device(s) = 4 rows") == 1  # the summary, from rank 0 only
     difference = max_diff(run / "model", tmp_path / "one" / "model")
     assert difference < 1e-4, difference
