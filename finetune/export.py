@@ -135,7 +135,10 @@ def convert(source: Source, output: Path, quant: str, chat_template: str, eos_id
             convert(source, f16, "f16", chat_template, eos_id, log)
             log(f"quantising to {quant} with llama.cpp (llama-cpp-python)")
             partial = output.with_name(f".{output.name}.partial")
-            llama_runtime.quantize(f16, partial, quant)
+            fallbacks = llama_runtime.quantize(f16, partial, quant)
+            if fallbacks:
+                log(f"{fallbacks} tensors have rows that are not a multiple of llama.cpp's 256-wide k-quant blocks; "
+                    "llama.cpp gave them q5_0/q8_0 instead (as llama-quantize does)")
             partial.rename(output)
         finally:
             f16.unlink(missing_ok=True)
@@ -212,7 +215,7 @@ def export(target: str, fmt: str = "gguf", quant: str = "q8_0", output: Path | N
                             "runtimes guess the prompt format. finetune's run dirs always save it")
         template = template_for(tokenizer, where=str(source.tokenizer_dir))
         rows = held_out_for(source, max_samples)
-        model_file = modelfile(tokenizer, template, rows, quant) if ollama else None  # refused before converting
+        model_file = modelfile(tokenizer, template, rows) if ollama else None  # refused before converting
         output = output or default_output(source, quant)
         for taken in (output, output.parent / "export.json", *([output.parent / "Modelfile"] if ollama else [])):
             if taken.exists():

@@ -18,19 +18,34 @@ def available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def quantize(source: Path, output: Path, quant: str) -> None:
+def quantize(source: Path, output: Path, quant: str) -> int:
+    """`source` (f16) quantised to `output`; returns how many tensors llama.cpp gave another type than the k-quant
+    (its blocks are 256 wide: SmolLM2's 576-wide rows fall back to q5_0/q8_0, as llama-quantize does)."""
     import ctypes
     import logging
+    import tempfile
 
     import llama_cpp
 
-    # llama-cpp-python prints llama.cpp's log (a line per tensor when quantising) unless its logger is raised.
+    # llama-cpp-python prints llama.cpp's log unless its logger is raised; the quantiser also writes a warning per
+    # tensor straight to the process's stderr, so that is caught in a file for the duration and summed up.
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, K_QUANTS[quant])
     params.nthread = os.cpu_count() or 1
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(output).encode(), ctypes.byref(params)) != 0:
-        raise RuntimeError(f"llama.cpp could not quantise {source} to {quant}")
+    with tempfile.TemporaryFile("w+") as caught:
+        saved = os.dup(2)
+        os.dup2(caught.fileno(), 2)
+        try:
+            failed = llama_cpp.llama_model_quantize(str(source).encode(), str(output).encode(), ctypes.byref(params))
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        caught.seek(0)
+        text = caught.read()
+    if failed:
+        raise RuntimeError(f"llama.cpp could not quantise {source} to {quant}: {text.strip()[-500:]}")
+    return sum("falling back" in line for line in text.splitlines())
 
 
 def greedy_answers(gguf_path: Path, prompts: list[str], max_new_tokens: int) -> list[str]:

@@ -136,7 +136,7 @@ def constant_system(rows) -> str | None:
     return systems.pop() if len(systems) == 1 and rows else None
 
 
-def modelfile(tokenizer, template, rows, quant: str) -> ModelFile:
+def modelfile(tokenizer, template, rows) -> ModelFile:
     try:
         if not template.accepts_system:
             raise ValueError("it has no system role")
@@ -161,7 +161,7 @@ def modelfile(tokenizer, template, rows, quant: str) -> ModelFile:
              "FROM {gguf}", f'TEMPLATE """{go_template(p)}"""', f'PARAMETER stop "{template.end_of_turn}"']
     source = None
     if system:
-        source = "constant system prompt of the run's data" if data_system else "the template's default system prompt"
+        source = "the system prompt every held-out row of the run has" if data_system else "the template's default system prompt"
         lines.append(f"# SYSTEM: {source}")
         lines.append(f'SYSTEM """{system}"""')
     return ModelFile("\n".join(lines) + "\n", source)

@@ -180,7 +180,7 @@ def test_templates_translate_to_ollama_and_render_like_jinja(family):
 
     tokenizer = family_tokenizer(family)
     template = template_for(tokenizer)
-    text = modelfile(tokenizer, template, [], "q8_0").text
+    text = modelfile(tokenizer, template, []).text
     assert f'PARAMETER stop "{template.end_of_turn}"' in text
     p = translate(tokenizer, template.end_of_turn)
     conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
@@ -199,7 +199,7 @@ def test_templates_without_a_faithful_translation_refuse_ollama(family):
 
     tokenizer = family_tokenizer(family)
     with pytest.raises(UserError, match="cannot be translated into Ollama's template syntax"):
-        modelfile(tokenizer, template_for(tokenizer), [], "q8_0")
+        modelfile(tokenizer, template_for(tokenizer), [])
 
 
 def test_constant_system_prompt_of_the_data_becomes_ollama_system():
@@ -210,10 +210,10 @@ def test_constant_system_prompt_of_the_data_becomes_ollama_system():
     tokenizer.chat_template = CHATML_TEMPLATE
     rows = [Conversation([{"role": "system", "content": "Answer in ISO 8601."}, {"role": "user", "content": str(i)},
                           {"role": "assistant", "content": "x"}], "t", i) for i in range(3)]
-    made = modelfile(tokenizer, template_for(tokenizer), rows, "q8_0")
-    assert 'SYSTEM """Answer in ISO 8601."""' in made.text and made.system_source.startswith("constant")
+    made = modelfile(tokenizer, template_for(tokenizer), rows)
+    assert 'SYSTEM """Answer in ISO 8601."""' in made.text and made.system_source.startswith("the system prompt every held-out row")
     rows[1].messages[0]["content"] = "Something else."
-    assert "SYSTEM" not in modelfile(tokenizer, template_for(tokenizer), rows, "q8_0").text
+    assert "SYSTEM" not in modelfile(tokenizer, template_for(tokenizer), rows).text
 
 
 EMBEDDED = cache_dir() / "models" / "smollm2-135m-instruct"
