@@ -337,10 +337,11 @@ def _check_shown(template: ChatTemplate, messages: list[dict], tools, texts: lis
 def _shown(value: str, text: str) -> bool:
     """`value` appears in `text` as the template may put it: trimmed (Llama-3, Gemma) or JSON-escaped, and an answer's
     <think> block and its answer each on their own (Qwen3 re-renders `<think>a</think>b` with its own newlines)."""
+    if value.strip() in text:  # nearly always: checked before splitting or escaping anything
+        return True
     pieces = [piece.strip() for piece in THINK_TAG.split(value)]
-    return all(not piece or any(form in text for form in (piece, json.dumps(piece)[1:-1],
-                                                          json.dumps(piece, ensure_ascii=False)[1:-1]))
-               for piece in pieces)
+    return all(not piece or piece in text or json.dumps(piece)[1:-1] in text
+               or json.dumps(piece, ensure_ascii=False)[1:-1] in text for piece in pieces)
 
 
 def _preview(text: str) -> str:
