@@ -15,6 +15,7 @@ SECTIONS = [
     ("`finetune plan` against measured peaks at 1024 tokens per step, CPU", "plan-check-smollm2-cpu-1024tok.md"),
     ("The same check with the timing runs' allocator (freed heap blocks stay resident), CPU",
      "plan-check-smollm2-cpu-4mib.md"),
+    ("Data preparation at scale (`scripts/data_bench.py`), CPU", "data-prep.md"),
 ]
 GPU = ("## GPU: `python scripts/bench.py --arch llama2-7b --seq-len 2048` (bf16, flash attention if available)\n\n"
        "Not measured: no GPU machine was available to the sessions that wrote this file. No figures are estimated "
@@ -22,7 +23,7 @@ GPU = ("## GPU: `python scripts/bench.py --arch llama2-7b --seq-len 2048` (bf16,
 
 
 def main() -> None:
-    parts = ["# Benchmarks\n", "Every table below is the verbatim output of `scripts/bench.py` or `scripts/plan_check.py` (command, date, machine and "
+    parts = ["# Benchmarks\n", "Every table below is the verbatim output of `scripts/bench.py`, `scripts/plan_check.py` or `scripts/data_bench.py` (command, date, machine and "
              "versions in its first line); `python scripts/benchmarks_md.py` rebuilds this file from `bench/`.\n"]
     for title, name in SECTIONS:
         path = ROOT / "bench" / name

@@ -117,9 +117,16 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.out:
+        import datetime
+        from importlib.metadata import version
+
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(f"`python scripts/data_bench.py --rows {' '.join(map(str, args.rows))}` "
-                            f"({os.cpu_count()} cores)\n\n{table}\n")
+        args.out.write_text(
+            f"`python scripts/data_bench.py --rows {' '.join(map(str, args.rows))} --out {args.out}` — "
+            f"{datetime.date.today()} — CPU, {os.cpu_count()} cores; datasets {version('datasets')}, transformers "
+            f"{version('transformers')}, tokenizers {version('tokenizers')}\n"
+            "rows of ~200 tokens (SmolLM2's tokenizer and template); time from tokenizer loaded to samples ready\n\n"
+            f"{table}\n")
 
 
 if __name__ == "__main__":
