@@ -63,7 +63,7 @@ def test_a_second_run_reads_the_cache_and_any_input_change_prepares_again(tmp_pa
     assert prepare(tokenizer=other, path=path).cache != first.cache
     uncached = prepare(tokenizer, path, cache=False)
     assert uncached.cache_line is None and samples(uncached) == samples(first)
-    entries = [p for p in cache.iterdir() if p.suffix != ".lock"]
+    entries = [p for p in cache.iterdir() if p.suffix not in (".lock", ".prepared")]
     assert len(entries) == 5 and all((p / "meta.json").is_file() and not (p / "work").exists() for p in entries)
 
 
@@ -103,3 +103,5 @@ def test_processes_preparing_the_same_data_at_once_prepare_it_once(tmp_path, tin
         worker.join(timeout=60)
     assert [line.split(" the cache ")[0] for line in lines] == ["data: prepared into", "data: read from"]
     assert lines[0].split(" the cache ")[1] == lines[1].split(" the cache ")[1]
+    [record] = (tmp_path / "cache" / "data").glob("*.prepared")
+    assert len(record.read_text().splitlines()) == 1

@@ -141,8 +141,11 @@ def test_a_failed_checkpoint_write_names_the_path_and_keeps_the_previous_one(wri
 
 
 def _start(recipe):
+    # SIGINT as a terminal's foreground process has it, even when the test runner was started in the background
+    # of a script (where the shell makes it, and so every child, ignore SIGINT).
     return subprocess.Popen([sys.executable, "-m", "finetune.cli", "train", str(recipe)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(ready, process, limit_s=120):

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -107,3 +108,7 @@ def write_complete(directory: Path, build) -> None:
         os.replace(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    # Which process prepared the entry, and when: a second line means it was prepared again (a deleted entry, or
+    # processes that did not share the lock).
+    with open(directory.with_name(directory.name + ".prepared"), "a") as record:
+        record.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()} rank {os.environ.get('RANK', '-')}\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,26 @@ class Encoded:
     columns: dict = None
 
 
+#: Sources smaller than this prepare in seconds: their progress bars would be noise around the report.
+QUIET_BYTES = 8 << 20
+
+
+@contextmanager
+def progress_bars(paths: list[str]):
+    """datasets' progress bars on for sources that take a while (large files, hub datasets), off for small files."""
+    import datasets
+
+    small = all(Path(p).expanduser().is_file() and Path(p).expanduser().stat().st_size < QUIET_BYTES for p in paths)
+    was_on = datasets.is_progress_bar_enabled()
+    if small:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if small and was_on:
+            datasets.enable_progress_bars()
+
+
 def processes(rows: int, wanted: int | None) -> int:
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(wanted or available, rows // ROWS_PER_PROCESS))
@@ -77,12 +98,19 @@ def encode_source(source: str, split: str, format: str, tokenizer, template: Cha
         "labels": datasets.Sequence(datasets.Value("int32")), "truncated": datasets.Value("bool"),
         "stage": datasets.Value("int8"), "problem": datasets.Value("string"),
         "ignored": datasets.Sequence(datasets.Value("string"))})
-    encoded = raw.map(
-        _encode_batch, batched=True, batch_size=BATCH, num_proc=processes(len(raw), num_proc) if num_proc != 1 else None,
-        remove_columns=raw.column_names, features=features, new_fingerprint=f"{tag}-encoded",
-        fn_kwargs={"tokenizer": tokenizer, "template": template, "fmt": fmt, "max_length": max_length,
-                   "columns": columns},
-        desc=f"preparing {Path(source).name}")
+    workers = processes(len(raw), num_proc)
+    # datasets' map(num_proc=N) leaves a copy of os.environ in its place; code holding the original (pytest's
+    # monkeypatch, a launcher) would no longer see or restore the process's variables.
+    environ = os.environ
+    try:
+        encoded = raw.map(
+            _encode_batch, batched=True, batch_size=BATCH, num_proc=workers if workers > 1 else None,
+            remove_columns=raw.column_names, features=features, new_fingerprint=f"{tag}-encoded",
+            fn_kwargs={"tokenizer": tokenizer, "template": template, "fmt": fmt, "max_length": max_length,
+                       "columns": columns},
+            desc=f"preparing {Path(source).name}")
+    finally:
+        os.environ = environ
     table = encoded.data
     stage = table.column("stage").to_numpy()
     rows = table.column("row").to_numpy()

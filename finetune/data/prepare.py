@@ -26,7 +26,7 @@ from rich.markup import escape
 from finetune.data.cache import cache_key, claimed, is_complete, write_complete
 from finetune.data.formats import first_row_format, normalise, row_tools
 from finetune.data.mixture import Source, draw, planned_rows, rename
-from finetune.data.pipeline import conversations, encode_source, select_samples
+from finetune.data.pipeline import conversations, encode_source, progress_bars, select_samples
 from finetune.data.sources import read_records
 from finetune.data.template import ChatTemplate, chat_template, fit_messages
 from finetune.errors import UserError
@@ -129,8 +129,9 @@ def build_datasets(
     key = cache_key(tokenizer, template, {**paths, "eval": eval}, options) if cache else None
 
     def prepare(directory: Path) -> None:
-        _prepare(tokenizer, template, sources, eval, eval_split, eval_fraction, format, max_length, seed, num_proc,
-                 directory, key or "uncached")
+        with progress_bars([s.path for s in sources] + ([eval] if eval else [])):
+            _prepare(tokenizer, template, sources, eval, eval_split, eval_fraction, format, max_length, seed,
+                     num_proc, directory, key or "uncached")
 
     if key is None:  # a hub dataset (or data.cache off): prepared in a temporary entry, removed at exit
         directory = Path(tempfile.mkdtemp(prefix="finetune-data-"))
