@@ -51,6 +51,9 @@ def test_a_weighted_mixture_of_two_formats_with_column_mapping(tmp_path, tokeniz
     rows = Counter(data.origin(i)[0] for i in range(len(data.train)))
     assert rows[chat] + rows[qa] == 400 and rows[qa] / 400 == pytest.approx(0.75, abs=0.01)
     assert [m["rows"] for m in data.mix] == [100, 300] and data.mix[1]["tokens"] > 0
+    for index, entry in enumerate(data.mix):  # tokens of exactly the samples drawn from that source
+        drawn = [len(s["input_ids"]) for s, o in zip(data.train, data.train_rows) if o["source"] == index]
+        assert entry["tokens"] == sum(drawn) and entry["samples"] == len(drawn)
     assert data.mix_lines()[1].startswith(f"{qa}: 300 rows (75.0%), ")
     assert data.problems == []
     qa_sample = next(i for i in range(len(data.train)) if data.origin(i)[0] == qa)
@@ -89,6 +92,7 @@ def test_recipes_validate_and_train_a_mixture(tmp_path, write_recipe):
     report = CliRunner().invoke(app, ["data", str(recipe)])
     assert report.exit_code == 0, report.output
     assert "training mix:" in report.output and f"{qa}: 30 rows (50.0%)" in report.output
+    assert "rows: 60 read, 60 kept" in report.output  # row 1 of each source is two rows
     both = dict(document["data"], train=chat)
     recipe.write_text(yaml.safe_dump({**document, "data": both}))
     refused = CliRunner().invoke(app, ["validate", str(recipe)])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from finetune.data.mixture import rename
 from finetune.data.tools import name_results, openai_calls, parse_tools, result_text, sharegpt_calls
 from finetune.errors import UserError
 
@@ -149,6 +150,22 @@ def normalise(record: dict, fmt: str) -> tuple[list[dict[str, Any]], set[str]]:
         messages.insert(0, {"role": "system", "content": system})
     _check_conversation(messages)
     return name_results(messages), ignored
+
+
+def object_row(value: Any, columns: dict[str, str] | None = None) -> dict:
+    """A read row as an object with the format's field names (`columns` maps them from the file's); ValueError for a
+    row that did not parse or is not an object."""
+    if isinstance(value, Exception):
+        raise ValueError(f"not valid JSON: {value}")
+    if not isinstance(value, dict):
+        raise ValueError(f"expected an object, got {type(value).__name__}")
+    return rename(dict(value), columns or {})
+
+
+def row_messages(record: dict, fmt: str) -> tuple[list[dict[str, Any]], set[str], list[dict] | None]:
+    """(messages, ignored fields, tools) of an object row; ValueError says why the row is refused."""
+    messages, ignored = normalise(record, fmt)
+    return messages, ignored, row_tools(record)
 
 
 def to_messages(record: dict, fmt: str) -> list[dict[str, Any]]:

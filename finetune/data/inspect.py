@@ -89,7 +89,10 @@ def summarise(data, max_length: int) -> dict:
     # On the Arrow columns: a million-row set never becomes Python lists.
     lengths = np.sort(pc.list_value_length(data.train.data.column("input_ids")).to_numpy())
     trained = pc.sum(pc.not_equal(pc.list_flatten(data.train.data.column("labels")), -100)).as_py()
-    rows_kept = (data.rows_read if data.streaming else len(set(data.train_rows["row"]))) + len(data.eval_conversations)
+    # A row is its source and its number: row 5 of two sources is two rows.
+    train_rows = data.rows_read if data.streaming else \
+        len(set(zip(data.train_rows["source"], data.train_rows["row"])))
+    rows_kept = train_rows + len(data.eval_conversations)
     return {
         "rows_read": data.rows_read, "rows_kept": rows_kept, "rows_refused": len(data.problems),
         "train_samples": len(lengths), "eval_samples": len(data.eval) if data.eval is not None else 0,

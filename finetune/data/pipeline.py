@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.data.formats import first_row_format, normalise, row_tools
+from finetune.data.formats import first_row_format, object_row, row_messages
 from finetune.data.mixture import rename
 from finetune.data.sources import read_records, text_lines
-from finetune.data.template import ChatTemplate, encode_samples, fit_messages
+from finetune.data.template import ChatTemplate, fit_messages, trained_samples
 from finetune.errors import UserError
 
 #: Row stages in the encoded dataset: a sample, a row refused while normalising (not in the held-out split's pool,
@@ -43,8 +43,8 @@ class Encoded:
     rows_read: int
     pool: list[int]  # rows that normalised, in file order: the held-out split draws from these
     raw: Any  # datasets.Dataset of the row texts, to rebuild held-out conversations
-    format: str = "messages"
-    columns: dict = None
+    format: str
+    columns: dict[str, str]
 
 
 #: Sources smaller than this prepare in seconds: their progress bars would be noise around the report.
@@ -73,7 +73,9 @@ def processes(rows: int, wanted: int | None) -> int:
 
 
 def encode_source(source: str, split: str, format: str, tokenizer, template: ChatTemplate, max_length: int,
-                  work: Path, num_proc: int | None = None, tag: str = "", columns: dict | None = None) -> Encoded:
+                  work: Path, num_proc: int | None = None, tag: str = "", columns: dict | None = None,
+                  index: int = 0) -> Encoded:
+    """The source's rows encoded; `index` (its place in the run's list of sources) marks each sample's origin."""
     import datasets
     import numpy as np
     import pyarrow.compute as pc
@@ -97,7 +99,7 @@ def encode_source(source: str, split: str, format: str, tokenizer, template: Cha
         "row": datasets.Value("int64"), "input_ids": datasets.Sequence(datasets.Value("int32")),
         "labels": datasets.Sequence(datasets.Value("int32")), "truncated": datasets.Value("bool"),
         "stage": datasets.Value("int8"), "problem": datasets.Value("string"),
-        "ignored": datasets.Sequence(datasets.Value("string"))})
+        "ignored": datasets.Sequence(datasets.Value("string")), "source": datasets.Value("int64")})
     workers = processes(len(raw), num_proc)
     # datasets' map(num_proc=N) leaves a copy of os.environ in its place; code holding the original (pytest's
     # monkeypatch, a launcher) would no longer see or restore the process's variables.
@@ -107,16 +109,15 @@ def encode_source(source: str, split: str, format: str, tokenizer, template: Cha
             _encode_batch, batched=True, batch_size=BATCH, num_proc=workers if workers > 1 else None,
             remove_columns=raw.column_names, features=features, new_fingerprint=f"{tag}-encoded",
             fn_kwargs={"tokenizer": tokenizer, "template": template, "fmt": fmt, "max_length": max_length,
-                       "columns": columns},
+                       "columns": columns, "index": index},
             desc=f"preparing {Path(source).name}")
     finally:
         os.environ = environ
     table = encoded.data
     stage = table.column("stage").to_numpy()
     rows = table.column("row").to_numpy()
-    refused = np.flatnonzero(stage != SAMPLE)
-    reasons = encoded.select_columns(["row", "problem"]).select(refused).to_dict() if len(refused) else {"row": []}
-    problems = [f"{source}:{row}: {reason}" for row, reason in zip(reasons["row"], reasons.get("problem", []))]
+    reasons = encoded.select_columns(["row", "problem"]).select(np.flatnonzero(stage != SAMPLE)).to_dict()
+    problems = [f"{source}:{row}: {reason}" for row, reason in zip(reasons["row"], reasons["problem"])]
     counts = pc.value_counts(pc.list_flatten(table.column("ignored"))).to_pylist()
     ignored = {entry["values"]: entry["counts"] for entry in counts}
     normalised = rows[stage != REFUSED_FORMAT]
@@ -169,33 +170,27 @@ def _parse(text: str, error: str, raise_errors: bool = True):
         return None
 
 
-def _encode_batch(batch: dict, tokenizer, template: ChatTemplate, fmt: str, max_length: int, columns: dict) -> dict:
-    out: dict[str, list] = {k: [] for k in ("row", "input_ids", "labels", "truncated", "stage", "problem", "ignored")}
+def _encode_batch(batch: dict, tokenizer, template: ChatTemplate, fmt: str, max_length: int, columns: dict,
+                  index: int) -> dict:
+    out: dict[str, list] = {k: [] for k in ("row", "input_ids", "labels", "truncated", "stage", "problem", "ignored",
+                                            "source")}
 
     def emit(row, stage, problem="", ids=(), labels=(), truncated=False, ignored=()):
-        for key, value in zip(out, (row, list(ids), list(labels), truncated, stage, problem, sorted(ignored))):
+        values = (row, list(ids), list(labels), truncated, stage, problem, sorted(ignored), index)
+        for key, value in zip(out, values):
             out[key].append(value)
 
     for row, text, error in zip(batch["row"], batch["text"], batch["error"]):
         try:
-            record = _parse(text, error)
-            if not isinstance(record, dict):
-                raise ValueError(f"expected an object, got {type(record).__name__}")
-            record = rename(record, columns)
-            messages, ignored = normalise(record, fmt)
-            tools = row_tools(record)
+            messages, ignored, tools = row_messages(object_row(_parse(text, error), columns), fmt)
         except ValueError as err:
             emit(row, REFUSED_FORMAT, str(err))
             continue
         try:
-            samples = encode_samples(tokenizer, fit_messages(template, messages), max_length, tools, template)
+            samples = trained_samples(tokenizer, messages, max_length, tools, template)
         except ValueError as err:
             emit(row, REFUSED_TEMPLATE, str(err), ignored=ignored)
             continue
-        samples = [s for s in samples if any(label != -100 for label in s.labels)]
-        if not samples:
-            emit(row, REFUSED_TEMPLATE, f"no assistant token left within max_length={max_length} (raise "
-                 "data.max_length or shorten the row)", ignored=ignored)
         for number, sample in enumerate(samples):
             emit(row, SAMPLE, "", sample.input_ids, sample.labels, sample.truncated, ignored if number == 0 else ())
     return out
@@ -215,9 +210,8 @@ def conversations(encoded: Encoded, rows: list[int], template: ChatTemplate) -> 
     picked = encoded.raw.select(positions).to_dict()
     out = []
     for row, text, error in zip(picked["row"], picked["text"], picked["error"]):
-        record = rename(_parse(text, error), encoded.columns or {})
-        messages, _ = normalise(record, encoded.format)
-        out.append(Conversation(fit_messages(template, messages), encoded.source, row, row_tools(record)))
+        messages, _, tools = row_messages(object_row(_parse(text, error), encoded.columns), encoded.format)
+        out.append(Conversation(fit_messages(template, messages), encoded.source, row, tools))
     return out
 
 
@@ -229,11 +223,20 @@ def sample_features():
                               "source": datasets.Value("int64")})
 
 
-def select_samples(encoded: Encoded, times, source: int = 0):
+def select_samples(encoded: Encoded, times):
     """The samples repeated `times` each (an int array over `encoded.samples`; 0 leaves one out) as a dataset of
-    source (its index in the run's list), row, input_ids, labels and truncated; `save_to_disk` writes just those."""
+    source (its index in the run's list), row, input_ids, labels and truncated: a selection over the encoded rows,
+    which `save_to_disk` writes once (adding a column instead would copy every sample first)."""
     import numpy as np
 
     positions = np.repeat(encoded.samples, times)
-    chosen = encoded.encoded.select(positions).select_columns(["row", "input_ids", "labels", "truncated"])
-    return chosen.add_column("source", np.full(len(positions), source, dtype=np.int32).tolist())
+    return encoded.encoded.select(positions).select_columns(list(sample_features()))
+
+
+def sample_tokens(encoded: Encoded, times) -> int:
+    """Tokens in the samples repeated `times` each (see select_samples)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(encoded.encoded.data.column("input_ids")).to_numpy()
+    return int((lengths[encoded.samples] * np.asarray(times)).sum())

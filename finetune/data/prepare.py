@@ -24,9 +24,9 @@ from typing import Any
 from rich.markup import escape
 
 from finetune.data.cache import cache_key, claimed, is_complete, write_complete
-from finetune.data.formats import first_row_format, normalise, row_tools
-from finetune.data.mixture import Source, draw, planned_rows, rename
-from finetune.data.pipeline import conversations, encode_source, progress_bars, select_samples
+from finetune.data.formats import first_row_format, object_row, row_messages
+from finetune.data.mixture import Source, draw, planned_rows
+from finetune.data.pipeline import conversations, encode_source, progress_bars, sample_tokens, select_samples
 from finetune.data.sources import read_records
 from finetune.data.template import ChatTemplate, chat_template, fit_messages
 from finetune.errors import UserError
@@ -163,35 +163,34 @@ def _prepare(tokenizer, template, sources: list[Source], eval, eval_split, eval_
 
     work = directory / "work"
     encoded = [encode_source(s.path, s.split, s.format, tokenizer, template, max_length, work / f"train{i}",
-                             num_proc, f"{key}-{i}", s.columns) for i, s in enumerate(sources)]
+                             num_proc, f"{key}-{i}", s.columns, i) for i, s in enumerate(sources)]
     problems = [p for e in encoded for p in e.problems]
     rows_read, ignored = sum(e.rows_read for e in encoded), [_ignored_line(e) for e in encoded]
     held_parts, held_out, candidates = [], [], []
     if eval is not None:
         held_encoded = encode_source(eval, eval_split, format, tokenizer, template, max_length, work / "eval",
-                                     num_proc, key + "-eval")
+                                     num_proc, key + "-eval", index=len(sources))
         problems += held_encoded.problems
         rows_read += held_encoded.rows_read
         ignored.append(_ignored_line(held_encoded))
-        held_parts.append(select_samples(held_encoded, 1, len(sources)))
+        held_parts.append(select_samples(held_encoded, 1))
         held_out = conversations(held_encoded, sorted(set(held_encoded.sample_rows.tolist())), template)
     for index, source in enumerate(encoded):  # each source gives its share of the held-out rows
         held = np.asarray(_held_out_rows(source.pool, eval_fraction, seed) if eval is None else [], dtype=np.int64)
         in_held = np.isin(source.sample_rows, held)
         if in_held.any():
-            held_parts.append(select_samples(source, in_held.astype(np.int64), index))
+            held_parts.append(select_samples(source, in_held.astype(np.int64)))
             held_out += conversations(source, sorted(set(source.sample_rows[in_held].tolist())), template)
         candidates.append(sorted(set(source.sample_rows[~in_held].tolist())))
     planned = planned_rows(sources, [len(rows) for rows in candidates])
     train_parts, mix = [], []
     for index, (source, rows, wanted) in enumerate(zip(encoded, candidates, planned)):
         chosen = np.asarray(draw(rows, wanted, seed + index), dtype=np.int64)
-        counts = np.bincount(chosen, minlength=int(source.sample_rows.max(initial=0)) + 1)
-        part = select_samples(source, counts[source.sample_rows], index)
+        times = np.bincount(chosen, minlength=int(source.sample_rows.max(initial=0)) + 1)[source.sample_rows]
+        part = select_samples(source, times)
         train_parts.append(part)
-        tokens = int(np.asarray(part.data.column("input_ids").combine_chunks().value_lengths()).sum()) if len(part) \
-            else 0
-        mix.append({"source": source.source, "rows": len(chosen), "samples": len(part), "tokens": tokens})
+        mix.append({"source": source.source, "rows": len(chosen), "samples": len(part),
+                    "tokens": sample_tokens(source, times)})
     for name, parts in (("train", train_parts), ("eval", held_parts)):
         parts = [part for part in parts if len(part)]
         if parts:  # datasets cannot load back a saved dataset of no rows
@@ -298,17 +297,12 @@ def normalised_rows(source: str, split: str, format: str, columns: dict | None =
     of a source; the format is detected from its first object row, where preference data is refused for the file."""
     fmt = None if format == "auto" else format
     detected = False
-    for number, record in read_records(source, split, streaming):
+    for number, value in read_records(source, split, streaming):
         try:
-            if isinstance(record, Exception):
-                raise ValueError(f"not valid JSON: {record}")
-            if not isinstance(record, dict):
-                raise ValueError(f"expected an object, got {type(record).__name__}")
-            record = rename(dict(record), columns or {})
+            record = object_row(value, columns)
             if not detected:
                 fmt, detected = first_row_format(record, fmt, f"{source}:{number}"), True
-            messages, ignored = normalise(record, fmt)
-            yield number, (messages, ignored, row_tools(record)), fmt
+            yield number, row_messages(record, fmt), fmt
         except ValueError as err:
             yield number, err, fmt
 

@@ -17,7 +17,7 @@ from typing import Any
 from rich.markup import escape
 
 from finetune.data.mixture import Source
-from finetune.data.template import ChatTemplate, encode_samples, fit_messages
+from finetune.data.template import ChatTemplate, trained_samples
 from finetune.errors import UserError
 
 #: Rows in the shuffle buffer: wide enough to mix neighbouring rows of a sorted file, small in memory.
@@ -60,14 +60,11 @@ def stream_samples(source: Source, tokenizer, template: ChatTemplate, max_length
             if isinstance(row, ValueError):
                 raise row
             messages, _, tools = row
-            samples = encode_samples(tokenizer, fit_messages(template, messages), max_length, tools, template)
+            samples = trained_samples(tokenizer, messages, max_length, tools, template)
         except ValueError as err:
             tally.refused(f"{where}: {err}")
             continue
-        kept = [s for s in samples if any(label != -100 for label in s.labels)]
-        if not kept:
-            tally.refused(f"{where}: no assistant token left within max_length={max_length}")
-        for sample in kept:
+        for sample in samples:
             yield {"input_ids": sample.input_ids, "labels": sample.labels}
 
 

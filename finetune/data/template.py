@@ -256,6 +256,18 @@ def encode_samples(tokenizer, messages: list[dict], max_length: int, tools: list
     return [_tokenise(tokenizer, rendered, [(start, end)], max_length) for rendered, start, end in spans.values()]
 
 
+def trained_samples(tokenizer, messages: list[dict], max_length: int, tools: list | None,
+                    template: ChatTemplate) -> list[Sample]:
+    """The row's samples that keep a trained token within max_length (as training takes them, system text fitted to
+    the template); ValueError says why a row gives none."""
+    samples = encode_samples(tokenizer, fit_messages(template, messages), max_length, tools, template)
+    kept = [s for s in samples if any(label != -100 for label in s.labels)]
+    if not kept:
+        raise ValueError(f"no assistant token left within max_length={max_length} (raise data.max_length or shorten "
+                         "the row)")
+    return kept
+
+
 def encode(tokenizer, messages: list[dict], max_length: int, tools: list | None = None,
            template: ChatTemplate | None = None) -> tuple[list[int], list[int]]:
     """Token ids and labels of a row that renders as one sample (every template that keeps earlier turns as they
