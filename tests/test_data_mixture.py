@@ -97,3 +97,14 @@ def test_recipes_validate_and_train_a_mixture(tmp_path, write_recipe):
     recipe.write_text(yaml.safe_dump({**document, "data": both}))
     refused = CliRunner().invoke(app, ["validate", str(recipe)])
     assert refused.exit_code == 2 and "set either `data.train` (one source) or `data.sources`" in refused.output
+
+
+def test_a_source_with_both_a_weight_and_rows_is_refused_by_name(tmp_path, write_recipe):
+    chat = write(tmp_path / "chat.jsonl", counting_rows(10))
+    recipe = write_recipe(data={"sources": [{"path": chat, "weight": 1, "rows": 5}]})
+    document = yaml.safe_load(recipe.read_text())
+    document["data"].pop("train")
+    recipe.write_text(yaml.safe_dump(document))
+    result = CliRunner().invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "data.sources.0" in result.output and "set either `weight` or `rows` for a source, not both" in result.output
