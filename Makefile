@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FINETUNE := $(VENV)/bin/finetune
 
-.PHONY: install model test test-fast demo bench clean
+.PHONY: install model test test-fast demo bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ demo: install model
 # Every method against full AdamW and the plain-Trainer peers on the embedded model, on this CPU.
 bench: install model
 	$(PY) scripts/bench.py --checkpointing --steps 12 --out bench/all-smollm2-cpu.md
+
+# The GPU acceptance check: Llama-2-7B, every method, 24 GiB cap (one CUDA GPU, under 10 minutes; a smoke run on CPU).
+gpu-check: install model
+	$(PY) scripts/gpu_check.py --out bench/gpu-check-llama2-7b.md
 
 clean:
 	rm -rf runs .pytest_cache

@@ -64,10 +64,16 @@ def user_errors(command):
 
 
 def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging
+    import sys
 
-    logging.set_verbosity_error()  # keep warnings for ours; library chatter hides the summary
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Keep warnings for ours; library chatter hides the summary. Through the environment, which transformers reads
+    # when imported, so that a command does not import it (most of a second) before it needs it.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside the libraries themselves

@@ -55,7 +55,7 @@ def planned_gb(spec: dict, measured: dict) -> float | None:
     The framework-overhead row is the run's own baseline (0 on a GPU, where the peak counts tensors only)."""
     from finetune.plan import GIB, Setup, estimate, load_config
 
-    if "method" not in spec or "weight_bytes" not in measured or spec.get("lm_head_tile"):
+    if "method" not in spec or "weight_bytes" not in measured:
         return None
     setup = Setup(weight_bytes=measured["weight_bytes"], seq_len=spec["seq_len"], batch=spec["batch"],
                   accumulation=1, checkpointing=spec["checkpointing"], attention=measured["attention"],
@@ -76,13 +76,16 @@ def plan_check(model: str, method: dict, seq_len: int, batch: int, workdir: Path
     return measured, planned_gb(spec, measured)
 
 
-def write_rows(path: Path, n: int, seq_len: int, seed: int = 0) -> None:
-    """Rows whose assistant answer alone exceeds seq_len tokens, so every row is cut to exactly seq_len."""
+def write_rows(path: Path, n: int, seq_len: int, seed: int = 0, variable: bool = False) -> None:
+    """Rows whose assistant answer alone exceeds seq_len tokens, so every row is cut to exactly seq_len; or, with
+    `variable`, answers of seq_len/16 to seq_len/2 words (about a tenth to two thirds of seq_len tokens in
+    SmolLM2's template), the spread of a chat set, where padding costs and packing pays."""
     rng = random.Random(seed)
     words = "alpha beta gamma delta zeta theta kappa lambda sigma river stone cloud".split()  # ids < 32000
     with path.open("w") as handle:
         for _ in range(n):
-            answer = " ".join(rng.choice(words) for _ in range(seq_len * 2))
+            count = rng.randint(max(1, seq_len // 16), max(2, seq_len // 2)) if variable else seq_len * 2
+            answer = " ".join(rng.choice(words) for _ in range(count))
             handle.write(json.dumps({"messages": [{"role": "user", "content": "Write."},
                                                   {"role": "assistant", "content": answer}]}) + "\n")
 
@@ -111,6 +114,7 @@ def child(spec: dict) -> dict:
         "data": {"train": spec["data"], "max_length": spec["seq_len"]},
         "method": method_options(spec).model_dump(),
         "train": {"max_steps": spec["steps"], "batch_size": spec["batch"], "logging_steps": 1,
+                  "packing": spec.get("packing", False),
                   "learning_rate": 1e-5, "lr_scheduler": "constant", "warmup_ratio": 0.0,
                   "save_steps": 10**6, "output_dir": spec["out"]},
     })
@@ -129,7 +133,8 @@ def child(spec: dict) -> dict:
             sampler.start()
 
         def on_train_end(self, *a, **k):
-            self.final_peak = sampler.stop()  # the steps alone: not the final save that follows
+            self.final_peak = sampler.stop()  # the steps alone
+            raise StepsDone  # a measurement needs no final eval or save (a 7B checkpoint takes minutes to write)
 
         def on_step_end(self, *a, **k):
             # peak since the previous step end: per-step peaks show whether memory stays flat (LISA switches)
@@ -138,19 +143,54 @@ def child(spec: dict) -> dict:
 
     from finetune.train import Hooks
 
-    measure, phases = Measure(), PhaseTimer()
+    measure, phases, clock = Measure(), PhaseTimer(), StepClock()
 
     def watch(trainer, method):  # the production trainer, plus the measuring callbacks
         trainer.add_callback(measure)
+        trainer.add_callback(clock.callback())
         phases.attach(trainer)
 
-    hooks = Hooks(on_trainer=watch, **({"cpu_lm_head_tile": spec["lm_head_tile"]} if spec.get("lm_head_tile") else {}))
-    run_training(recipe, Path("bench.yaml"), log=lambda *_: None, hooks=hooks)
-    records = [r for r in map(json.loads, (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines())
-               if "step_seconds" in r]
+    hooks = Hooks(on_trainer=watch)
+    try:
+        run_training(recipe, Path("bench.yaml"), log=lambda *_: None, hooks=hooks)
+    except StepsDone:
+        pass
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else max(step_peaks + [measure.final_peak])
-    return {"step_seconds": [r["step_seconds"] for r in records], "peak_gb": peak, "step_peaks_gb": step_peaks,
-            "baseline_gb": baseline["gb"], "phase_seconds": phases.steps, **trained, **refresh}
+    return {"step_seconds": clock.seconds, "step_tokens": clock.tokens, "peak_gb": peak, "step_peaks_gb": step_peaks,
+            "baseline_gb": baseline["gb"], "phase_seconds": phases.steps, **trained,
+            **refresh}
+
+
+class StepsDone(Exception):
+    """Raised at the end of the measured steps: run_training stops there."""
+
+
+class StepClock:
+    """Seconds per optimizer step, the same way for finetune's runs and the peers': from one step's end to the
+    next (the first from the start of training), so each step counts everything a user waits for: loading the
+    batch, forward, backward, the optimizer, logging and every callback. Also the tokens each step trained on
+    (without padding), where the trainer counts them (finetune's runs)."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self.tokens: list[int] = []
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class Clock(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                clock._last, clock._seen = time.perf_counter(), state.num_input_tokens_seen
+
+            def on_step_end(self, args, state, control, **kwargs):
+                now = time.perf_counter()
+                clock.seconds.append(now - clock._last)
+                clock.tokens.append(state.num_input_tokens_seen - clock._seen)
+                clock._last, clock._seen = now, state.num_input_tokens_seen
+
+        return Clock()
 
 
 class PhaseTimer:
@@ -288,24 +328,20 @@ def peer_child(spec: dict) -> dict:
 
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
-    else:
+    elif spec["peer"] != "full":  # full: the Trainer's default AdamW, as finetune's full method uses
         extra = {"optim": spec["peer"], "optim_target_modules": ["attn", "mlp"],
                  "optim_args": f"rank={spec['galore_rank']}, update_proj_gap={spec['gap']}, scale=0.25"}
-    sampler, times = RSSSampler(), []
+    sampler, clock = RSSSampler(), StepClock()
 
     class Measure(TrainerCallback):
         def on_train_begin(self, *a, **k):
             sampler.start()
 
-        def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t)
-
+    # The settings finetune's runs use where they change the step: non-reentrant checkpointing, logging each step.
     args = TrainingArguments(output_dir=spec["out"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch"],
                              learning_rate=1e-5, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
                              report_to="none", activation_checkpointing=spec["checkpointing"],
+                             activation_checkpointing_kwargs={"use_reentrant": False},
                              bf16=dtype == torch.bfloat16, dataloader_pin_memory=torch.cuda.is_available(), **extra)
 
     def collate(rows):
@@ -313,10 +349,10 @@ def peer_child(spec: dict) -> dict:
                 "labels": torch.tensor([r["labels"] for r in rows])}
 
     trainer = Trainer(model=model, args=args, train_dataset=data.train, data_collator=collate,
-                      callbacks=[Measure()])
+                      callbacks=[Measure(), clock.callback()])
     trainer.train()
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else sampler.stop()
-    return {"step_seconds": times, "peak_gb": peak, "baseline_gb": baseline}
+    return {"step_seconds": clock.seconds, "peak_gb": peak, "baseline_gb": baseline}
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 The model is instantiated on the meta device (shapes, no storage), so parameter counts are exact for any
 architecture transformers knows. Components, each documented where it is computed: weights, optimizer states,
-GaLore projectors and LoRA adapters stay for the whole run; activations, the loss's LM-head tiles, gradients and
+GaLore projectors and LoRA adapters stay for the whole run; activations, the loss's logits (or LM-head tiles), gradients and
 optimizer-step temporaries come and go within a step. The peak is the resident part plus the largest of three
-moments of a step: the loss backward (all saved activations, the LM-head tiles and head gradient buffer), the
+moments of a step: the loss backward (all saved activations and the loss's own memory), the
 end of backward (activations still held plus every gradient alive), and the optimizer step (gradients plus the
 optimizer's temporaries).
 
@@ -105,8 +105,8 @@ def activation_bytes(config, setup: Setup) -> dict[str, float]:
     and outputs, q and its rotated copy, k and v and their rotated copies, the attention output feeding
     o_proj, and four intermediate-sized tensors of the gated MLP (gate, up, activation, product). Eager
     attention also keeps the heads x seq attention scores and probabilities per token. With checkpointing
-    only each layer's input (h values) stays, plus one layer recomputed in full during backward. The loss
-    keeps the logits, their fp32 copy and the fp32 log-softmax (V values at weight, 4 and 4 bytes).
+    only each layer's input (h values) stays, plus one layer recomputed in full during backward. The loss's own
+    memory is `loss_bytes`.
     """
     h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     heads = config.num_attention_heads
@@ -121,21 +121,24 @@ def activation_bytes(config, setup: Setup) -> dict[str, float]:
     return tokens * stored
 
 
-#: TRL's fused LM head (trl.trainer.utils.add_fused_lm_head) never materialises the (tokens, vocab) logits: it
-#: projects tiles of up to 4096 tokens x 32768 vocabulary entries. On CUDA (Triton) a backward tile costs the tile
-#: itself and one fp32 working copy; the torch fallback used elsewhere (CPU) materialises about nine fp32 tiles
-#: (scaled logits, log-probs, probs, the gradient and its intermediate products); there finetune narrows the
-#: tiles to 8192 entries (finetune.trainer.narrow_cpu_lm_head_tiles, the width `finetune.train.Hooks` passes).
-LM_HEAD_TOKENS, LM_HEAD_VOCAB, CPU_LM_HEAD_VOCAB = 4096, 32768, 8192
+#: On CUDA the loss is TRL's fused LM head (trl.trainer.utils.add_fused_lm_head), which never materialises the
+#: (tokens, vocab) logits: it projects tiles of up to 4096 tokens x 32768 vocabulary entries, and a backward tile
+#: costs the tile itself and one fp32 working copy. On a CPU finetune uses the model's own loss (finetune.trainer).
+LM_HEAD_TOKENS, LM_HEAD_VOCAB = 4096, 32768
 
 
 def loss_bytes(config, setup: Setup, head_trains: bool) -> float:
-    """The loss backward's LM-head tiles, plus the fp32 head-gradient buffer the kernel fills when the head
-    trains (and its cast to the weight dtype)."""
+    """The loss backward's peak beyond the activations.
+
+    CUDA: the fused head's tiles, plus the fp32 head-gradient buffer the kernel fills when the head trains (and its
+    cast to the weight dtype). CPU: the model's own cross-entropy over the whole (tokens, vocab) logits: the logits,
+    their fp32 copy (none when they are fp32 already), the fp32 log-softmax and two fp32 gradients of that size
+    (measured: 4.08 fp32 copies at 2048 tokens on SmolLM2's vocabulary); the head's gradient is its ordinary one."""
     tokens = setup.seq_len * setup.batch
-    width = CPU_LM_HEAD_VOCAB if setup.device == "cpu" else LM_HEAD_VOCAB
-    tile = min(tokens, LM_HEAD_TOKENS) * min(config.vocab_size, width)
-    tiles = tile * 4 * (9 if setup.device == "cpu" else 2)
+    if setup.device == "cpu":
+        b = setup.weight_bytes
+        return tokens * config.vocab_size * (b + (4 if b != 4 else 0) + 12)
+    tiles = min(tokens, LM_HEAD_TOKENS) * min(config.vocab_size, LM_HEAD_VOCAB) * 4 * 2
     head = config.vocab_size * config.hidden_size * (4 + (setup.weight_bytes if setup.weight_bytes != 4 else 0))
     return tiles + (head if head_trains else 0)
 
@@ -152,7 +155,7 @@ def estimate(config, method, setup: Setup) -> dict[str, float]:
     if setup.device == "cpu":
         rows["transient"] += _cpu_step_temporaries(trainable, params, getattr(method, "optim_bits", 32))
     rows["activations"] = activation_bytes(config, setup)
-    rows["loss (LM-head tiles)"] = loss_bytes(config, setup, method.head_trains)
+    rows["loss (LM head)"] = loss_bytes(config, setup, method.head_trains)
     rows["framework overhead"] = setup.overhead_bytes
     if setup.processes > 1 and setup.sharded:
         for component in setup.sharded:
@@ -167,7 +170,7 @@ def estimate(config, method, setup: Setup) -> dict[str, float]:
     grads = rows["gradients"]
     in_backward = method.steps_in_backward  # no large optimizer step after backward
     moments = [
-        rows["activations"] + rows["loss (LM-head tiles)"],
+        rows["activations"] + rows["loss (LM head)"],
         rows["activations"] + grads + (rows["transient"] if in_backward else 0.0),
         grads + (0.0 if in_backward else rows["transient"]),
     ]

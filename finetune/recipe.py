@@ -210,7 +210,14 @@ class TrainSection(Section):
     max_grad_norm: float = Field(1.0, ge=0)
     """Clip the global gradient norm to this (0 disables). 1.0 is the transformers default."""
     packing: bool = False
-    """Pack several rows into each `max_length` sequence (no cross-row attention with flash/SDPA)."""
+    """Padding-free packing: rows go best-fit into packs of up to `data.max_length` tokens (TRL's BFD), each row
+    keeping its own positions and attending only to itself (flash-attention's varlen kernels; SDPA and eager get a
+    block-diagonal mask per pack), so the loss is the unpacked one and no padding is computed. `batch_size` then
+    counts packs. Off by default: a step's row count then varies with the rows' lengths."""
+    token_metrics: bool = False
+    """Log TRL's per-step token metrics, `mean_token_accuracy` and `entropy` (of the next-token distribution), to
+    metrics.jsonl. Off by default: they take TRL's own loss path, which computes both over the whole vocabulary for
+    every token and reads them back every micro-batch, a cost plain transformers.Trainer does not have."""
     seed: int = 42
     """Seeds model init of new parameters, shuffling and the held-out split."""
     logging_steps: int = Field(5, ge=1)

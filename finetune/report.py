@@ -77,7 +77,7 @@ class MetricsLogger(TrainerCallback):
             return
         now = time.perf_counter()
         record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
-        for key in ("loss", "eval_loss", "learning_rate", "grad_norm", "mean_token_accuracy", "train_loss",
+        for key in ("loss", "eval_loss", "learning_rate", "grad_norm", "mean_token_accuracy", "entropy", "train_loss",
                     "active_layers", "active_layers_by_rank"):
             if key in logs:
                 record["lr" if key == "learning_rate" else key] = logs[key]

@@ -34,9 +34,9 @@ import yaml
 from finetune import __version__
 from finetune import distributed, rundir
 from finetune.errors import RunStopped, UserError
-from finetune.plan import CPU_LM_HEAD_VOCAB
 from finetune.recipe import Recipe
 from finetune.rundir import weights_hash
+from finetune.startup import StartupClock
 
 
 @dataclass
@@ -45,12 +45,11 @@ class Hooks:
 
     #: Called with the built trainer and method before training starts (to add callbacks, wrap modules).
     on_trainer: Callable[[Any, Any], None] | None = None
-    #: Width of TRL's fused LM-head tiles on CPU (finetune.trainer.narrow_cpu_lm_head_tiles); the bench compares.
-    cpu_lm_head_tile: int = CPU_LM_HEAD_VOCAB
 
 
 def run_training(recipe: Recipe, recipe_path: Path, output: Path | None = None, overwrite: bool = False,
                  resume: bool = False, log=print, overrides: list[str] = (), hooks: Hooks | None = None) -> Path:
+    clock = StartupClock()
     run_dir = Path(output or recipe.train.output_dir or Path("runs") / recipe_path.stem)
     dist = recipe.distributed
     distributed.check_runtime(dist)
@@ -70,7 +69,7 @@ def run_training(recipe: Recipe, recipe_path: Path, output: Path | None = None, 
                           "--output", str(run_dir), "--resume"])
     quiet = log if rank == 0 else lambda *args, **kwargs: None
     try:
-        return _train(recipe, run_dir, checkpoint, rank, quiet, command, hooks or Hooks())
+        return _train(recipe, run_dir, checkpoint, rank, quiet, command, hooks or Hooks(), clock)
     except KeyboardInterrupt:  # before steps began, or a second Ctrl-C
         newest = rundir.last_complete_checkpoint(run_dir / "checkpoints", log=lambda *_: None)
         if rank == 0:
@@ -129,7 +128,7 @@ def _launch(recipe: Recipe, recipe_path: Path, run_dir: Path, overwrite: bool, r
 
 
 def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log, resume_command: str,
-           hooks: Hooks) -> Path:
+           hooks: Hooks, clock: StartupClock) -> Path:
     from transformers import set_seed
 
     from finetune.data import build_datasets, save_conversations
@@ -140,6 +139,7 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
     from finetune.report import plot_loss, start_summary
     from finetune.trainer import CheckpointWriteError, ContinueSchedule
 
+    clock.mark("imports")
     t, d, m = recipe.train, recipe.data, recipe.model
     set_seed(t.seed)
 
@@ -164,10 +164,12 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
     if rank == 0:
         _record_recipe(run_dir, recipe.model_dump(mode="json"), checkpoint, log)
         save_conversations(data.eval_conversations, run_dir / "held_out.jsonl")
+    clock.mark("data")
 
     dtype, attention = resolve_dtype(m.dtype), resolve_attention(m.attn_implementation)
     model = load_model(model_path, dtype, attention, m.trust_remote_code, vocab_size=len(tokenizer), **load_kwargs)
     model = method.prepare(model, added_tokens)
+    clock.mark("model")
 
     args = _trainer_args(recipe, run_dir, dtype)
     for label, value in start_summary(
@@ -177,18 +179,21 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
         eval_rows=len(data.eval) if data.eval is not None else 0, run_dir=run_dir,
     ):
         log(f"[bold]{label:>26}[/bold]  {value}")
+    log(f"[bold]{'start-up so far':>26}[/bold]  {clock.line()}")
     if data.truncated:
         log(f"[yellow]warning: {data.truncated} of {len(data.train)} training samples are cut at data.max_length="
             f"{d.max_length}; what lies past it (an answer's end, its end-of-turn token) is not trained. `finetune "
             "data` shows them[/yellow]")
 
-    trainer = _make_trainer(model, args, data, tokenizer, method, run_dir / "metrics.jsonl", hooks.cpu_lm_head_tile)
+    trainer = _make_trainer(model, args, data, tokenizer, method, run_dir / "metrics.jsonl", t.token_metrics)
     engaged = {"fsdp": trainer.is_fsdp_enabled, "deepspeed": trainer.is_deepspeed_enabled}
     if not engaged.get(recipe.distributed.strategy, True):  # never a silent fallback to another strategy
         raise UserError(f"distributed.strategy {recipe.distributed.strategy} did not engage in accelerate here")
     guard, stop = DivergenceGuard(log), StopOnSignal(log)
     for callback in (MarkCheckpointsComplete(), ContinueSchedule(), guard, stop):
         trainer.add_callback(callback)
+    clock.mark("trainer")
+    trainer.add_callback(clock.callback(log, run_dir if rank == 0 else None))
     if hooks.on_trainer is not None:
         hooks.on_trainer(trainer, method)
     final = run_dir / method.artifact
@@ -330,11 +335,10 @@ def _trainer_args(recipe: Recipe, run_dir: Path, dtype):
     )
 
 
-def _make_trainer(model, args, data, tokenizer, method, metrics_path: Path, cpu_lm_head_tile: int):
+def _make_trainer(model, args, data, tokenizer, method, metrics_path: Path, token_metrics: bool):
     from finetune.report import MetricsLogger
-    from finetune.trainer import Trainer, narrow_cpu_lm_head_tiles
+    from finetune.trainer import Trainer
 
-    narrow_cpu_lm_head_tiles(cpu_lm_head_tile)
     optimizers = method.optimizers(model, args.learning_rate, args.weight_decay, args.max_grad_norm) or (None, None)
     return Trainer(
         model=model,
@@ -344,4 +348,5 @@ def _make_trainer(model, args, data, tokenizer, method, metrics_path: Path, cpu_
         processing_class=tokenizer,
         optimizers=optimizers,
         callbacks=[*method.callbacks(), MetricsLogger(metrics_path)],  # methods may add to the logs first
+        token_metrics=token_metrics,
     )

@@ -14,19 +14,11 @@ from trl import SFTTrainer
 
 #: The private Trainer methods overridden below; tests/test_trainer.py checks that each still exists.
 OVERRIDDEN = ("_clip_grad_norm", "_get_grad_norm", "_prepare_for_training", "_save_checkpoint")
-
-
-def narrow_cpu_lm_head_tiles(width: int) -> None:
-    """TRL 1.16's fused LM head sizes its tiles (32768 vocabulary entries) for its Triton kernel; its torch
-    fallback holds about nine fp32 tiles at once, ~1.2 GB at 1024 tokens on SmolLM2's 49k vocabulary, more than
-    the model's weights. Narrower tiles give the same per-token log-probabilities with a fraction of that memory
-    (finetune.measure compares both). TRL reads the width from this module global at each call; CUDA keeps
-    TRL's own."""
-    import torch
-    import trl.trainer.utils as trl_utils
-
-    if not torch.cuda.is_available():
-        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = width  # tests/test_trainer.py pins that TRL still reads it
+#: What TRL 1.16's SFTTrainer asks its fused LM head for; finetune asks for the first alone unless the recipe wants
+#: TRL's per-step token metrics (tests/test_trainer.py pins that TRL still patches the head with these).
+TOKEN_METRIC_OUTPUTS = ("log_probs", "entropy", "is_top1")
+#: Devices where TRL's fused LM head runs its Triton kernel (trl.kernels.chunked_logprob._use_triton).
+FUSED_HEAD_DEVICES = ("cuda", "xpu")
 
 
 class CheckpointWriteError(Exception):
@@ -37,7 +29,75 @@ class CheckpointWriteError(Exception):
         self.path, self.cause = path, cause
 
 
+def lean_lm_head(model) -> None:
+    """Patch TRL's fused LM head again, computing the labels' log-probabilities alone.
+
+    SFTTrainer's head also computes each token's entropy and whether the label is the top-1 token, over the whole
+    vocabulary, for two logged metrics; each extra output costs on every call (add_fused_lm_head's docs). TRL's
+    patch is an instance attribute, so dropping it restores the model's own forward before patching again."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    vars(base).pop("forward", None)
+    add_fused_lm_head(base, outputs=("log_probs",))
+
+
+class PackedRows:
+    """Collates packs as the rows of a batch, for SDPA and eager attention.
+
+    TRL's padding-free collation concatenates a batch's packs into one sequence, which flash-attention's varlen
+    kernels split again where the position ids restart. SDPA and eager attention get a dense block-diagonal mask
+    over that whole sequence instead (transformers' masking_utils.find_packed_sequence_indices), so attention over
+    batch x max_length tokens would cost batch times what it costs pack by pack. Here each pack stays a row, its
+    positions restarting at each of its rows, and no attention mask is passed, from which transformers builds the
+    same block-diagonal mask row by row. The padding after a short pack has position 0 at every token (TRL pads
+    position ids with 0): each pad token is a sequence of its own, attending to itself, with no loss."""
+
+    def __init__(self, pad_token_id: int):
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        self.inner = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, return_position_ids=True)
+
+    def __call__(self, examples):
+        batch = self.inner(examples)
+        del batch["attention_mask"]  # a 2D mask would hide the packing: transformers looks for it only without one
+        batch["labels"][batch["position_ids"] == 0] = -100  # a row's first token follows another row's last
+        return batch
+
+
 class Trainer(SFTTrainer):
+    def __init__(self, *args, token_metrics: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.token_metrics = token_metrics
+        if not token_metrics:
+            lean_lm_head(self.model)
+        if self.padding_free and self.args.packing and "flash" not in self.model.config._attn_implementation:
+            self.data_collator = PackedRows(self.data_collator.pad_token_id)  # TRL's flat sequence is for varlen
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # TRL's compute_loss, less the metrics: besides the entropy and accuracy, it gathers and reads back three
+        # per-micro-batch counts (a device sync and, with several processes, a collective each). The paths it
+        # takes for options finetune never sets (a custom loss, label smoothing, DFT, MoE aux loss) stay TRL's.
+        if (self.token_metrics or return_outputs or self.aux_loss_enabled or self.compute_loss_func is not None
+                or self.label_smoother is not None or self.args.loss_type != "nll"):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        import torch
+        from transformers import Trainer as PlainTrainer
+
+        inputs["use_cache"] = False
+        if self.args.device.type not in FUSED_HEAD_DEVICES:
+            # The fused head saves memory by computing each logits tile twice (forward, then again in backward):
+            # without Triton that is one more LM-head matmul per step in torch, while host memory holds the whole
+            # logits easily. So on a CPU the model's own loss, exactly as plain Trainer computes it.
+            return PlainTrainer.compute_loss(self, model, inputs, num_items_in_batch=num_items_in_batch)
+        outputs = model(**inputs, fused_lm_head=True)
+        num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = -outputs.log_probs.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        # As TRL and Trainer.compute_loss: num_items_in_batch counts every rank's tokens and DDP averages gradients.
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return loss
+
     # A layer-wise optimizer has stepped every parameter and freed its gradient inside backward, so the
     # trainer's norm over .grad would read 0 (as it does for transformers' own layer-wise optimizers) and
     # its clipping would act on nothing. Such an optimizer clips per parameter and reports the true norm.

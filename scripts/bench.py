@@ -1,16 +1,20 @@
 """Benchmark training methods against each other and against the plain-Trainer peer, in one invocation.
 
 Each variant runs in a fresh subprocess (finetune/measure.py, under its TIMING_ENV) for N optimizer steps on
-fixed-length rows (every row is cut to exactly --seq-len tokens) and reports the median step time (first
---warmup steps dropped), tokens/s, the peak memory during training (resident memory on a CPU,
+fixed-length rows (every row is cut to exactly --seq-len tokens; the "chat-length rows" variants: a tenth to two
+thirds of it, padded or packed) and reports the median step time (first --warmup steps dropped; a step is timed
+from one step's end to the next, the same way for finetune and the peers), tokens/s (tokens trained, padding not
+counted, over the steps' time), the peak memory during training (resident memory on a CPU,
 torch.cuda.max_memory_allocated on a GPU) and `finetune plan`'s prediction for the same run. "Above baseline"
 subtracts the process's resident memory just before the model loaded (interpreter, libraries, tokenizer,
 data). On a CPU the measured peak also holds freed heap blocks glibc keeps (see finetune/measure.py), more with
 more tokens per step: "plan / peak" below 1 in these tables is mostly that, not the plan;
 scripts/plan_check.py measures the same runs with the heap kept small. Ratios are to our full AdamW run from
-the same invocation.
+the same invocation; `--repeat N` interleaves N rounds of the variants and pools their steps, so that the ratios
+hold on a machine whose speed drifts.
 
     python scripts/bench.py --model smollm2-135m-instruct --seq-len 128 --batch 2 --steps 12
+    python scripts/bench.py --checkpointing --set overhead --repeat 3 --startup recipes/demo.yaml
     python scripts/bench.py --quick          # tiny model, seconds: a smoke test of the harness itself
     python scripts/bench.py --arch llama2-7b --seq-len 2048   # random weights from the config (GPU)
 
@@ -26,19 +30,18 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from finetune.measure import TIMING_ENV, planned_gb, run_child, write_rows
+from finetune.measure import ROOT, TIMING_ENV, planned_gb, run_child, write_rows
 
 #: name -> (method section or peer spec). Peers use plain transformers.Trainer (+ peft) with the same rows.
 VARIANTS = {
     "full AdamW": {"method": {"name": "full"}},
     "full AdamW 8-bit layer-wise": {"method": {"name": "full", "optim_bits": 8, "layerwise": True}},
-    # TRL's own 32768-wide LM-head tiles instead of finetune's narrower CPU tiles (finetune.train.Hooks.cpu_lm_head_tile)
-    "full AdamW, TRL-width LM-head tiles": {"method": {"name": "full"}, "lm_head_tile": 32768},
     "LoRA r=16 all-linear": {"method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0}},
     "GaLore 8-bit layer-wise": {"method": {"name": "galore", "optim_bits": 8, "layerwise": True}},
     "GaLore 8-bit": {"method": {"name": "galore", "optim_bits": 8, "layerwise": False}},
@@ -55,7 +58,19 @@ VARIANTS = {
                                                             "train_embeddings": False, "train_head": False}},
     "peer: Trainer galore_adamw_layerwise": {"peer": "galore_adamw_layerwise"},
     "peer: Trainer + peft LoRA r=16": {"peer": "lora"},
+    "peer: Trainer full AdamW": {"peer": "full"},
+    # rows of a tenth to two thirds of --seq-len tokens (measure.write_rows): padded batches, then packed ones
+    "full AdamW, chat-length rows": {"method": {"name": "full"}, "rows": "variable"},
+    "full AdamW, chat-length rows, packed": {"method": {"name": "full"}, "rows": "variable", "packing": True},
+    "LoRA r=16, chat-length rows": {"method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0},
+                                    "rows": "variable"},
+    "LoRA r=16, chat-length rows, packed": {"method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0},
+                                            "rows": "variable", "packing": True},
 }
+#: finetune against the plain-Trainer peer on the same job: the overhead a user pays for the tool.
+OVERHEAD_SET = ["full AdamW", "peer: Trainer full AdamW", "LoRA r=16 all-linear", "peer: Trainer + peft LoRA r=16"]
+PACKING_SET = ["full AdamW, chat-length rows", "full AdamW, chat-length rows, packed", "LoRA r=16, chat-length rows",
+               "LoRA r=16, chat-length rows, packed"]
 GALORE_SET = ["full AdamW", "LoRA r=16 all-linear", "GaLore 8-bit layer-wise", "GaLore 8-bit",
               "GaLore 32-bit layer-wise", "GaLore 8-bit layer-wise, exact SVD", "peer: Trainer galore_adamw_layerwise"]
 QUICK_SET = ["full AdamW", "GaLore 8-bit layer-wise", "peer: Trainer + peft LoRA r=16"]
@@ -63,15 +78,30 @@ LISA_SET = ["full AdamW", "LoRA r=8 all-linear", "LISA g=2 K=2", "LISA g=2 K=2 8
             "LISA g=2 K=2, embeddings and head frozen"]
 
 
-def run_variant(name: str, variant: dict, common: dict, workdir: Path) -> dict:
-    spec = {**common, **variant, "out": str(workdir / name.replace(" ", "_").replace(":", ""))}
+def run_variant(name: str, variant: dict, common: dict, workdir: Path, run: int = 0) -> dict:
+    spec = {**common, **variant, "out": str(workdir / f"{name.replace(' ', '_').replace(':', '').replace(',', '')}-{run}")}
+    spec["data"] = common["variable_data" if variant.get("rows") == "variable" else "data"]
     result = run_child(spec, TIMING_ENV)
     if "error" not in result:
         result["plan_gb"] = planned_gb(spec, result)
     return result
 
 
+def merge_runs(runs: list[dict], warmup: int) -> dict:
+    """One result from repeated runs of a variant: every run's steps after its warm-up, the median run's memory."""
+    if any("error" in r for r in runs):
+        return next(r for r in runs if "error" in r)
+    merged = dict(runs[0])
+    for key in ("step_seconds", "step_tokens", "phase_seconds"):
+        merged[key] = [x for r in runs for x in (r.get(key) or [])[warmup:]]
+    for key in ("peak_gb", "baseline_gb"):
+        merged[key] = statistics.median(r.get(key, 0.0) for r in runs)
+        merged[f"{key}_runs"] = [r.get(key, 0.0) for r in runs]
+    return merged
+
+
 def summarise(results: dict, warmup: int, seq_len: int, batch: int) -> dict:
+    """`warmup` steps are dropped from each result (0 for merged results, which dropped them per run)."""
     table = {}
     for name, result in results.items():
         if "error" in result:
@@ -79,13 +109,20 @@ def summarise(results: dict, warmup: int, seq_len: int, batch: int) -> dict:
             continue
         steps = result["step_seconds"][warmup:] or result["step_seconds"]
         median = statistics.median(steps)
-        table[name] = {"median_step_s": median, "tokens_per_s": seq_len * batch / median, "peak_gb": result["peak_gb"],
+        # tokens trained over the steps' time: counted by the trainer where it counts them (variable-length rows:
+        # padding is no work done); the peers' fixed-length rows are seq_len x batch a step
+        tokens = result.get("step_tokens", [])[warmup:]
+        rate = (sum(tokens) if any(tokens) else seq_len * batch * len(steps)) / sum(steps)
+        table[name] = {"median_step_s": median, "tokens_per_s": rate, "peak_gb": result["peak_gb"],
                        "step_seconds": result["step_seconds"], "step_peaks_gb": result.get("step_peaks_gb"),
                        "baseline_gb": result.get("baseline_gb", 0.0), "plan_gb": result.get("plan_gb")}
         if result.get("phase_seconds"):
             kept = result["phase_seconds"][warmup:] or result["phase_seconds"]
             table[name]["phase_median_s"] = {k: statistics.median(p[k] for p in kept) for k in kept[0]}
         table[name]["above_baseline_gb"] = result["peak_gb"] - table[name]["baseline_gb"]
+        for key in ("peak_gb_runs", "baseline_gb_runs"):  # each round's, for the spread between rounds
+            if key in result:
+                table[name][key] = result[key]
         if result.get("refreshes"):
             table[name]["refresh_seconds"] = result["refresh_seconds"]
             table[name]["refreshes"] = result["refreshes"]
@@ -107,11 +144,11 @@ def markdown(table: dict) -> str:
             lines.append(f"| {name} | failed: {row['error'][:120]} | | | | | | | | |")
             continue
         plan = row.get("plan_gb")
+        ratio = {k: f"{row[k]:.2f}" if k in row else "—" for k in ("peak_vs_full", "above_baseline_vs_full",
+                                                                      "time_vs_full")}  # no full AdamW row: none
         lines.append(f"| {name} | {row['median_step_s']:.3f} | {row['tokens_per_s']:.0f} | {row['peak_gb']:.3f} | "
-                     f"{row.get('peak_vs_full', float('nan')):.2f} | {row['above_baseline_gb']:.3f} | "
-                     f"{row.get('above_baseline_vs_full', float('nan')):.2f} | "
-                     f"{row.get('time_vs_full', float('nan')):.2f} | "
-                     + (f"{plan:.3f} | {plan / row['peak_gb']:.2f} |" if plan else "— | — |"))
+                     f"{ratio['peak_vs_full']} | {row['above_baseline_gb']:.3f} | {ratio['above_baseline_vs_full']} | "
+                     f"{ratio['time_vs_full']} | " + (f"{plan:.3f} | {plan / row['peak_gb']:.2f} |" if plan else "— | — |"))
     return "\n".join(lines)
 
 
@@ -159,12 +196,19 @@ def main() -> None:
     parser.add_argument("--gap", type=int, default=200, help="GaLore update_proj_gap")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
     parser.add_argument("--variants", nargs="*", default=None, help="subset of: " + ", ".join(VARIANTS))
-    parser.add_argument("--set", dest="variant_set", choices=["galore", "lisa", "all"], default="all",
-                        help="a named group of variants (galore, lisa)")
+    parser.add_argument("--set", dest="variant_set", choices=["galore", "lisa", "overhead", "packing", "all"],
+                        default="all", help="a named group of variants (galore, lisa, overhead: finetune against "
+                                            "the peers, packing: padded against packed chat-length rows)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the variants this many rounds, interleaved, and pool their steps: ratios between "
+                             "variants then hold on a machine whose speed drifts")
     parser.add_argument("--quick", action="store_true", help="tiny model, 4 steps: checks the harness")
+    parser.add_argument("--startup", metavar="RECIPE", default=None,
+                        help="also break down the start-up of `finetune train RECIPE` (e.g. recipes/demo.yaml)")
     parser.add_argument("--out", type=Path, default=None, help="write the table here (.md) and JSON beside it")
     args = parser.parse_args()
-    names = args.variants or {"galore": GALORE_SET, "lisa": LISA_SET, "all": list(VARIANTS)}[args.variant_set]
+    names = args.variants or {"galore": GALORE_SET, "lisa": LISA_SET, "overhead": OVERHEAD_SET,
+                              "packing": PACKING_SET, "all": list(VARIANTS)}[args.variant_set]
     if args.quick and not args.variants:
         names = QUICK_SET
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,27 +216,60 @@ def main() -> None:
         if args.quick:
             args.model, args.seq_len, args.steps, args.warmup, args.galore_rank = (
                 str(make_tiny(workdir)), 32, 4, 1, 8)
-        data = workdir / "rows.jsonl"
+        data, variable = workdir / "rows.jsonl", workdir / "chat-length-rows.jsonl"
         write_rows(data, args.batch * args.steps, args.seq_len)
-        common = {"model": args.model, "arch": args.arch, "data": str(data), "seq_len": args.seq_len, "batch": args.batch,
-                  "steps": args.steps, "galore_rank": args.galore_rank, "gap": args.gap,
-                  "checkpointing": args.checkpointing}
-        results = {}
-        for name in names:
-            print(f"running {name} ...", file=sys.stderr, flush=True)
-            results[name] = run_variant(name, VARIANTS[name], common, workdir)
-    table = summarise(results, args.warmup, args.seq_len, args.batch)
+        write_rows(variable, 4 * args.batch * args.steps, args.seq_len, variable=True)  # packs take several rows
+        common = {"model": args.model, "arch": args.arch, "data": str(data), "variable_data": str(variable),
+                  "seq_len": args.seq_len, "batch": args.batch, "steps": args.steps, "galore_rank": args.galore_rank,
+                  "gap": args.gap, "checkpointing": args.checkpointing}
+        runs = {name: [] for name in names}
+        for round_ in range(args.repeat):
+            for name in names:
+                print(f"running {name} ({round_ + 1}/{args.repeat}) ...", file=sys.stderr, flush=True)
+                runs[name].append(run_variant(name, VARIANTS[name], common, workdir, round_))
+        startup = ("\n\n" + startup_table(args.startup, workdir)) if args.startup else ""
+    results = {name: merge_runs(r, args.warmup) for name, r in runs.items()}
+    table = summarise(results, 0, args.seq_len, args.batch)
     command = "python scripts/bench.py " + shlex.join(sys.argv[1:])  # quoted: variant names have spaces
     header = (f"`{command}` — {time.strftime('%Y-%m-%d')} — {machine()}\n"
               f"model {args.arch + ' (random weights)' if args.arch else args.model}, seq {args.seq_len} x batch {args.batch}, {args.steps} steps "
-              f"(median over steps after the first {args.warmup}), GaLore rank {args.galore_rank} gap {args.gap}, "
+              f"(median over steps after the first {args.warmup}"
+              + (f", pooled over {args.repeat} interleaved rounds" if args.repeat > 1 else "") + "), "
+              f"GaLore rank {args.galore_rank} gap {args.gap}, "
               f"checkpointing {'on' if args.checkpointing else 'off'}\n")
-    text = header + "\n" + markdown(table) + extra_notes(table, args.gap, args.steps)
+    text = header + "\n" + markdown(table) + extra_notes(table, args.gap, args.steps) + startup
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
         args.out.with_suffix(".json").write_text(json.dumps({"command": command, "machine": machine(),
                                                              "results": table}, indent=2) + "\n")
+
+
+def startup_table(recipe: str, workdir: Path) -> str:
+    """Where the time to the first optimizer step goes for `finetune train RECIPE` (the CLI in a fresh process, the
+    model cached): with the data prepared (data.cache off) and read from the cache (after a run that fills it)."""
+    finetune = str(Path(sys.executable).with_name("finetune"))
+    cases = {"data prepared (data.cache: false)": ["--set", "data.cache=false"], "data read from the cache": []}
+    # one step, no held-out rows: what follows the first step is not start-up
+    common = ["--set", "train.max_steps=1", "--set", "data.eval=", "--set", "data.eval_fraction=0"]
+    rows = {}
+    for number, (case, extra) in enumerate(cases.items()):
+        if not extra:  # fill the cache first
+            subprocess.run([finetune, "train", recipe, *common, "--output", str(workdir / "fill")], cwd=ROOT,
+                           check=True, capture_output=True)
+        out = workdir / f"startup-{number}"
+        proc = subprocess.run([finetune, "train", recipe, *common, *extra, "--output", str(out)], cwd=ROOT,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"start-up run failed: {proc.stderr[-2000:]}")
+        rows[case] = json.loads((out / "run.json").read_text())["startup_seconds"]
+    phases = list(next(iter(rows.values())))
+    lines = [f"Start-up of `finetune train {recipe}` (one step, no held-out rows), seconds from the process's start:",
+             "", "| case | " + " | ".join(phases) + " | first step done |", "|---|" + "---|" * (len(phases) + 1)]
+    for case, seconds in rows.items():
+        lines.append(f"| {case} | " + " | ".join(f"{seconds[p]:.1f}" for p in phases) +
+                     f" | {sum(seconds.values()):.1f} |")
+    return "\n".join(lines)
 
 
 def make_tiny(workdir: Path) -> Path:

@@ -16,6 +16,7 @@ SECTIONS = [
     ("The same check with the timing runs' allocator (freed heap blocks stay resident), CPU",
      "plan-check-smollm2-cpu-4mib.md"),
     ("Data preparation at scale (`scripts/data_bench.py`), CPU", "data-prep.md"),
+    ("GPU acceptance check (`make gpu-check`): Llama-2-7B, every method, 24 GiB cap", "gpu-check-llama2-7b.md"),
 ]
 GPU = ("## GPU: `python scripts/bench.py --arch llama2-7b --seq-len 2048` (bf16, flash attention if available)\n\n"
        "Not measured: no GPU machine was available to the sessions that wrote this file. No figures are estimated "
@@ -23,7 +24,7 @@ GPU = ("## GPU: `python scripts/bench.py --arch llama2-7b --seq-len 2048` (bf16,
 
 
 def main() -> None:
-    parts = ["# Benchmarks\n", "Every table below is the verbatim output of `scripts/bench.py`, `scripts/plan_check.py` or `scripts/data_bench.py` (command, date, machine and "
+    parts = ["# Benchmarks\n", "Every table below is the verbatim output of `scripts/bench.py`, `scripts/plan_check.py`, `scripts/gpu_check.py` or `scripts/data_bench.py` (command, date, machine and "
              "versions in its first line); `python scripts/benchmarks_md.py` rebuilds this file from `bench/`.\n"]
     for title, name in SECTIONS:
         path = ROOT / "bench" / name

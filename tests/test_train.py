@@ -42,6 +42,12 @@ def test_full_run_lowers_loss_and_writes_a_complete_run_dir(write_recipe, tmp_pa
     step = next(r for r in records if "loss" in r)
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_gb"} <= step.keys()
     assert step["grad_norm"] > 0 and step["tokens_per_s"] > 0
+    assert "mean_token_accuracy" not in step and "entropy" not in step  # train.token_metrics is off by default
+    # where the time to the first step went, in the log and in run.json
+    startup = json.loads((run / "run.json").read_text())["startup_seconds"]
+    assert list(startup) == ["start", "imports", "data", "model", "trainer", "loop start", "step 1"]
+    assert all(seconds >= 0 for seconds in startup.values()) and startup["step 1"] > 0
+    assert "start-up so far" in result.output and "first optimizer step done" in result.output
     assert any("eval_loss" in r for r in records)
     assert len((run / "held_out.jsonl").read_text().splitlines()) == 4
     # The final weights are a plain transformers checkpoint with our ChatML tokenizer.
@@ -57,12 +63,16 @@ def test_lora_trains_only_adapter_params_and_loads_with_peft(write_recipe, tmp_p
     from transformers import AutoModelForCausalLM
 
     # checkpointing on: with no grad-requiring embedding output, the first layer's adapters must still train
+    # token_metrics: TRL's own loss path, with its per-step metrics in metrics.jsonl
     recipe = write_recipe(method={"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-                          model={"gradient_checkpointing": True}, train={"learning_rate": 5e-3, "max_steps": 10})
+                          model={"gradient_checkpointing": True},
+                          train={"learning_rate": 5e-3, "max_steps": 10, "token_metrics": True})
     result = train(recipe)
     assert result.exit_code == 0, result.output
     run = tmp_path / "run"
     assert losses(run)[-1] < losses(run)[0]
+    steps = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert all(0 <= r["mean_token_accuracy"] <= 1 and r["entropy"] > 0 for r in steps)
     adapter = load_file(run / "adapter" / "adapter_model.safetensors")
     assert adapter and all("lora_" in name for name in adapter)
     assert all(tensor.abs().sum() > 0 for name, tensor in adapter.items() if "lora_B" in name)  # B starts at 0
@@ -180,25 +190,3 @@ def test_packing_and_a_dataset_directory_source(write_recipe, tmp_path, train_fi
     missing = write_recipe(name="m.yaml", data={"train": str(folder), "train_split": "nope"})
     result = train(missing, "--overwrite")
     assert result.exit_code == 2 and "split `nope`" in result.output
-
-
-def test_narrow_cpu_lm_head_tiles_give_the_same_log_probs(monkeypatch):
-    """finetune narrows TRL's fused LM-head tiles on CPU (memory); TRL must pick the width up and score the same."""
-    import trl.trainer.utils as trl_utils
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from finetune.plan import CPU_LM_HEAD_VOCAB
-    from finetune.trainer import narrow_cpu_lm_head_tiles
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=20000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
-    trl_utils.add_fused_lm_head(model)
-    ids = torch.randint(0, 20000, (2, 16))
-    monkeypatch.setattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)
-    wide = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
-    if not torch.cuda.is_available():
-        narrow_cpu_lm_head_tiles(CPU_LM_HEAD_VOCAB)
-        assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == CPU_LM_HEAD_VOCAB < 20000  # several tiles
-    narrow = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
-    torch.testing.assert_close(narrow, wide, rtol=1e-5, atol=1e-5)

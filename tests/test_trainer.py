@@ -6,7 +6,7 @@ import inspect
 import pytest
 from transformers import Trainer as HFTrainer
 
-from finetune.trainer import OVERRIDDEN, Trainer
+from finetune.trainer import OVERRIDDEN, TOKEN_METRIC_OUTPUTS, Trainer
 
 #: The parameters each overridden private method had when the override was written (transformers 5.23).
 SIGNATURES = {
@@ -26,18 +26,21 @@ def test_each_overridden_internal_still_exists_with_the_same_parameters(name):
     assert getattr(Trainer, name) is not library  # ours really replaces it
 
 
+def test_trl_still_asks_its_fused_head_for_the_token_metrics_finetune_leaves_out():
+    """finetune.trainer.lean_lm_head patches the head again with log-probs alone, and its compute_loss takes over
+    only where TRL's would compute just what it drops: both follow what SFTTrainer asks the head for."""
+    from trl import SFTTrainer
+
+    asked = "outputs=(" + ", ".join(f'"{name}"' for name in TOKEN_METRIC_OUTPUTS) + ")"
+    assert asked in inspect.getsource(SFTTrainer.__init__)
+    assert list(inspect.signature(SFTTrainer.compute_loss).parameters) == [
+        "self", "model", "inputs", "return_outputs", "num_items_in_batch"]
+
+
 def test_the_checkpoint_loader_finetune_calls_is_unchanged():
     """finetune.train finishes a run whose last checkpoint is its final step through Trainer._load_from_checkpoint."""
     assert list(inspect.signature(HFTrainer._load_from_checkpoint).parameters) == [
         "self", "resume_from_checkpoint", "model"]
-
-
-def test_trl_still_reads_its_lm_head_tile_width_from_the_module_global():
-    import trl.trainer.utils as trl_utils
-
-    assert isinstance(trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, int)
-    source = inspect.getsource(trl_utils)
-    assert source.count("_CHUNKED_LOGPROB_CHUNK_SIZE") >= 2  # defined and read at call time, not bound once
 
 
 def test_bitsandbytes_8bit_update_internals_the_cpu_chunking_calls_are_unchanged():
