@@ -15,6 +15,9 @@ SECTIONS = [
     ("`finetune plan` against measured peaks at 1024 tokens per step, CPU", "plan-check-smollm2-cpu-1024tok.md"),
     ("The same check with the timing runs' allocator (freed heap blocks stay resident), CPU",
      "plan-check-smollm2-cpu-4mib.md"),
+    ("finetune against plain transformers.Trainer (+ peft) on the same job, and its start-up, CPU",
+     "overhead-smollm2-cpu.md"),
+    ("Padding-free packing on chat-length rows, CPU", "packing-smollm2-cpu.md"),
     ("Data preparation at scale (`scripts/data_bench.py`), CPU", "data-prep.md"),
     ("GPU acceptance check (`make gpu-check`): Llama-2-7B, every method, 24 GiB cap", "gpu-check-llama2-7b.md"),
 ]
