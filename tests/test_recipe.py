@@ -91,6 +91,11 @@ def test_set_overrides_are_typed_and_validated(tmp_path, good):
     assert "train.batch_size: Input should be greater than or equal to 1" in message
     assert "train.nope: unknown key" in message
     assert "--set 'no-equals-sign': expected dotted.key=value" in message
+    # the speed options: typed, and a near miss gets the suggestion
+    assert load_recipe(path, ["train.token_metrics=true", "train.packing=true"]).train.token_metrics is True
+    message = problems_of(path, ["train.token_metrics=maybe", "train.token_metric=true"])
+    assert "train.token_metrics: Input should be a valid boolean" in message
+    assert "train.token_metric: unknown key; did you mean `token_metrics`?" in message
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):
