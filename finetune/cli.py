@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -64,8 +65,6 @@ def user_errors(command):
 
 
 def _quiet_libraries() -> None:
-    import sys
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Keep warnings for ours; library chatter hides the summary. Through the environment, which transformers reads
     # when imported, so that a command does not import it (most of a second) before it needs it.

@@ -157,8 +157,7 @@ def child(spec: dict) -> dict:
         pass
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else max(step_peaks + [measure.final_peak])
     return {"step_seconds": clock.seconds, "step_tokens": clock.tokens, "peak_gb": peak, "step_peaks_gb": step_peaks,
-            "baseline_gb": baseline["gb"], "phase_seconds": phases.steps, **trained,
-            **refresh}
+            "baseline_gb": baseline["gb"], "phase_seconds": phases.steps, **trained, **refresh}
 
 
 class StepsDone(Exception):

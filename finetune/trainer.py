@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from transformers import Trainer as PlainTrainer
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
@@ -81,9 +83,6 @@ class Trainer(SFTTrainer):
         if (self.token_metrics or return_outputs or self.aux_loss_enabled or self.compute_loss_func is not None
                 or self.label_smoother is not None or self.args.loss_type != "nll"):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        import torch
-        from transformers import Trainer as PlainTrainer
-
         inputs["use_cache"] = False
         if self.args.device.type not in FUSED_HEAD_DEVICES:
             # The fused head saves memory by computing each logits tile twice (forward, then again in backward):
