@@ -128,7 +128,7 @@ def validate(
             problems.append(str(err))
             continue
         report = []  # format, row count, ignored and refused fields of each data file, under the recipe's line
-        data_problems = check_data(loaded.data, report.append)
+        data_problems = check_data(loaded.data, report.append, loaded.objective.data_kind)
         console.print(f"[red]data problems[/red] {path}" if data_problems else f"[green]ok[/green] {path}")
         for line in report:
             console.print(line, highlight=False, soft_wrap=True, emoji=False)
@@ -181,8 +181,9 @@ def plan(
     _quiet_libraries()
     result = plan_recipe(loaded, parse_memory(gpu_memory), seq_len, batch)
     setup, estimates = result["setup"], result["estimates"]
+    pairs = f" pairs (x{setup.sequences} sequences: {loaded.objective.name})" if setup.sequences > 1 else ""
     table = Table(title=f"peak memory (GiB), {result['parameters'] / 1e9:.2f}B parameters, seq {setup.seq_len} x "
-                        f"batch {setup.batch}, {setup.weight_bytes * 8}-bit weights, checkpointing "
+                        f"batch {setup.batch}{pairs}, {setup.weight_bytes * 8}-bit weights, checkpointing "
                         f"{'on' if setup.checkpointing else 'off'}" + (
                             f", per GPU of {setup.processes} ({loaded.distributed.strategy}; methods it refuses are "
                             "planned as DDP)" if setup.processes > 1 else ""))

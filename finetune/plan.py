@@ -49,6 +49,7 @@ class Setup:
     device: str = "cuda"  # optimizer kernels differ: fused on CUDA, per-tensor with temporaries on CPU
     processes: int = 1  # GPUs sharing the work
     sharded: tuple[str, ...] = ()  # components divided over them: "weights", "gradients", "optimizer states"
+    sequences: int = 1  # sequences per row through the model at once (2 for a preference pair: chosen, rejected)
 
 
 #: What each strategy splits over the processes (DDP: nothing, every GPU holds a replica).
@@ -112,7 +113,7 @@ def activation_bytes(config, setup: Setup) -> dict[str, float]:
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     h_kv = h * kv // heads
-    tokens = setup.seq_len * setup.batch
+    tokens = setup.seq_len * setup.batch * setup.sequences
     b = setup.weight_bytes
     per_layer = (8 * h + 4 * h_kv + 4 * inter) * b
     if setup.attention == "eager":
@@ -134,7 +135,7 @@ def loss_bytes(config, setup: Setup, head_trains: bool) -> float:
     cast to the weight dtype). CPU: the model's own cross-entropy over the whole (tokens, vocab) logits: the logits,
     their fp32 copy (none when they are fp32 already), the fp32 log-softmax and two fp32 gradients of that size
     (measured: 4.08 fp32 copies at 2048 tokens on SmolLM2's vocabulary); the head's gradient is its ordinary one."""
-    tokens = setup.seq_len * setup.batch
+    tokens = setup.seq_len * setup.batch * setup.sequences
     if setup.device == "cpu":
         b = setup.weight_bytes
         return tokens * config.vocab_size * (b + (4 if b != 4 else 0) + 12)
@@ -228,7 +229,11 @@ def setup_for(recipe, seq_len: int | None, batch: int | None, on_gpu: bool = Tru
     return Setup(weight_bytes=weight_bytes, seq_len=seq_len or recipe.data.max_length,
                  batch=batch or recipe.train.batch_size, accumulation=recipe.train.gradient_accumulation_steps,
                  checkpointing=recipe.model.gradient_checkpointing, attention=attention,
-                 processes=dist.world_size, sharded=SHARDED.get(key, ()))
+                 processes=dist.world_size, sharded=SHARDED.get(key, ()),
+                 # A preference pair's two answers train in one batch. Its reference costs no training memory: a
+                 # no-grad forward with the adapters off holds less than the training forward, and precomputed
+                 # log-probabilities are one number per answer.
+                 sequences=recipe.objective.sequences_per_row)
 
 
 def cheapest_fix(config, method, setup: Setup, budget: float) -> str | None:

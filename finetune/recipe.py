@@ -1,7 +1,8 @@
 """The recipe schema and loader.
 
-A recipe has the sections `model`, `data`, `method`, `train` and `distributed`; `method` is a discriminated union on
-`method.name` built from the method registry, so each method validates its own options. `load_recipe` applies
+A recipe has the sections `model`, `data`, `method`, `objective`, `train` and `distributed`; `method` (which
+parameters train) and `objective` (what the loss optimises) are discriminated unions on their `name`, built from
+their registries, so each validates its own options. `load_recipe` applies
 `--set` overrides, validates, and raises one `UserError` that lists every problem (unknown keys with the
 nearest valid key, wrong types, out-of-range values, missing paths, cross-field conflicts).
 """
@@ -21,6 +22,8 @@ from finetune.distributed import DistributedSection, compatibility_problems
 from finetune.errors import UserError
 from finetune.methods import METHODS
 from finetune.methods.base import Section
+from finetune.objectives import OBJECTIVES
+from finetune.objectives.sft import Options as SftOptions
 
 #: Names `model.name_or_path` accepts besides paths and hub ids; resolved by `finetune.modeling`.
 MODEL_ALIASES = ("smollm2-135m-instruct",)
@@ -124,7 +127,8 @@ class DataSection(Section):
     turn's `weight` (0: context only, 1: trained), `content` as a list of text parts, and tool calling (OpenAI
     `tools`/`tool_calls`/`role: tool`, ShareGPT `function_call`/`observation` with `tools`). Rows with media
     (`images`, `<image>` placeholders, ...), a speaker `name` or a `label` are refused with the reason;
-    preference data (`chosen`/`rejected`, KTO) is refused for the whole file (finetune trains SFT only today). Other
+    preference data (`chosen`/`rejected`, KTO) is refused for the whole file under objective sft (objective dpo reads
+    pairs: see finetune.data.preference). Other
     fields are listed once as ignored."""
     chat_template: str = "auto"
     """How conversations become text. `auto`: the model's own template when its tokenizer has one, else ChatML
@@ -252,12 +256,21 @@ MethodOptions = Annotated[
 ]
 
 
+ObjectiveOptions = Annotated[
+    Union[tuple(module.Options for module in OBJECTIVES.values())],  # noqa: UP007 - built from the registry
+    Field(discriminator="name"),
+]
+#: The discriminated sections: their registries name the valid values of `<section>.name`.
+REGISTRIES = {"method": METHODS, "objective": OBJECTIVES}
+
+
 class Recipe(Section):
     """A fine-tuning recipe."""
 
     model: ModelSection = ModelSection()
     data: DataSection
     method: MethodOptions
+    objective: ObjectiveOptions = SftOptions()
     train: TrainSection = TrainSection()
     distributed: DistributedSection = DistributedSection()
 
@@ -268,6 +281,7 @@ class Recipe(Section):
         has_eval = self.data.eval is not None or self.data.eval_fraction > 0
         if self.data.streaming:
             problems += _streaming_problems(self.data, self.train)
+        problems += self.objective.recipe_problems(self)
         if self.train.eval_steps is not None and not has_eval:
             problems.append("`train.eval_steps` is set but there is no held-out data: set `data.eval` or "
                             "`data.eval_fraction`")
@@ -331,10 +345,12 @@ def apply_override(raw: dict, override: str) -> None:
 def _describe(error: dict) -> str:
     loc = list(error["loc"])
     # Drop the discriminator tag pydantic inserts into method locations ("method.lora.r" -> "method.r").
-    if len(loc) > 1 and loc[0] == "method" and loc[1] in METHODS:
+    registry = REGISTRIES.get(loc[0]) if loc else None
+    if len(loc) > 1 and registry is not None and loc[1] in registry:
         tag = loc.pop(1)
     else:
         tag = None
+    names = list(registry or METHODS)
     where = ".".join(str(p) for p in loc) or "recipe"
     kind = error["type"]
     if kind == "extra_forbidden":
@@ -344,11 +360,11 @@ def _describe(error: dict) -> str:
         return f"{where}: unknown key{hint}"
     if kind == "union_tag_invalid":
         given = error["ctx"]["tag"]
-        close = difflib.get_close_matches(str(given), list(METHODS), n=1, cutoff=0.5)
-        hint = f"did you mean `{close[0]}`?" if close else f"choose one of {', '.join(METHODS)}"
-        return f"{where}.name: unknown method `{given}`; {hint}"
+        close = difflib.get_close_matches(str(given), names, n=1, cutoff=0.5)
+        hint = f"did you mean `{close[0]}`?" if close else f"choose one of {', '.join(names)}"
+        return f"{where}.name: unknown {loc[0] if registry else 'method'} `{given}`; {hint}"
     if kind == "union_tag_not_found":
-        return f"{where}.name: missing; choose one of {', '.join(METHODS)}"
+        return f"{where}.name: missing; choose one of {', '.join(names)}"
     message = error["msg"].removeprefix("Value error, ")
     if kind == "missing":
         return f"{where}: required field is missing"
@@ -360,8 +376,8 @@ def _describe(error: dict) -> str:
 def _field_names(loc: list, tag: str | None) -> list[str]:
     model = Recipe
     for part in loc:
-        if model is Recipe and part == "method":
-            model = METHODS[tag].Options if tag in METHODS else None
+        if model is Recipe and part in REGISTRIES:
+            model = REGISTRIES[part][tag].Options if tag in REGISTRIES[part] else None
         else:
             annotation = model.model_fields[part].annotation if model else None
             model = annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None

@@ -58,6 +58,10 @@ class RSSSampler:
         return self.peak_bytes / 2**30
 
 
+#: Prefixes of the metrics TRL's DPOTrainer logs for training and held-out pairs.
+PREFERENCE_METRICS = ("rewards/", "logps/", "eval_rewards/", "eval_logps/")
+
+
 class MetricsLogger(TrainerCallback):
     """Appends one JSON object per log event to metrics.jsonl (step, loss, lr, grad_norm, tokens/s, memory)."""
 
@@ -81,6 +85,8 @@ class MetricsLogger(TrainerCallback):
                     "active_layers", "active_layers_by_rank"):
             if key in logs:
                 record["lr" if key == "learning_rate" else key] = logs[key]
+        # A preference objective's rewards (beta x log-ratio to the reference) and log-probabilities, TRL's names.
+        record.update({k: v for k, v in logs.items() if k.startswith(PREFERENCE_METRICS)})
         if "loss" in logs:
             tokens = state.num_input_tokens_seen - self._last_tokens
             elapsed = max(now - self._last_time, 1e-9)

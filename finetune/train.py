@@ -89,6 +89,9 @@ def run_training(recipe: Recipe, recipe_path: Path, output: Path | None = None, 
         raise
 
 
+#: What the start summary says of each way of obtaining a preference objective's reference policy.
+REFERENCE_LINES = {"adapters_off": "the base, adapters disabled", "precomputed": "log-probs precomputed before step 1"}
+
 #: errno values that mean the disk, not finetune, refused a write.
 _WRITE_ERRORS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EIO", "EACCES", "EPERM")
                  if hasattr(errno, name)}
@@ -134,6 +137,7 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
     from finetune.data import build_datasets, save_conversations
     from finetune.guards import DivergenceGuard, MarkCheckpointsComplete, StopOnSignal, diverged_error
     from finetune.methods import build_method
+    from finetune.objectives import OBJECTIVES
     from finetune.modeling import (load_model, load_tokenizer, resolve_attention, resolve_dtype, resolve_model_path,
                                    template_for, write_generation_config)
     from finetune.report import plot_loss, start_summary
@@ -151,19 +155,28 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
     tokenizer, added_tokens = load_tokenizer(model_path, m.trust_remote_code, d.chat_template)
     template = template_for(tokenizer, d.chat_template, d.fold_system, m.name_or_path)
     log(f"chat template: {template.name}, end of turn {template.end_of_turn}")
-    data = build_datasets(
-        tokenizer, train=d.train_sources(), train_split=d.train_split, eval=d.eval, eval_split=d.eval_split,
-        eval_fraction=d.eval_fraction, format=d.format, max_length=d.max_length,
-        max_bad_fraction=d.max_bad_fraction, seed=t.seed, log=log, template=template, cache=d.cache,
-        num_proc=d.num_proc, streaming=d.streaming,
-    )
+    objective = OBJECTIVES[recipe.objective.name]
+    if recipe.objective.data_kind == "preference":
+        from finetune.data.preference import build_pairs, save_pairs
+
+        data = build_pairs(tokenizer, template, d.train, d.train_split, d.eval, d.eval_split, d.eval_fraction,
+                           d.max_length, d.max_bad_fraction, t.seed, log)
+        held_out, save_held_out = data.held_out, save_pairs
+    else:
+        data = build_datasets(
+            tokenizer, train=d.train_sources(), train_split=d.train_split, eval=d.eval, eval_split=d.eval_split,
+            eval_fraction=d.eval_fraction, format=d.format, max_length=d.max_length,
+            max_bad_fraction=d.max_bad_fraction, seed=t.seed, log=log, template=template, cache=d.cache,
+            num_proc=d.num_proc, streaming=d.streaming,
+        )
+        held_out, save_held_out = data.eval_conversations, save_conversations
     if data.cache_line:
         log(data.cache_line)
     if len(data.mix) > 1:
         log("training mix: " + "; ".join(data.mix_lines()))
     if rank == 0:
         _record_recipe(run_dir, recipe.model_dump(mode="json"), checkpoint, log)
-        save_conversations(data.eval_conversations, run_dir / "held_out.jsonl")
+        save_held_out(held_out, run_dir / "held_out.jsonl")
     clock.mark("data")
 
     dtype, attention = resolve_dtype(m.dtype), resolve_attention(m.attn_implementation)
@@ -174,7 +187,8 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
     args = _trainer_args(recipe, run_dir, dtype)
     for label, value in start_summary(
         model=model, method=method.name, dtype=dtype, attention=attention, batch_size=t.batch_size,
-        accumulation=t.gradient_accumulation_steps, world_size=args.world_size, max_length=d.max_length,
+        accumulation=t.gradient_accumulation_steps, world_size=args.world_size,
+        max_length=d.max_length * recipe.objective.sequences_per_row,  # a pair is two sequences
         mean_tokens=data.mean_train_tokens, train_rows="streamed" if data.streaming else len(data.train),
         eval_rows=len(data.eval) if data.eval is not None else 0, run_dir=run_dir,
     ):
@@ -185,7 +199,12 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
             f"{d.max_length}; what lies past it (an answer's end, its end-of-turn token) is not trained. `finetune "
             "data` shows them[/yellow]")
 
-    trainer = _make_trainer(model, args, data, tokenizer, method, run_dir / "metrics.jsonl", t.token_metrics)
+    if recipe.objective.name != "sft":
+        reference = recipe.objective.reference_for(recipe.method)
+        log(f"[bold]{'objective':>26}[/bold]  {recipe.objective.name} (beta {recipe.objective.beta}, "
+            f"{recipe.objective.loss_type}); reference: {REFERENCE_LINES[reference]}")
+    trainer = _make_trainer(objective, recipe.objective, model, args, data, tokenizer, method,
+                            run_dir / "metrics.jsonl", t.token_metrics)
     engaged = {"fsdp": trainer.is_fsdp_enabled, "deepspeed": trainer.is_deepspeed_enabled}
     if not engaged.get(recipe.distributed.strategy, True):  # never a silent fallback to another strategy
         raise UserError(f"distributed.strategy {recipe.distributed.strategy} did not engage in accelerate here")
@@ -232,7 +251,8 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
             run_dir, drop=("stopped_at_step", "resume_command", "diverged_at_step", "reason"), status="complete",
             base_model=m.name_or_path,
             base_model_path=str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
-            base_weights_sha256=weights_hash(model_path), method=method.name, artifact=method.artifact, steps=step,
+            base_weights_sha256=weights_hash(model_path), method=method.name, objective=recipe.objective.name,
+            artifact=method.artifact, steps=step,
             finetune_version=__version__, warnings=guard.warnings,
         )
         for warning in guard.warnings:
@@ -289,17 +309,24 @@ def _save_final(trainer, final: Path) -> None:
 
 
 def _trainer_args(recipe: Recipe, run_dir: Path, dtype):
-    import torch
-    from trl import SFTConfig
+    """The objective's trainer config (TRL's SFTConfig, DPOConfig): the arguments every objective shares, and its own."""
+    from finetune.objectives import OBJECTIVES
 
-    t, d = recipe.train, recipe.data
-    dist = recipe.distributed
+    return OBJECTIVES[recipe.objective.name].trainer_args(
+        recipe.objective, recipe.method, _common_args(recipe, run_dir, dtype), max_length=recipe.data.max_length,
+        packing=recipe.train.packing)
+
+
+def _common_args(recipe: Recipe, run_dir: Path, dtype) -> dict:
+    import torch
+
+    t, dist = recipe.train, recipe.distributed
     precision = distributed.mixed_precision(dist, recipe.model.dtype, dtype == torch.bfloat16)
     strategy = {
         "activation_checkpointing": recipe.model.gradient_checkpointing,
         **distributed.trainer_kwargs(dist, recipe.method, recipe.model.gradient_checkpointing),
     }
-    return SFTConfig(
+    return dict(
         output_dir=str(run_dir / "checkpoints"),
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
@@ -317,8 +344,6 @@ def _trainer_args(recipe: Recipe, run_dir: Path, dtype):
         use_cpu=not torch.cuda.is_available(),  # also makes multi-process CPU runs use gloo
         # Non-reentrant checkpointing works with frozen inputs (LoRA) and is the one PyTorch recommends.
         activation_checkpointing_kwargs={"use_reentrant": False},
-        max_length=d.max_length,  # rows are already cut to this; TRL's own truncation is then a no-op
-        packing=t.packing,
         logging_steps=t.logging_steps,
         # transformers replaces a NaN/inf step loss by the running mean before logging it, which hides a diverged
         # run from the log and from finetune.guards; off, the logged loss is the true one.
@@ -335,17 +360,12 @@ def _trainer_args(recipe: Recipe, run_dir: Path, dtype):
     )
 
 
-def _make_trainer(model, args, data, tokenizer, method, metrics_path: Path, token_metrics: bool):
+def _make_trainer(objective, options, model, args, data, tokenizer, method, metrics_path: Path, token_metrics: bool):
     from finetune.report import MetricsLogger
-    from finetune.trainer import Trainer
 
     optimizers = method.optimizers(model, args.learning_rate, args.weight_decay, args.max_grad_norm) or (None, None)
-    return Trainer(
-        model=model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
+    return objective.build_trainer(
+        options, model=model, args=args, train=data.train, eval=data.eval, tokenizer=tokenizer,
         optimizers=optimizers,
         callbacks=[*method.callbacks(), MetricsLogger(metrics_path)],  # methods may add to the logs first
         token_metrics=token_metrics,

@@ -1,4 +1,5 @@
-"""The one SFTTrainer subclass, with every override of a library internal in one place.
+"""The trainers finetune runs (TRL's SFTTrainer here, its DPOTrainer in finetune.objectives.dpo), with every
+override of a library internal in one place.
 
 Written against transformers 5.23 and TRL 1.16 (constraints.txt pins them); each override names the private
 method it replaces, so an upgrade that renames one fails in tests/test_trainer.py instead of quietly changing
@@ -12,10 +13,12 @@ from pathlib import Path
 import torch
 from transformers import Trainer as PlainTrainer
 from transformers import TrainerCallback
-from trl import SFTTrainer
+from trl import DPOTrainer, SFTTrainer
 
 #: The private Trainer methods overridden below; tests/test_trainer.py checks that each still exists.
 OVERRIDDEN = ("_clip_grad_norm", "_get_grad_norm", "_prepare_for_training", "_save_checkpoint")
+#: TRL's DPOTrainer methods overridden by PreferenceTrainer, checked the same way.
+OVERRIDDEN_DPO = ("_prepare_dataset",)
 #: What TRL 1.16's SFTTrainer asks its fused LM head for; finetune asks for the first alone unless the recipe wants
 #: TRL's per-step token metrics (tests/test_trainer.py pins that TRL still patches the head with these).
 TOKEN_METRIC_OUTPUTS = ("log_probs", "entropy", "is_top1")
@@ -67,35 +70,11 @@ class PackedRows:
         return batch
 
 
-class Trainer(SFTTrainer):
-    def __init__(self, *args, token_metrics: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.token_metrics = token_metrics
-        if not token_metrics:
-            lean_lm_head(self.model)
-        if self.padding_free and self.args.packing and "flash" not in self.model.config._attn_implementation:
-            self.data_collator = PackedRows(self.data_collator.pad_token_id)  # TRL's flat sequence is for varlen
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # TRL's compute_loss, less the metrics: besides the entropy and accuracy, it gathers and reads back three
-        # per-micro-batch counts (a device sync and, with several processes, a collective each). The paths it
-        # takes for options finetune never sets (a custom loss, label smoothing, DFT, MoE aux loss) stay TRL's.
-        if (self.token_metrics or return_outputs or self.aux_loss_enabled or self.compute_loss_func is not None
-                or self.label_smoother is not None or self.args.loss_type != "nll"):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        inputs["use_cache"] = False
-        if self.args.device.type not in FUSED_HEAD_DEVICES:
-            # The fused head saves memory by computing each logits tile twice (forward, then again in backward):
-            # without Triton that is one more LM-head matmul per step in torch, while host memory holds the whole
-            # logits easily. So on a CPU the model's own loss, exactly as plain Trainer computes it.
-            return PlainTrainer.compute_loss(self, model, inputs, num_items_in_batch=num_items_in_batch)
-        outputs = model(**inputs, fused_lm_head=True)
-        num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
-        loss = -outputs.log_probs.sum() / torch.as_tensor(num_tokens).clamp(min=1)
-        # As TRL and Trainer.compute_loss: num_items_in_batch counts every rank's tokens and DDP averages gradients.
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        return loss
+class TrainerFixes:
+    """What finetune changes in transformers.Trainer whatever the objective (SFT through SFTTrainer, preferences
+    through DPOTrainer): the gradient norm of layer-wise optimizers, backward through frozen layers under
+    checkpointing, DDP with a changing trainable set, and checkpoint writes that fail. Listed first among a
+    trainer's bases, so these override TRL's and transformers' methods of the same names."""
 
     # A layer-wise optimizer has stepped every parameter and freed its gradient inside backward, so the
     # trainer's norm over .grad would read 0 (as it does for transformers' own layer-wise optimizers) and
@@ -146,6 +125,59 @@ class Trainer(SFTTrainer):
         except (OSError, RuntimeError, SafetensorError) as err:
             raise CheckpointWriteError(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}",
                                        err) from err
+
+
+class Trainer(TrainerFixes, SFTTrainer):
+    def __init__(self, *args, token_metrics: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.token_metrics = token_metrics
+        if not token_metrics:
+            lean_lm_head(self.model)
+        if self.padding_free and self.args.packing and "flash" not in self.model.config._attn_implementation:
+            self.data_collator = PackedRows(self.data_collator.pad_token_id)  # TRL's flat sequence is for varlen
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # TRL's compute_loss, less the metrics: besides the entropy and accuracy, it gathers and reads back three
+        # per-micro-batch counts (a device sync and, with several processes, a collective each). The paths it
+        # takes for options finetune never sets (a custom loss, label smoothing, DFT, MoE aux loss) stay TRL's.
+        if (self.token_metrics or return_outputs or self.aux_loss_enabled or self.compute_loss_func is not None
+                or self.label_smoother is not None or self.args.loss_type != "nll"):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs["use_cache"] = False
+        if self.args.device.type not in FUSED_HEAD_DEVICES:
+            # The fused head saves memory by computing each logits tile twice (forward, then again in backward):
+            # without Triton that is one more LM-head matmul per step in torch, while host memory holds the whole
+            # logits easily. So on a CPU the model's own loss, exactly as plain Trainer computes it.
+            return PlainTrainer.compute_loss(self, model, inputs, num_items_in_batch=num_items_in_batch)
+        outputs = model(**inputs, fused_lm_head=True)
+        num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = -outputs.log_probs.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        # As TRL and Trainer.compute_loss: num_items_in_batch counts every rank's tokens and DDP averages gradients.
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return loss
+
+
+class PreferenceTrainer(TrainerFixes, DPOTrainer):
+    """TRL's DPOTrainer for the dpo objective (finetune.objectives.dpo)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Given a peft model, TRL assumes a pretrained adapter and keeps a frozen copy of it, "ref", as the
+        # reference. finetune's adapters start with B = 0 (peft's LoRA init), so the starting policy is the base
+        # itself: without the copy, TRL disables the adapters for the reference forward instead, which is the
+        # same policy with no second adapter to hold or run. An init that is not the base (B != 0) keeps the copy.
+        model = self.accelerator.unwrap_model(self.model)
+        if "ref" in getattr(model, "peft_config", {}) and all(
+                not param.any() for name, param in model.named_parameters() if ".lora_B.default." in name):
+            model.delete_adapter("ref")
+            model.set_adapter("default")
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        # The rows arrive tokenised (finetune.data.preference): rendered with the run's chat template, the answer's
+        # end of turn included, every refused row reported. TRL's own pass would render them again with the
+        # tokenizer's template and drop rows whose prompt fills max_length without a word.
+        return dataset
 
 
 class ContinueSchedule(TrainerCallback):

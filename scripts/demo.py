@@ -27,12 +27,18 @@ def step(*args: str) -> None:
     subprocess.run(args, cwd=ROOT, check=True)
 
 
+def fresh_run(recipe: str, data: str, generator: str) -> str:
+    """Write the demo's data if absent, then train the recipe into a new run dir (never an earlier demo's)."""
+    if not (ROOT / data).exists():
+        step(sys.executable, generator)
+    run = f"runs/{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    step(FINETUNE, "train", recipe, "--output", run)
+    return run
+
+
 def main() -> int:
     start = time.perf_counter()
-    if not (ROOT / "data/demo/train.jsonl").exists():
-        step(sys.executable, "scripts/make_demo_data.py")
-    run = f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"  # a fresh run dir: never overwrite an earlier demo
-    step(FINETUNE, "train", "recipes/demo.yaml", "--output", run)
+    run = fresh_run("recipes/demo.yaml", "data/demo/train.jsonl", "scripts/make_demo_data.py")
     step(FINETUNE, "eval", run, "--compare-base", "--max-new-tokens", "16", "--batch-size", "16")
     step(FINETUNE, "merge", run, "--output", f"{run}/merged")
     step(FINETUNE, "export", run, "--quant", "q8_0", "--ollama", "--max-new-tokens", "16", "--max-samples", "200")

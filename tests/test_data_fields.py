@@ -135,7 +135,7 @@ def test_preference_data_is_refused_with_one_clear_error(tmp_path, tokenizer, ro
         prepare(tokenizer, path, log=lambda _: None, max_bad_fraction=1.0)
     message = str(err.value)
     assert message.startswith(f"{path}:1: this is preference data ({shape}, a preferred `chosen` and a `rejected`")
-    assert "finetune trains supervised fine-tuning (SFT) only today; preference tuning (DPO/ORPO) is planned" in message
+    assert "the recipe's objective is supervised fine-tuning (sft). Set `objective: {name: dpo}`" in message
     assert "no assistant turn" not in message and "max_bad_fraction" not in message and message.count(path) == 1
 
 
@@ -152,8 +152,8 @@ def test_kto_rows_are_refused_and_never_trained(tmp_path, tokenizer):
     rows, problems, _ = load(mixed)
     assert [r.row for r in rows] == [1]
     assert problems == [f"{mixed}:2: `label`: a `label` field (KTO data marks each answer as good or bad with it): "
-                        "finetune trains SFT only today and cannot honour it; drop the field if it says nothing "
-                        "about the answer's quality"]
+                        "SFT cannot honour it and finetune has no KTO objective yet; drop the field if it says "
+                        "nothing about the answer's quality"]
 
 
 def test_multimodal_rows_are_refused(tmp_path):

@@ -5,8 +5,9 @@ import inspect
 
 import pytest
 from transformers import Trainer as HFTrainer
+from trl import DPOTrainer
 
-from finetune.trainer import OVERRIDDEN, TOKEN_METRIC_OUTPUTS, Trainer
+from finetune.trainer import OVERRIDDEN, OVERRIDDEN_DPO, TOKEN_METRIC_OUTPUTS, PreferenceTrainer, Trainer
 
 #: The parameters each overridden private method had when the override was written (transformers 5.23).
 SIGNATURES = {
@@ -17,13 +18,21 @@ SIGNATURES = {
 }
 
 
-@pytest.mark.parametrize("name", OVERRIDDEN)
-def test_each_overridden_internal_still_exists_with_the_same_parameters(name):
-    assert name in SIGNATURES, f"{name} is overridden in finetune/trainer.py but not pinned here"
-    library = getattr(HFTrainer, name, None)
-    assert library is not None, f"transformers.Trainer.{name} is gone: finetune's override would never run"
-    assert list(inspect.signature(library).parameters) == SIGNATURES[name]
-    assert getattr(Trainer, name) is not library  # ours really replaces it
+#: TRL 1.16's DPOTrainer internals PreferenceTrainer overrides, with their parameters.
+DPO_SIGNATURES = {"_prepare_dataset": ["self", "dataset", "processing_class", "args", "dataset_name"]}
+
+
+@pytest.mark.parametrize("library_class,ours,name,signatures", [
+    *[(HFTrainer, Trainer, name, SIGNATURES) for name in OVERRIDDEN],
+    *[(HFTrainer, PreferenceTrainer, name, SIGNATURES) for name in OVERRIDDEN],
+    *[(DPOTrainer, PreferenceTrainer, name, DPO_SIGNATURES) for name in OVERRIDDEN_DPO],
+], ids=lambda value: value if isinstance(value, str) else value.__name__ if isinstance(value, type) else "")
+def test_each_overridden_internal_still_exists_with_the_same_parameters(library_class, ours, name, signatures):
+    assert name in signatures, f"{name} is overridden in finetune/trainer.py but not pinned here"
+    library = getattr(library_class, name, None)
+    assert library is not None, f"{library_class.__name__}.{name} is gone: finetune's override would never run"
+    assert list(inspect.signature(library).parameters) == signatures[name]
+    assert getattr(ours, name) is not library  # ours really replaces it
 
 
 def test_trl_still_asks_its_fused_head_for_the_token_metrics_finetune_leaves_out():

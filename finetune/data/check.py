@@ -17,8 +17,9 @@ from finetune.errors import UserError
 _SHOWN = 5
 
 
-def check_data(data, log) -> list[str]:
-    """Report on each local source of a recipe's `data` section; return the problems that fail validation."""
+def check_data(data, log, kind: str = "conversations") -> list[str]:
+    """Report on each local source of a recipe's `data` section; return the problems that fail validation. `kind`
+    is what the recipe's objective trains on: conversations, or preference pairs (finetune.data.preference)."""
     problems = []
     listed = [("data.train" if data.sources is None else f"data.sources[{i}]", s.path, s.split, s.format, s.columns)
               for i, s in enumerate(data.train_sources())]
@@ -29,14 +30,19 @@ def check_data(data, log) -> list[str]:
             log(f"  {label}: hub dataset `{escape(source)}` not checked (validate downloads nothing)")
             continue
         try:
-            problems += _check_source(label, source, split, format, data.max_bad_fraction, log, columns)
+            check = _check_pairs if kind == "preference" else _check_source
+            problems += check(label, source, split, format, data.max_bad_fraction, log, columns)
         except UserError as err:
             problems.append(f"{label}: {err}")
     return problems
 
 
 def _check_source(label: str, source: str, split: str, format: str, limit: float, log, columns=None) -> list[str]:
-    read = read_source(source, split, format, keep=False, columns=columns)
+    return _report(label, read_source(source, split, format, keep=False, columns=columns), limit, log)
+
+
+def _report(label: str, read: SourceRows, limit: float, log) -> list[str]:
+    source = read.source
     if read.total == 0:
         return [f"{label}: {source}: no rows (an empty data file)"]
     rows = f"{read.total} row" + ("s" if read.total > 1 else "")
@@ -48,6 +54,15 @@ def _check_source(label: str, source: str, split: str, format: str, limit: float
         for problem in read.problems[:_SHOWN]:
             log(f"      - {escape(problem)}")
     return [_too_many_refused(label, read, limit)] if read.refused_fraction() > limit else []
+
+
+def _check_pairs(label: str, source: str, split: str, format: str, limit: float, log, columns=None) -> list[str]:
+    from finetune.data.preference import read_pairs
+
+    pairs, problems, total, ignored = read_pairs(source, split, columns)
+    read = SourceRows(source, "preference pairs", problems=problems, total=total)
+    read.ignored.update(ignored)
+    return _report(label, read, limit, log)
 
 
 def _too_many_refused(label: str, read: SourceRows, limit: float) -> str:

@@ -37,10 +37,10 @@ FLAT_FORMATS = ("alpaca", "prompt_completion")
 LEGACY_FUNCTIONS = ("OpenAI's deprecated function-calling fields are not supported; use `tools`, assistant "
                     "`tool_calls` and `role: tool` results")
 MULTIMODAL = "multimodal rows are not supported: finetune trains on text only and would drop the media"
-PAIRED = ("preference data (a `chosen` and a `rejected` answer): finetune trains SFT only today; preference "
-          "tuning is planned")
-LABELLED = ("a `label` field (KTO data marks each answer as good or bad with it): finetune trains SFT only today "
-            "and cannot honour it; drop the field if it says nothing about the answer's quality")
+PAIRED = ("preference data (a `chosen` and a `rejected` answer) in a file of conversations: SFT cannot honour "
+          "it; train a file of pairs with objective.name: dpo")
+LABELLED = ("a `label` field (KTO data marks each answer as good or bad with it): SFT cannot honour it and "
+            "finetune has no KTO objective yet; drop the field if it says nothing about the answer's quality")
 REASONING = ("name the reasoning `reasoning_content`, the field chat templates read (Qwen3's renders it; a template "
              "without a place for it gets the row refused)")
 #: Row fields that change what is trained but cannot be honoured yet: a row carrying one (non-empty) is refused.
@@ -103,16 +103,16 @@ def refuse_preference_data(record: dict, where: str) -> None:
         shape = next((f"with `{k}`" for k in ("prompt", "conversations", "messages", "instruction") if k in keys),
                      "with the prompt inside each answer")
         raise UserError(
-            f"{where}: this is preference data ({shape}, a preferred `chosen` and a `rejected` answer per row). "
-            "finetune trains supervised fine-tuning (SFT) only today; preference tuning (DPO/ORPO) is planned. "
-            "To fine-tune on the preferred answers now, convert each row to `messages` ending with its `chosen` "
-            "answer.")
+            f"{where}: this is preference data ({shape}, a preferred `chosen` and a `rejected` answer per row), "
+            "and the recipe's objective is supervised fine-tuning (sft). Set `objective: {name: dpo}` to train on "
+            "the pairs; to fine-tune on the preferred answers alone, convert each row to `messages` ending with its "
+            "`chosen` answer.")
     kto = "kto_tag" in keys or (isinstance(record.get("label"), bool)
                                 and (SIGNATURES["prompt_completion"] <= keys or "messages" in keys))
     if kto:
         raise UserError(
             f"{where}: this is unpaired preference data (KTO: a `label` per row marks its completion as desirable "
-            "or not). finetune trains supervised fine-tuning (SFT) only today; preference tuning is planned. "
+            "or not). finetune has no KTO objective yet (objective dpo takes paired `chosen`/`rejected` rows). "
             "Training these rows as SFT would also teach the answers marked bad; to use the good ones now, keep "
             "only the rows labelled true and drop the `label` field.")
 
