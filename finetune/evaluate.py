@@ -263,6 +263,8 @@ def run_eval(target: str, recipe: Path | None = None, data: Path | None = None, 
         from finetune.recipe import load_recipe
 
         where.fold_system = load_recipe(recipe).data.fold_system
+    from finetune.preference_eval import held_out_pairs, run_preference_eval
+
     pairs = held_out_pairs(target, recipe, data)
     if pairs is not None:
         return run_preference_eval(target, where, pairs[:max_samples], batch_size, recipe, log)
@@ -301,90 +303,3 @@ def run_eval(target: str, recipe: Path | None = None, data: Path | None = None, 
     log(f"wrote {where.out_dir / 'eval.json'} and {where.out_dir / 'eval.md'}")
     return report
 
-
-def held_out_pairs(target: str, recipe_path: Path | None, data: Path | None):
-    """The preference pairs to evaluate when the rows are pairs (a dpo run's, a pairs file, a dpo recipe's held-out
-    source), else None: the rows are conversations."""
-    from finetune.data import read_records
-    from finetune.data.preference import is_preference_record, is_saved_pairs, read_pairs, read_saved_pairs
-
-    def checked(pairs, problems, source):
-        if problems:
-            raise UserError(f"{source}: {len(problems)} malformed rows, e.g. {problems[0]}")
-        return pairs
-
-    if data is not None:
-        first = next((r for _, r in read_records(str(data), "test") if isinstance(r, dict)), None)
-        if first is None or not is_preference_record(first):
-            return None
-        return checked(*read_pairs(str(data), "test")[:2], data)
-    if recipe_path is not None:
-        from finetune.recipe import load_recipe
-
-        recipe = load_recipe(recipe_path)
-        d = recipe.data
-        if recipe.objective.data_kind != "preference":
-            return None
-        if d.eval is not None:
-            return checked(*read_pairs(d.eval, d.eval_split)[:2], d.eval)
-        if d.eval_fraction > 0:
-            return split_held_out(read_pairs(d.train, d.train_split)[0], d.eval_fraction, recipe.train.seed)[1]
-        raise UserError(f"{recipe_path}: the recipe has no held-out data (data.eval or data.eval_fraction)")
-    saved = Path(target) / "held_out.jsonl"
-    if saved.exists() and is_saved_pairs(saved):
-        return read_saved_pairs(saved)
-    return None
-
-
-def run_preference_eval(target: str, where: Target, pairs: list, batch_size: int, recipe: Path | None,
-                        log=print) -> dict:
-    """Preference accuracy of the model (and, for a run, its base and the DPO reward against it) on the pairs;
-    writes eval.json and eval.md like the SFT evaluation."""
-    from rich.progress import Progress
-
-    from finetune.preference_eval import answer_logps, markdown_table as pairs_table, pair_metrics, sample_rows
-    from finetune.weights import check_adapter_dir, check_model_dir
-
-    if not pairs:
-        raise UserError(f"{target}: no held-out preference pairs; pass --data FILE")
-    saved = (Path(recipe) if recipe else Path(target) / "recipe.yaml")
-    beta, max_length = _saved_objective(saved)
-    tokenizer_source = str(where.adapter) if where.adapter is not None else where.model_path
-    candidates = {"tuned" if where.base_path else "model": (where.model_path, where.adapter)}
-    if where.base_path:  # the reward is measured against the base
-        candidates = {"base": (where.base_path, None), **candidates}
-    for model_path, adapter in candidates.values():
-        check_model_dir(model_path)
-        if adapter is not None:
-            check_adapter_dir(adapter)
-    scores = {}
-    with Progress(transient=True) as progress:
-        for name, (model_path, adapter) in candidates.items():
-            progress.add_task(f"eval {name} on {len(pairs)} pairs", total=None)
-            model, tokenizer = load_for_eval(model_path, adapter, tokenizer_source)
-            template = eval_template(tokenizer, where.fold_system)
-            scores[name] = answer_logps(model, tokenizer, pairs, template, max_length, batch_size)
-            del model
-    results = {name: pair_metrics(*s, base=scores.get("base") if name != "base" else None, beta=beta)
-               for name, s in scores.items()}
-    where.out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"target": target, "objective": "dpo", "beta": beta, "rows": len(pairs), "results": results,
-              "samples": sample_rows(pairs, scores)}
-    (where.out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = pairs_table(results)
-    (where.out_dir / "eval.md").write_text(table + "\n")
-    log(table)
-    log(f"wrote {where.out_dir / 'eval.json'} and {where.out_dir / 'eval.md'}")
-    return report
-
-
-def _saved_objective(recipe_path: Path) -> tuple[float, int]:
-    """(objective.beta, data.max_length) of a saved or given recipe; DPO's and finetune's defaults without one."""
-    import yaml
-
-    try:
-        saved = yaml.safe_load(recipe_path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        saved = {}
-    return (float((saved.get("objective") or {}).get("beta", 0.1)),
-            int((saved.get("data") or {}).get("max_length", 2048)))

@@ -6,31 +6,41 @@ Two measures, on exactly the pairs a dpo run held out (or a `--data` file of pai
 - DPO's implicit reward (arXiv:2305.18290, section 5): beta x (log pi(answer) - log pi_base(answer)). Reward accuracy
   is the share of pairs whose chosen answer gains more than the rejected one, the margin its mean difference: what
   TRL logs as rewards/accuracies and rewards/margins during training, here on held-out pairs against the base.
+A kto run's held-out rows are single answers with a label: `label_accuracy` is the share whose reward against the
+base has the label's sign (desirable above 0, undesirable below), with the mean reward of each kind.
 """
 
 from __future__ import annotations
 
-from finetune.data.preference import Pair, encode_pair
+import json
+from pathlib import Path
+
+from finetune.data.prepare import split_held_out
+from finetune.data.preference import Pair, encode_answer
 from finetune.data.template import ChatTemplate
 from finetune.errors import UserError
+from finetune.evaluate import Target, eval_template, load_for_eval
 
 KEYS = ("preference_accuracy", "logp_margin", "reward_accuracy", "reward_margin", "rows")
+LABELLED_KEYS = ("label_accuracy", "desirable_reward", "undesirable_reward", "desirable_logp", "undesirable_logp",
+                 "rows")
 
 
-def answer_logps(model, tokenizer, pairs: list[Pair], template: ChatTemplate, max_length: int,
+def answer_logps(model, tokenizer, rows: list, template: ChatTemplate, max_length: int,
                  batch_size: int) -> tuple[list[float], list[float]]:
-    """The summed log-probability of each pair's chosen and rejected answer (end of turn included) given its
-    prompt, as training scores them."""
+    """The summed log-probability of each answer (end of turn included) given its prompt, as training scores them:
+    (chosen, rejected) per pair, or (answers, []) for a kto run's labelled answers."""
     import torch
 
-    sequences = []  # (ids, index where the answer starts), chosen then rejected per pair
-    for pair in pairs:
-        try:
-            ids, _ = encode_pair(tokenizer, pair, max_length, template)
-        except ValueError as err:
-            raise UserError(f"{pair.source}:{pair.row}: {err}") from None
-        prompt = ids["prompt_ids"]
-        sequences += [(prompt + ids["chosen_ids"], len(prompt)), (prompt + ids["rejected_ids"], len(prompt))]
+    sequences = []  # (ids, index where the answer starts): a pair's chosen then its rejected
+    for row in rows:
+        answers = (row.chosen, row.rejected) if isinstance(row, Pair) else (row.completion,)
+        for answer in answers:
+            try:
+                prompt, ids, _ = encode_answer(tokenizer, row.prompt, answer, row.tools, max_length, template)
+            except ValueError as err:
+                raise UserError(f"{row.source}:{row.row}: {err}") from None
+            sequences.append((prompt + ids, len(prompt)))
     scores = []
     for start in range(0, len(sequences), batch_size):
         batch = sequences[start:start + batch_size]
@@ -44,7 +54,7 @@ def answer_logps(model, tokenizer, pairs: list[Pair], template: ChatTemplate, ma
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
         logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
         scores += (logps * answer[:, 1:]).sum(dim=1).tolist()
-    return scores[0::2], scores[1::2]
+    return (scores[0::2], scores[1::2]) if rows and isinstance(rows[0], Pair) else (scores, [])
 
 
 def pair_metrics(chosen: list[float], rejected: list[float], base: tuple[list[float], list[float]] | None = None,
@@ -59,17 +69,143 @@ def pair_metrics(chosen: list[float], rejected: list[float], base: tuple[list[fl
     return metrics
 
 
+def labelled_metrics(scores: list[float], labels: list[bool], base: list[float] | None = None,
+                     beta: float = 0.1) -> dict:
+    """A kto run's measures (module docstring); the reward ones need the base's log-probabilities."""
+    def mean(values):
+        return sum(values) / len(values) if values else float("nan")
+
+    metrics = {"desirable_logp": mean([s for s, good in zip(scores, labels) if good]),
+               "undesirable_logp": mean([s for s, good in zip(scores, labels) if not good]), "rows": len(scores)}
+    if base is not None:
+        rewards = [beta * (s - b) for s, b in zip(scores, base)]
+        metrics.update(label_accuracy=mean([(r > 0) == good for r, good in zip(rewards, labels)]),
+                       desirable_reward=mean([r for r, good in zip(rewards, labels) if good]),
+                       undesirable_reward=mean([r for r, good in zip(rewards, labels) if not good]))
+    return metrics
+
+
 def markdown_table(results: dict[str, dict]) -> str:
-    lines = ["| model | " + " | ".join(KEYS) + " |", "|---|" + "---|" * len(KEYS)]
+    keys = LABELLED_KEYS if "desirable_logp" in next(iter(results.values())) else KEYS
+    lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for name, metrics in results.items():
-        cells = [f"{metrics[k]:.4f}" if isinstance(metrics.get(k), float) else str(metrics.get(k, "-")) for k in KEYS]
+        cells = [f"{metrics[k]:.4f}" if isinstance(metrics.get(k), float) else str(metrics.get(k, "-")) for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def sample_rows(pairs: list[Pair], scores: dict[str, tuple[list[float], list[float]]]) -> list[dict]:
-    """Each pair's prompt, answers and every model's log-probabilities, for eval.json."""
-    return [{"prompt": pair.prompt[-1]["content"] if pair.prompt else "", "chosen": pair.chosen.get("content", ""),
-             "rejected": pair.rejected.get("content", ""),
-             **{name: {"chosen_logp": c[i], "rejected_logp": r[i]} for name, (c, r) in scores.items()}}
-            for i, pair in enumerate(pairs)]
+def sample_rows(rows: list, scores: dict[str, tuple[list[float], list[float]]]) -> list[dict]:
+    """Each row's prompt, answers and every model's log-probabilities, for eval.json."""
+    samples = []
+    for i, row in enumerate(rows):
+        prompt = row.prompt[-1]["content"] if row.prompt else ""
+        if isinstance(row, Pair):
+            samples.append({"prompt": prompt, "chosen": row.chosen.get("content", ""),
+                            "rejected": row.rejected.get("content", ""),
+                            **{name: {"chosen_logp": c[i], "rejected_logp": r[i]} for name, (c, r) in scores.items()}})
+        else:
+            samples.append({"prompt": prompt, "completion": row.completion.get("content", ""), "label": row.label,
+                            **{name: {"logp": c[i]} for name, (c, _) in scores.items()}})
+    return samples
+
+
+def held_out_pairs(target: str, recipe_path: Path | None, data: Path | None):
+    """The preference pairs to evaluate when the rows are pairs (a dpo run's, a pairs file, a dpo recipe's held-out
+    source), else None: the rows are conversations."""
+    from finetune.data import read_records
+    from finetune.data.preference import is_preference_record, is_saved_pairs, read_pairs, read_saved_pairs
+    from finetune.data.unpaired import read_labelled
+
+    def checked(pairs, problems, source):
+        if problems:
+            raise UserError(f"{source}: {len(problems)} malformed rows, e.g. {problems[0]}")
+        return pairs
+
+    if data is not None:
+        first = next((r for _, r in read_records(str(data), "test") if isinstance(r, dict)), None)
+        if first is None or not is_preference_record(first):
+            return None
+        return checked(*read_pairs(str(data), "test")[:2], data)
+    if recipe_path is not None:
+        from finetune.recipe import load_recipe
+
+        recipe = load_recipe(recipe_path)
+        d, kind = recipe.data, recipe.objective.data_kind
+        if kind == "conversations":
+            return None
+
+        def read(source, split):  # a kto recipe's rows are lists of labelled answers (a pair gives two)
+            rows, problems = (read_labelled if kind == "unpaired" else read_pairs)(source, split)[:2]
+            return ([a for row in rows for a in row] if kind == "unpaired" else rows), problems, rows
+
+        if d.eval is not None:
+            return checked(*read(d.eval, d.eval_split)[:2], d.eval)
+        if d.eval_fraction > 0:
+            held = split_held_out(read(d.train, d.train_split)[2], d.eval_fraction, recipe.train.seed)[1]
+            return [a for row in held for a in row] if kind == "unpaired" else held
+        raise UserError(f"{recipe_path}: the recipe has no held-out data (data.eval or data.eval_fraction)")
+    saved = Path(target) / "held_out.jsonl"
+    if saved.exists() and is_saved_pairs(saved):
+        return read_saved_pairs(saved)
+    return None
+
+
+def run_preference_eval(target: str, where: Target, pairs: list, batch_size: int, recipe: Path | None,
+                        log=print) -> dict:
+    """Preference accuracy of the model (and, for a run, its base and the DPO reward against it) on the pairs;
+    writes eval.json and eval.md like the SFT evaluation."""
+    from rich.progress import Progress
+
+    from finetune.weights import check_adapter_dir, check_model_dir
+
+    if not pairs:
+        raise UserError(f"{target}: no held-out preference pairs; pass --data FILE")
+    saved = (Path(recipe) if recipe else Path(target) / "recipe.yaml")
+    objective, beta, max_length = _saved_objective(saved)
+    tokenizer_source = str(where.adapter) if where.adapter is not None else where.model_path
+    candidates = {"tuned" if where.base_path else "model": (where.model_path, where.adapter)}
+    if where.base_path:  # the reward is measured against the base
+        candidates = {"base": (where.base_path, None), **candidates}
+    for model_path, adapter in candidates.values():
+        check_model_dir(model_path)
+        if adapter is not None:
+            check_adapter_dir(adapter)
+    scores = {}
+    with Progress(transient=True) as progress:
+        for name, (model_path, adapter) in candidates.items():
+            progress.add_task(f"eval {name} on {len(pairs)} pairs", total=None)
+            model, tokenizer = load_for_eval(model_path, adapter, tokenizer_source)
+            template = eval_template(tokenizer, where.fold_system)
+            scores[name] = answer_logps(model, tokenizer, pairs, template, max_length, batch_size)
+            del model
+    labelled = not isinstance(pairs[0], Pair)
+    if labelled:  # a kto run's answers, each with its label
+        labels = [row.label for row in pairs]
+        results = {name: labelled_metrics(s[0], labels, scores["base"][0] if name != "base" and "base" in scores
+                                          else None, beta) for name, s in scores.items()}
+    else:
+        results = {name: pair_metrics(*s, base=scores.get("base") if name != "base" else None, beta=beta)
+                   for name, s in scores.items()}
+    where.out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"target": target, "objective": objective, "beta": beta, "rows": len(pairs), "results": results,
+              "samples": sample_rows(pairs, scores)}
+    (where.out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown_table(results)
+    (where.out_dir / "eval.md").write_text(table + "\n")
+    log(table)
+    log(f"wrote {where.out_dir / 'eval.json'} and {where.out_dir / 'eval.md'}")
+    return report
+
+
+def _saved_objective(recipe_path: Path) -> tuple[str, float, int]:
+    """(objective.name, objective.beta, data.max_length) of a saved or given recipe; DPO's and finetune's defaults
+    without one."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load(recipe_path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        saved = {}
+    objective = saved.get("objective") or {}
+    return (objective.get("name", "dpo"), float(objective.get("beta", 0.1)),
+            int((saved.get("data") or {}).get("max_length", 2048)))

@@ -127,8 +127,8 @@ class DataSection(Section):
     turn's `weight` (0: context only, 1: trained), `content` as a list of text parts, and tool calling (OpenAI
     `tools`/`tool_calls`/`role: tool`, ShareGPT `function_call`/`observation` with `tools`). Rows with media
     (`images`, `<image>` placeholders, ...), a speaker `name` or a `label` are refused with the reason;
-    preference data (`chosen`/`rejected`, KTO) is refused for the whole file under objective sft (objective dpo reads
-    pairs: see finetune.data.preference). Other
+    preference data (`chosen`/`rejected`, KTO) is refused for the whole file under objective sft (the preference
+    objectives read it: finetune.data.preference, finetune.data.unpaired). Other
     fields are listed once as ignored."""
     chat_template: str = "auto"
     """How conversations become text. `auto`: the model's own template when its tokenizer has one, else ChatML

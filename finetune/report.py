@@ -58,7 +58,7 @@ class RSSSampler:
         return self.peak_bytes / 2**30
 
 
-#: Prefixes of the metrics TRL's DPOTrainer logs for training and held-out pairs.
+#: Prefixes of the metrics TRL's DPO and KTO trainers log for training and held-out rows (KTO adds `kl`).
 PREFERENCE_METRICS = ("rewards/", "logps/", "eval_rewards/", "eval_logps/")
 
 
@@ -86,7 +86,7 @@ class MetricsLogger(TrainerCallback):
             if key in logs:
                 record["lr" if key == "learning_rate" else key] = logs[key]
         # A preference objective's rewards (beta x log-ratio to the reference) and log-probabilities, TRL's names.
-        record.update({k: v for k, v in logs.items() if k.startswith(PREFERENCE_METRICS)})
+        record.update({k: v for k, v in logs.items() if k.startswith(PREFERENCE_METRICS) or k in ("kl", "eval_kl")})
         if "loss" in logs:
             tokens = state.num_input_tokens_seen - self._last_tokens
             elapsed = max(now - self._last_time, 1e-9)

@@ -89,9 +89,6 @@ def run_training(recipe: Recipe, recipe_path: Path, output: Path | None = None, 
         raise
 
 
-#: What the start summary says of each way of obtaining a preference objective's reference policy.
-REFERENCE_LINES = {"adapters_off": "the base, adapters disabled", "precomputed": "log-probs precomputed before step 1"}
-
 #: errno values that mean the disk, not finetune, refused a write.
 _WRITE_ERRORS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EIO", "EACCES", "EPERM")
                  if hasattr(errno, name)}
@@ -156,11 +153,12 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
     template = template_for(tokenizer, d.chat_template, d.fold_system, m.name_or_path)
     log(f"chat template: {template.name}, end of turn {template.end_of_turn}")
     objective = OBJECTIVES[recipe.objective.name]
-    if recipe.objective.data_kind == "preference":
+    if recipe.objective.data_kind in ("preference", "unpaired"):
         from finetune.data.preference import build_pairs, save_pairs
 
         data = build_pairs(tokenizer, template, d.train, d.train_split, d.eval, d.eval_split, d.eval_fraction,
-                           d.max_length, d.max_bad_fraction, t.seed, log)
+                           d.max_length, d.max_bad_fraction, t.seed, log,
+                           unpaired=recipe.objective.data_kind == "unpaired")
         held_out, save_held_out = data.held_out, save_pairs
     else:
         data = build_datasets(
@@ -200,9 +198,7 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
             "data` shows them[/yellow]")
 
     if recipe.objective.name != "sft":
-        reference = recipe.objective.reference_for(recipe.method)
-        log(f"[bold]{'objective':>26}[/bold]  {recipe.objective.name} (beta {recipe.objective.beta}, "
-            f"{recipe.objective.loss_type}); reference: {REFERENCE_LINES[reference]}")
+        log(f"[bold]{'objective':>26}[/bold]  {recipe.objective.summary(recipe.method)}")
     trainer = _make_trainer(objective, recipe.objective, model, args, data, tokenizer, method,
                             run_dir / "metrics.jsonl", t.token_metrics)
     engaged = {"fsdp": trainer.is_fsdp_enabled, "deepspeed": trainer.is_deepspeed_enabled}

@@ -13,12 +13,14 @@ from pathlib import Path
 import torch
 from transformers import Trainer as PlainTrainer
 from transformers import TrainerCallback
-from trl import DPOTrainer, SFTTrainer
+from trl import DPOTrainer, KTOTrainer, SFTTrainer
 
 #: The private Trainer methods overridden below; tests/test_trainer.py checks that each still exists.
 OVERRIDDEN = ("_clip_grad_norm", "_get_grad_norm", "_prepare_for_training", "_save_checkpoint")
 #: TRL's DPOTrainer methods overridden by PreferenceTrainer, checked the same way.
-OVERRIDDEN_DPO = ("_prepare_dataset",)
+OVERRIDDEN_DPO = ("_prepare_dataset", "_precompute_ref_logps", "_compute_loss")
+#: TRL's KTOTrainer methods overridden by UnpairedPreferenceTrainer, checked the same way.
+OVERRIDDEN_KTO = ("_prepare_dataset",)
 #: What TRL 1.16's SFTTrainer asks its fused LM head for; finetune asks for the first alone unless the recipe wants
 #: TRL's per-step token metrics (tests/test_trainer.py pins that TRL still patches the head with these).
 TOKEN_METRIC_OUTPUTS = ("log_probs", "entropy", "is_top1")
@@ -158,26 +160,76 @@ class Trainer(TrainerFixes, SFTTrainer):
         return loss
 
 
-class PreferenceTrainer(TrainerFixes, DPOTrainer):
-    """TRL's DPOTrainer for the dpo objective (finetune.objectives.dpo)."""
+def drop_reference_adapter(trainer) -> None:
+    """Given a peft model, TRL's DPO and KTO assume a pretrained adapter and keep a frozen copy of it, "ref", as the
+    reference. finetune's adapters start with B = 0 (peft's LoRA init), so the starting policy is the base itself:
+    without the copy, TRL disables the adapters for the reference forward instead, which is the same policy with no
+    second adapter to hold or run. An init that is not the base (B != 0) keeps the copy."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if "ref" in getattr(model, "peft_config", {}) and all(
+            not param.any() for name, param in model.named_parameters() if ".lora_B.default." in name):
+        model.delete_adapter("ref")
+        model.set_adapter("default")
 
-    def __init__(self, *args, **kwargs):
+
+class PreferenceTrainer(TrainerFixes, DPOTrainer):
+    """TRL's DPOTrainer for the preference objectives: its own losses for dpo, `pair_loss` for the reference-free
+    ones (finetune.objectives.simpo, orpo), which map each answer's summed log-probability and length to the loss."""
+
+    def __init__(self, *args, pair_loss=None, **kwargs):
+        self.pair_loss = pair_loss  # before TRL's __init__, which runs the reference pass
         super().__init__(*args, **kwargs)
-        # Given a peft model, TRL assumes a pretrained adapter and keeps a frozen copy of it, "ref", as the
-        # reference. finetune's adapters start with B = 0 (peft's LoRA init), so the starting policy is the base
-        # itself: without the copy, TRL disables the adapters for the reference forward instead, which is the
-        # same policy with no second adapter to hold or run. An init that is not the base (B != 0) keeps the copy.
-        model = self.accelerator.unwrap_model(self.model)
-        if "ref" in getattr(model, "peft_config", {}) and all(
-                not param.any() for name, param in model.named_parameters() if ".lora_B.default." in name):
-            model.delete_adapter("ref")
-            model.set_adapter("default")
+        drop_reference_adapter(self)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        if self.pair_loss is not None:  # reference-free: the flag only kept TRL from loading a reference model
+            return dataset
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if self.pair_loss is None:
+            return super()._compute_loss(model, inputs, return_outputs)
+        mode = "train" if self.model.training else "eval"
+        mask = inputs["completion_mask"]
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                        labels=inputs["input_ids"].masked_fill(mask == 0, -100), use_cache=False, fused_lm_head=True)
+        shifted = mask[:, 1:]
+        sums = outputs.log_probs[:, -shifted.size(1):].sum(dim=1)  # the head gives 0 where the label is masked
+        lengths = shifted.sum(dim=1).clamp(min=1)
+        (chosen_sum, rejected_sum), (chosen_len, rejected_len) = sums.chunk(2), lengths.chunk(2)
+        loss, chosen, rejected = self.pair_loss(chosen_sum, rejected_sum, chosen_len, rejected_len)
+        gather = self.accelerator.gather  # the metric names of TRL's DPO, so logs and finetune.report read the same
+        for key, value in (("rewards/chosen", chosen), ("rewards/rejected", rejected),
+                           ("rewards/accuracies", (chosen > rejected).float()), ("rewards/margins", chosen - rejected),
+                           ("logps/chosen", chosen_sum.detach()), ("logps/rejected", rejected_sum.detach())):
+            self._metrics[mode][key].append(gather(value).mean().item())
+        return (loss, outputs) if return_outputs else loss
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # The rows arrive tokenised (finetune.data.preference): rendered with the run's chat template, the answer's
         # end of turn included, every refused row reported. TRL's own pass would render them again with the
         # tokenizer's template and drop rows whose prompt fills max_length without a word.
         return dataset
+
+
+class UnpairedPreferenceTrainer(TrainerFixes, KTOTrainer):
+    """TRL's KTOTrainer for the kto objective (finetune.objectives.kto)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        drop_reference_adapter(self)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        # Tokenised already (finetune.data.unpaired), for the reason PreferenceTrainer gives. What TRL's pass adds
+        # beyond tokenising is kept: each answer's KL counterpart is its batch neighbour's answer, rotated by one
+        # within each batch of the (sequentially read, seeded-shuffled) set, as TRL builds it.
+        if not self.calculate_KL:
+            return dataset
+
+        def rotated(batch):
+            return {"KL_completion_ids": [batch["completion_ids"][-1]] + batch["completion_ids"][:-1]}
+
+        return dataset.map(rotated, batched=True, batch_size=args.per_device_train_batch_size)
 
 
 class ContinueSchedule(TrainerCallback):

@@ -152,8 +152,8 @@ def test_kto_rows_are_refused_and_never_trained(tmp_path, tokenizer):
     rows, problems, _ = load(mixed)
     assert [r.row for r in rows] == [1]
     assert problems == [f"{mixed}:2: `label`: a `label` field (KTO data marks each answer as good or bad with it): "
-                        "SFT cannot honour it and finetune has no KTO objective yet; drop the field if it says "
-                        "nothing about the answer's quality"]
+                        "SFT cannot honour it; train such rows with objective.name: kto, or drop the field if it "
+                        "says nothing about the answer's quality"]
 
 
 def test_multimodal_rows_are_refused(tmp_path):

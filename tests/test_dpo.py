@@ -5,6 +5,7 @@ import json
 import random
 
 import pytest
+import yaml
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -295,3 +296,164 @@ def test_eval_on_a_dpo_run_reports_preference_accuracy_and_the_reward_trl_logged
     assert tuned["reward_margin"] == pytest.approx(final["eval_rewards/margins"], rel=1e-3)
     assert tuned["reward_accuracy"] == pytest.approx(final["eval_rewards/accuracies"])
     assert "| tuned |" in (run_dir / "eval.md").read_text()
+
+
+def simpo_by_hand(c, r, beta, gamma):
+    """SimPO's loss for one pair (arXiv:2405.14734, eq. 6), from each answer's per-token log-probabilities."""
+    return -F.logsigmoid(beta * c.mean() - beta * r.mean() - gamma)
+
+
+def orpo_odds_term(c, r):
+    """ORPO's log sigmoid of the log odds ratio for one pair (arXiv:2403.07691, eqs. 4-7)."""
+    def log_odds(tokens):
+        p = tokens.mean().exp()
+        return torch.log(p / (1 - p))
+
+    return F.logsigmoid(log_odds(c) - log_odds(r))
+
+
+@pytest.mark.parametrize("objective", [{"name": "simpo", "beta": 2.0, "gamma": 0.5}, {"name": "orpo", "beta": 0.2}],
+                         ids=lambda o: o["name"])
+def test_reference_free_losses_equal_their_papers_formulas_by_hand(dpo_recipe, objective):
+    path = dpo_recipe(objective=objective)
+    seen = {}
+
+    def inspect(trainer):
+        assert trainer.ref_model is None and "ref_chosen_logps" not in trainer.train_dataset.column_names  # no pass
+        model = trainer.model.eval()
+        rows = [trainer.train_dataset[i] for i in range(2)]
+        with torch.no_grad():
+            loss = trainer.compute_loss(model, trainer.data_collator(rows))
+            per_token = []
+            for row in rows:
+                pair = []
+                for key in ("chosen_ids", "rejected_ids"):
+                    ids = torch.tensor([row["prompt_ids"] + row[key]])
+                    logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1], dim=-1)
+                    pair.append(logps[torch.arange(ids.shape[1] - 1), ids[0, 1:]][len(row["prompt_ids"]) - 1:])
+                per_token.append(pair)
+        if objective["name"] == "simpo":
+            hand = torch.stack([simpo_by_hand(c, r, 2.0, 0.5) for c, r in per_token]).mean()
+        else:
+            nll = -torch.cat([c for c, _ in per_token]).mean()  # the SFT term over every chosen token
+            hand = nll - 0.2 * torch.stack([orpo_odds_term(c, r) for c, r in per_token]).mean()
+        seen.update(loss=loss.item(), hand=hand.item())
+
+    built_trainer(path, inspect)
+    assert seen["loss"] == pytest.approx(seen["hand"], rel=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["simpo", "orpo"])
+@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4},
+                                    {"name": "galore", "rank": 8, "update_proj_gap": 2}], ids=lambda m: m["name"])
+def test_reference_free_objectives_train_with_each_method(dpo_recipe, objective, method):
+    path = dpo_recipe(method=method, objective={"name": objective},
+                      train={"max_steps": 8, "batch_size": 4, "learning_rate": 5e-3})
+    run_dir = run_training(load_recipe(path), path, log=lambda *_: None)
+    logs = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in logs] == list(range(1, 9))
+    assert sum(r["rewards/margins"] for r in logs[-3:]) > sum(r["rewards/margins"] for r in logs[:3])
+    assert json.loads((run_dir / "run.json").read_text())["objective"] == objective
+
+
+def labelled_rows(n: int, seed: int = 0) -> list[dict]:
+    """KTO's rows: counting up is desirable, counting down is not; half of each."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        start, good = rng.randint(3, 15), i % 2 == 0
+        rows.append({"prompt": f"Count from {start}", "label": good,
+                     "completion": " ".join(str(start + j if good else start - j) for j in range(4))})
+    return rows
+
+
+@pytest.fixture
+def kto_recipe(dpo_recipe, tmp_path):
+    rows = write_jsonl(tmp_path / "labelled.jsonl", labelled_rows(32))
+
+    def write(**kwargs):
+        path = dpo_recipe(**kwargs)
+        raw = yaml.safe_load(path.read_text())
+        raw["data"]["train"], raw["objective"]["name"] = str(rows), "kto"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    return write
+
+
+def test_kto_loss_equals_the_formula_by_hand_against_the_adapters_off_base(kto_recipe):
+    path = kto_recipe(method={"name": "lora", "r": 4, "dropout": 0.0}, objective={"beta": 0.5},
+                      train={"batch_size": 4})
+    seen = {}
+
+    def inspect(trainer):
+        model = trainer.model
+        assert trainer.ref_model is None and list(model.peft_config) == ["default"]
+        torch.manual_seed(0)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.3)
+        rows = [trainer.train_dataset[i] for i in range(4)]
+        assert [r["KL_completion_ids"] for r in rows] == [rows[i - 1]["completion_ids"] for i in range(4)]
+        model.eval()
+        with torch.no_grad():
+            loss = trainer.compute_loss(model, trainer.data_collator(rows))
+
+            def ratio(row, key):
+                policy = answer_logp(model, row["prompt_ids"], row[key])
+                with model.disable_adapter():
+                    return policy - answer_logp(model, row["prompt_ids"], row[key])
+
+            kl = torch.stack([ratio(r, "KL_completion_ids") for r in rows]).mean().clamp(min=0)
+            terms = [1 - torch.sigmoid(0.5 * ((ratio(r, "completion_ids") - kl) if r["label"]
+                                              else (kl - ratio(r, "completion_ids")))) for r in rows]
+        seen.update(loss=loss.item(), hand=torch.stack(terms).mean().item(),
+                    labels={r["label"] for r in rows})
+
+    built_trainer(path, inspect)
+    assert seen["labels"] == {True, False}  # the batch holds both kinds (the rows are shuffled with the seed)
+    assert seen["loss"] == pytest.approx(seen["hand"], rel=1e-5)
+
+
+@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4},
+                                    {"name": "lisa", "activated_layers": 1, "interval_steps": 2}],
+                         ids=lambda m: m["name"])
+def test_kto_trains_with_each_method_and_eval_scores_the_labelled_answers(kto_recipe, method):
+    path = kto_recipe(method=method, objective={"beta": 0.5},
+                      train={"max_steps": 12, "batch_size": 4, "learning_rate": 2e-3})
+    run_dir = run_training(load_recipe(path), path, log=lambda *_: None)
+    logs = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in logs] == list(range(1, 13)) and "kl" in logs[0]
+    assert logs[0]["loss"] == pytest.approx(0.5, abs=1e-3)  # policy == reference: 1 - sigmoid(0) for every answer
+    assert min(r["loss"] for r in logs[-3:]) < 0.5
+    if method["name"] == "full":
+        result = runner.invoke(app, ["eval", str(run_dir)])
+        assert result.exit_code == 0, result.output
+        report = json.loads((run_dir / "eval.json").read_text())
+        tuned = report["results"]["tuned"]
+        assert report["objective"] == "kto" and tuned["rows"] == 4 and "label_accuracy" not in report["results"]["base"]
+        assert tuned["desirable_reward"] > tuned["undesirable_reward"]
+
+
+def test_kto_rows_in_each_shape_and_refused_ones(tmp_path):
+    from finetune.data.unpaired import read_labelled
+
+    rows = [
+        {"prompt": "2+2?", "completion": "4", "label": True},
+        {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}], "label": False},
+        {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}], "kto_tag": True},
+        {"prompt": "2+2?", "chosen": "4", "rejected": "5"},  # a pair: its two answers, desirable and not
+        {"prompt": "2+2?", "completion": "4", "label": "yes"},
+        {"messages": [{"role": "user", "content": "2+2?"}], "label": True},
+        {"instruction": "2+2?", "output": "4", "label": True},
+    ]
+    path = write_jsonl(tmp_path / "kto.jsonl", rows)
+    read, problems, total, _ = read_labelled(str(path), "train")
+    assert total == 7
+    assert [[(a.completion["content"], a.label) for a in row] for row in read] == [
+        [("4", True)], [("5", False)], [("4", True)], [("4", True), ("5", False)]]
+    assert problems[0] == f"{path}:5: `label` must be true or false (got 'yes')"
+    assert problems[1].startswith(f"{path}:6: ")
+    assert problems[2].startswith(f"{path}:7: a KTO row needs `prompt` and `completion`")
+    with pytest.raises(UserError, match="objective kto trains on labelled answers"):
+        read_labelled(str(write_jsonl(tmp_path / "chats.jsonl", [{"messages": rows[1]["messages"]}])), "train")

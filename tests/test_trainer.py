@@ -5,9 +5,10 @@ import inspect
 
 import pytest
 from transformers import Trainer as HFTrainer
-from trl import DPOTrainer
+from trl import DPOTrainer, KTOTrainer
 
-from finetune.trainer import OVERRIDDEN, OVERRIDDEN_DPO, TOKEN_METRIC_OUTPUTS, PreferenceTrainer, Trainer
+from finetune.trainer import (OVERRIDDEN, OVERRIDDEN_DPO, OVERRIDDEN_KTO, TOKEN_METRIC_OUTPUTS, PreferenceTrainer, Trainer,
+                              UnpairedPreferenceTrainer)
 
 #: The parameters each overridden private method had when the override was written (transformers 5.23).
 SIGNATURES = {
@@ -18,14 +19,18 @@ SIGNATURES = {
 }
 
 
-#: TRL 1.16's DPOTrainer internals PreferenceTrainer overrides, with their parameters.
-DPO_SIGNATURES = {"_prepare_dataset": ["self", "dataset", "processing_class", "args", "dataset_name"]}
+#: TRL 1.16's DPOTrainer (and KTOTrainer) internals finetune's preference trainers override, with their parameters.
+DPO_SIGNATURES = {"_prepare_dataset": ["self", "dataset", "processing_class", "args", "dataset_name"],
+                  "_precompute_ref_logps": ["self", "dataset", "name", "batch_size"],
+                  "_compute_loss": ["self", "model", "inputs", "return_outputs"]}
 
 
 @pytest.mark.parametrize("library_class,ours,name,signatures", [
     *[(HFTrainer, Trainer, name, SIGNATURES) for name in OVERRIDDEN],
     *[(HFTrainer, PreferenceTrainer, name, SIGNATURES) for name in OVERRIDDEN],
     *[(DPOTrainer, PreferenceTrainer, name, DPO_SIGNATURES) for name in OVERRIDDEN_DPO],
+    *[(HFTrainer, UnpairedPreferenceTrainer, name, SIGNATURES) for name in OVERRIDDEN],
+    *[(KTOTrainer, UnpairedPreferenceTrainer, name, DPO_SIGNATURES) for name in OVERRIDDEN_KTO],
 ], ids=lambda value: value if isinstance(value, str) else value.__name__ if isinstance(value, type) else "")
 def test_each_overridden_internal_still_exists_with_the_same_parameters(library_class, ours, name, signatures):
     assert name in signatures, f"{name} is overridden in finetune/trainer.py but not pinned here"

@@ -30,8 +30,10 @@ def check_data(data, log, kind: str = "conversations") -> list[str]:
             log(f"  {label}: hub dataset `{escape(source)}` not checked (validate downloads nothing)")
             continue
         try:
-            check = _check_pairs if kind == "preference" else _check_source
-            problems += check(label, source, split, format, data.max_bad_fraction, log, columns)
+            if kind == "conversations":
+                problems += _check_source(label, source, split, format, data.max_bad_fraction, log, columns)
+            else:
+                problems += _check_pairs(label, source, split, kind, data.max_bad_fraction, log)
         except UserError as err:
             problems.append(f"{label}: {err}")
     return problems
@@ -56,11 +58,14 @@ def _report(label: str, read: SourceRows, limit: float, log) -> list[str]:
     return [_too_many_refused(label, read, limit)] if read.refused_fraction() > limit else []
 
 
-def _check_pairs(label: str, source: str, split: str, format: str, limit: float, log, columns=None) -> list[str]:
+def _check_pairs(label: str, source: str, split: str, kind: str, limit: float, log) -> list[str]:
+    """A source of preference pairs (dpo, simpo, orpo) or of labelled answers (kto), read as training reads it."""
     from finetune.data.preference import read_pairs
+    from finetune.data.unpaired import read_labelled
 
-    pairs, problems, total, ignored = read_pairs(source, split, columns)
-    read = SourceRows(source, "preference pairs", problems=problems, total=total)
+    _, problems, total, ignored = (read_labelled if kind == "unpaired" else read_pairs)(source, split)
+    read = SourceRows(source, "labelled answers" if kind == "unpaired" else "preference pairs", problems=problems,
+                      total=total)
     read.ignored.update(ignored)
     return _report(label, read, limit, log)
 

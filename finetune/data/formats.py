@@ -39,8 +39,8 @@ LEGACY_FUNCTIONS = ("OpenAI's deprecated function-calling fields are not support
 MULTIMODAL = "multimodal rows are not supported: finetune trains on text only and would drop the media"
 PAIRED = ("preference data (a `chosen` and a `rejected` answer) in a file of conversations: SFT cannot honour "
           "it; train a file of pairs with objective.name: dpo")
-LABELLED = ("a `label` field (KTO data marks each answer as good or bad with it): SFT cannot honour it and "
-            "finetune has no KTO objective yet; drop the field if it says nothing about the answer's quality")
+LABELLED = ("a `label` field (KTO data marks each answer as good or bad with it): SFT cannot honour it; train "
+            "such rows with objective.name: kto, or drop the field if it says nothing about the answer's quality")
 REASONING = ("name the reasoning `reasoning_content`, the field chat templates read (Qwen3's renders it; a template "
              "without a place for it gets the row refused)")
 #: Row fields that change what is trained but cannot be honoured yet: a row carrying one (non-empty) is refused.
@@ -112,9 +112,9 @@ def refuse_preference_data(record: dict, where: str) -> None:
     if kto:
         raise UserError(
             f"{where}: this is unpaired preference data (KTO: a `label` per row marks its completion as desirable "
-            "or not). finetune has no KTO objective yet (objective dpo takes paired `chosen`/`rejected` rows). "
-            "Training these rows as SFT would also teach the answers marked bad; to use the good ones now, keep "
-            "only the rows labelled true and drop the `label` field.")
+            "or not), and the recipe's objective is supervised fine-tuning (sft), which would also teach the answers "
+            "marked bad. Set `objective: {name: kto}` to train on the labels; to fine-tune on the good answers "
+            "alone, keep only the rows labelled true and drop the `label` field.")
 
 
 def flat_format_problem(columns: list[str]) -> str | None:

@@ -17,7 +17,7 @@ rows are reported with file:row, as for SFT, and `data.max_bad_fraction` applies
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,15 @@ from finetune.errors import UserError
 ANSWERS = ("chosen", "rejected")
 
 
+class SavedRow:
+    """A held-out row as run dirs keep it (held_out.jsonl) for `finetune eval`."""
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "tools" or v}
+
+
 @dataclass
-class Pair:
+class Pair(SavedRow):
     """One preference row, normalised: the shared prompt and the two answers (assistant messages)."""
 
     prompt: list[dict[str, Any]]
@@ -41,11 +48,6 @@ class Pair:
     source: str
     row: int
     tools: list[dict] | None = None
-
-    def to_json(self) -> dict:
-        saved = {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected, "source": self.source,
-                 "row": self.row}
-        return {**saved, "tools": self.tools} if self.tools else saved
 
 
 @dataclass
@@ -132,75 +134,99 @@ def _turns(answer: Any, role_key: str, content_key: str, role: str) -> list:
     return [_turn(answer, role_key, content_key, role)]
 
 
+def encode_answer(tokenizer, prompt: list[dict], answer: dict, tools, max_length: int,
+                  template: ChatTemplate) -> tuple[list[int], list[int], bool]:
+    """(prompt ids, answer ids, cut at max_length) of one answer after its prompt, rendered with the template: the
+    answer is what the assistant generates (its end of turn included); ValueError when no answer token fits."""
+    [sample] = encode_samples(tokenizer, prompt + [answer], max_length, tools, template)
+    trained = [i for i, label in enumerate(sample.labels) if label != -100]
+    if not trained:
+        raise ValueError(f"the prompt fills data.max_length={max_length}: no answer token is left (raise "
+                         "data.max_length or shorten the prompt)")
+    return sample.input_ids[:trained[0]], sample.input_ids[trained[0]:trained[-1] + 1], sample.truncated
+
+
 def encode_pair(tokenizer, pair: Pair, max_length: int, template: ChatTemplate) -> tuple[dict, bool]:
     """The pair's token ids ({prompt_ids, chosen_ids, rejected_ids}) and whether an answer was cut at max_length
     (prompt plus answer, each sequence); ValueError when a row cannot train."""
-    encoded = []
-    for answer in (pair.chosen, pair.rejected):
-        [sample] = encode_samples(tokenizer, pair.prompt + [answer], max_length, pair.tools, template)
-        trained = [i for i, label in enumerate(sample.labels) if label != -100]
-        if not trained:
-            raise ValueError(f"the prompt fills data.max_length={max_length}: no answer token is left (raise "
-                             "data.max_length or shorten the prompt)")
-        encoded.append((sample.input_ids[:trained[0]], sample.input_ids[trained[0]:trained[-1] + 1],
-                        sample.truncated))
-    (prompt, chosen, cut_c), (prompt_r, rejected, cut_r) = encoded
+    (prompt, chosen, cut_c), (prompt_r, rejected, cut_r) = (
+        encode_answer(tokenizer, pair.prompt, answer, pair.tools, max_length, template)
+        for answer in (pair.chosen, pair.rejected))
     if prompt != prompt_r:
         raise ValueError(f"the chat template ({template.name}) tokenises the prompt differently before the two "
                          "answers, so they cannot share it")
     return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}, cut_c or cut_r
 
 
-def read_pairs(source: str, split: str, columns: dict | None = None) -> tuple[list[Pair], list[str], int, dict]:
-    """Every row of a source as a Pair; refused rows become `file:row: reason` lines. Also the row count and the
-    fields no format uses (name -> rows)."""
-    pairs, problems, total, ignored, checked = [], [], 0, {}, False
+def read_rows(source: str, split: str, accepts, wrong_kind, convert) -> tuple[list, list[str], int, dict]:
+    """Every row of a source converted (`convert(record, source, row)` -> (item, ignored fields)); refused rows
+    become `file:row: reason` lines. The file's first object row must be of the kind (`accepts`), or the whole file
+    is refused with `wrong_kind(keys)`. Also the row count and the fields no format uses (name -> rows)."""
+    rows, problems, total, ignored, checked = [], [], 0, {}, False
     for number, value in read_records(source, split):
         total += 1
         try:
-            record = object_row(value, columns)
-            if not checked and not is_preference_record(record):  # the file's first object row
-                raise UserError(f"{source}:{number}: objective dpo trains on preference rows (`prompt` with `chosen` "
-                                "and `rejected` answers, or `conversations`/`messages` with them), and this row "
-                                f"has keys {', '.join(sorted(record)) or 'none'}; set objective.name: sft to train "
-                                "on conversations")
+            record = object_row(value)
+            if not checked and not accepts(record):
+                raise UserError(f"{source}:{number}: {wrong_kind(', '.join(sorted(record)) or 'none')}")
             checked = True
-            prompt, chosen, rejected, extra = normalise_pair(record)
-            pairs.append(Pair(prompt, chosen, rejected, source, number, row_tools(record)))
+            item, extra = convert(record, source, number)
+            rows.append(item)
             for name in extra:
                 ignored[name] = ignored.get(name, 0) + 1
         except ValueError as err:
             problems.append(f"{source}:{number}: {err}")
     if total == 0:
         raise UserError(f"{source}: no rows")
-    return pairs, problems, total, ignored
+    return rows, problems, total, ignored
+
+
+def read_pairs(source: str, split: str) -> tuple[list[Pair], list[str], int, dict]:
+    """Every row of a source as a Pair (see read_rows)."""
+    def pair(record, source, number):
+        prompt, chosen, rejected, extra = normalise_pair(record)
+        return Pair(prompt, chosen, rejected, source, number, row_tools(record)), extra
+
+    return read_rows(source, split, is_preference_record, lambda keys: (
+        "objective dpo trains on preference rows (`prompt` with `chosen` and `rejected` answers, or "
+        f"`conversations`/`messages` with them), and this row has keys {keys}; set objective.name: sft to train on "
+        "conversations"), pair)
 
 
 def build_pairs(tokenizer, template: ChatTemplate, train: str, train_split: str, eval: str | None, eval_split: str,
                 eval_fraction: float, max_length: int, max_bad_fraction: float, seed: int, log=print,
-                columns: dict | None = None) -> PreparedPairs:
-    """Read, split (seeded, as for SFT) and tokenise preference rows; raise UserError when too many are bad."""
+                unpaired: bool = False) -> PreparedPairs:
+    """Read, split (seeded, as for SFT) and tokenise preference rows; raise UserError when too many are bad.
+    `unpaired`: KTO's rows, one answer each with its label (finetune.data.unpaired), shuffled with the seed here
+    because TRL's KTO reads them in order (its KL estimate pairs each answer with its batch neighbours' prompts)."""
+    import random
+
     import datasets
 
-    pairs, problems, total, ignored = read_pairs(train, train_split, columns)
+    if unpaired:
+        from finetune.data.unpaired import encode_labelled as encode, read_labelled as read
+    else:
+        read, encode = read_pairs, encode_pair
+    rows, problems, total, ignored = read(train, train_split)
     lines = [_ignored_line(train, ignored)]
     if eval is not None:
-        held, held_problems, held_total, held_ignored = read_pairs(eval, eval_split)
+        held, held_problems, held_total, held_ignored = read(eval, eval_split)
         problems, total = problems + held_problems, total + held_total
         lines.append(_ignored_line(eval, held_ignored))
     else:
-        pairs, held = split_held_out(pairs, eval_fraction, seed)
+        rows, held = split_held_out(rows, eval_fraction, seed)
     encoded, truncated = {"train": [], "eval": []}, 0
-    for name, rows in (("train", pairs), ("eval", held)):
+    for name, group in (("train", rows), ("eval", held)):
         kept = []
-        for pair in rows:
+        for row in group:
+            first = row[0] if unpaired else row  # an unpaired row is a list: a pair's two answers, or one
             try:
-                ids, cut = encode_pair(tokenizer, pair, max_length, template)
+                ids, cut = encode(tokenizer, row, max_length, template)
             except ValueError as err:
-                problems.append(f"{pair.source}:{pair.row}: {err}")
+                problems.append(f"{first.source}:{first.row}: {err}")
                 continue
-            encoded[name].append(ids)
-            kept.append(pair)
+            encoded[name] += ids if unpaired else [ids]
+            kept += row if unpaired else [row]
             truncated += cut and name == "train"
         if name == "eval":
             held = kept
@@ -210,12 +236,14 @@ def build_pairs(tokenizer, template: ChatTemplate, train: str, train_split: str,
     check_bad_fraction(problems, total, max_bad_fraction, log)
     if not encoded["train"]:
         raise UserError(f"{train}: no usable training rows")
+    if unpaired:
+        random.Random(seed).shuffle(encoded["train"])
 
-    def dataset(rows):
-        return datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in ("prompt_ids", "chosen_ids",
-                                                                             "rejected_ids")})
+    def dataset(samples):
+        return datasets.Dataset.from_dict({k: [r[k] for r in samples] for k in samples[0]})
 
-    tokens = [2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in encoded["train"]]
+    tokens = [sum(len(v) for k, v in r.items() if k.endswith("_ids")) + ("chosen_ids" in r) * len(r["prompt_ids"])
+              for r in encoded["train"]]  # as the model sees a row: a pair's prompt twice
     return PreparedPairs(train=dataset(encoded["train"]), eval=dataset(encoded["eval"]) if encoded["eval"] else None,
                          held_out=held, mean_train_tokens=sum(tokens) / len(tokens), truncated=truncated,
                          problems=problems, ignored_lines=[line for line in lines if line],
@@ -228,19 +256,23 @@ def _ignored_line(source: str, ignored: dict) -> str | None:
     return f"ignored fields in {source}: " + ", ".join(f"{k} ({n} rows)" for k, n in sorted(ignored.items()))
 
 
-def save_pairs(pairs: list[Pair], path: Path) -> None:
+def save_pairs(rows: list, path: Path) -> None:
+    """A run's held-out pairs (or KTO's labelled answers) as JSON lines, for `finetune eval`."""
     with path.open("w", encoding="utf-8") as handle:
-        for pair in pairs:
-            handle.write(json.dumps(pair.to_json()) + "\n")
+        for row in rows:
+            handle.write(json.dumps(row.to_json()) + "\n")
 
 
-def read_saved_pairs(path: Path) -> list[Pair]:
+def read_saved_pairs(path: Path) -> list:
+    from finetune.data.unpaired import Labelled
+
     with path.open(encoding="utf-8") as handle:
-        return [Pair(**json.loads(line)) for line in handle if line.strip()]
+        rows = [json.loads(line) for line in handle if line.strip()]
+    return [Labelled(**r) if "label" in r else Pair(**r) for r in rows]
 
 
 def is_saved_pairs(path: Path) -> bool:
-    """Whether a run's held_out.jsonl holds preference pairs (a dpo run) rather than conversations."""
+    """Whether a run's held_out.jsonl holds preference rows (pairs, or KTO's labelled answers), not conversations."""
     with path.open(encoding="utf-8") as handle:
         first = handle.readline()
-    return bool(first.strip()) and "chosen" in json.loads(first)
+    return bool(first.strip()) and ("chosen" in json.loads(first) or "label" in json.loads(first))

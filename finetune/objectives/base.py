@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from finetune.methods.base import Section
 
@@ -26,3 +26,65 @@ class ObjectiveOptions(Section):
     def reference_for(self, method) -> str | None:
         """How the reference policy is obtained for the method: None when the objective needs none."""
         return None
+
+
+class PairedOptions(ObjectiveOptions):
+    """What the preference objectives share: (prompt, chosen, rejected) rows, both answers in one batch, and the
+    recipe settings none of them can honour yet."""
+
+    data_kind: ClassVar[str] = "preference"
+    sequences_per_row: ClassVar[int] = 2  # chosen and rejected go through the model in one batch
+
+    def summary(self, method) -> str:
+        """The start summary's line for the objective."""
+        return f"{self.name} (beta {self.beta})"
+
+    def recipe_problems(self, recipe) -> list[str]:
+        name, problems = self.name, []
+        if recipe.train.packing:
+            problems.append(f"train.packing with objective {name}: not supported (each pair is one chosen and one "
+                            "rejected sequence); turn packing off")
+        if recipe.data.streaming:
+            problems.append(f"data.streaming with objective {name}: not supported yet; prepare the data up front")
+        if recipe.data.sources is not None:
+            problems.append(f"data.sources with objective {name}: mixtures are SFT-only for now; give one file in "
+                            "data.train")
+        if recipe.train.token_metrics:
+            problems.append(f"train.token_metrics is an SFT metric; {name} logs its own (rewards, margins, "
+                            "accuracies)")
+        if recipe.distributed.strategy in ("fsdp", "deepspeed"):
+            problems.append(f"objective {name} with distributed.strategy {recipe.distributed.strategy}: not "
+                            "supported yet; use `ddp`")
+        targets = getattr(recipe.method, "target_modules", "all-linear")
+        if recipe.method.name == "lora" and not isinstance(targets, str) and "lm_head" in targets:
+            problems.append(f"objective {name} with a LoRA adapter on `lm_head`: TRL's preference trainer computes "
+                            "log-probabilities from the head's weight directly, so that adapter would never train; "
+                            "drop lm_head from method.target_modules")
+        problem = self.method_problem(recipe.method)
+        return problems + ([problem] if problem else [])
+
+
+class ReferenceOptions(PairedOptions):
+    """A preference objective measured against a reference policy, the model as training starts (dpo, kto)."""
+
+    reference: Literal["auto", "adapters_off", "precomputed"] = "auto"
+    """Where the reference log-probabilities come from. `adapters_off` (LoRA): the base with the adapters disabled,
+    one more no-grad forward per step. `precomputed`: one no-grad pass over the data before training (any method).
+    `auto`: adapters_off for LoRA, precomputed for the methods that change the base weights. Neither keeps a second
+    copy of the model."""
+
+    def reference_for(self, method) -> str:
+        """How the reference is obtained with this method: adapters_off or precomputed."""
+        if self.reference != "auto":
+            return self.reference
+        return "adapters_off" if method.name == "lora" else "precomputed"
+
+    def method_problem(self, method) -> str | None:
+        if self.reference == "adapters_off" and method.name != "lora":
+            return (f"objective.reference adapters_off needs method lora: {method.name} changes the base weights, so "
+                    "disabling adapters cannot recover the reference; use `precomputed` (what `auto` picks)")
+        return None
+
+    def reference_line(self, method) -> str:
+        how = {"adapters_off": "the base, adapters disabled", "precomputed": "log-probs precomputed before step 1"}
+        return f"reference: {how[self.reference_for(method)]}"
