@@ -158,7 +158,7 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
 
         data = build_pairs(tokenizer, template, d.train, d.train_split, d.eval, d.eval_split, d.eval_fraction,
                            d.max_length, d.max_bad_fraction, t.seed, log,
-                           unpaired=recipe.objective.data_kind == "unpaired")
+                           unpaired=recipe.objective.data_kind == "unpaired", cache=d.cache)
         held_out, save_held_out = data.held_out, save_pairs
     else:
         data = build_datasets(

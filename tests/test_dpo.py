@@ -229,12 +229,13 @@ def test_bad_preference_rows_are_refused_with_file_and_row(tmp_path, tokenizer):
     assert "there is no `prompt`" in reasons[f"{path}:9"] and "one assistant answer" in reasons[f"{path}:10"]
     assert reasons[f"{path}:11"].startswith("`images`: multimodal") and "not valid JSON" in reasons[f"{path}:12"]
     with pytest.raises(UserError, match=r"(?s)6 of 12 rows unusable .*bad\.jsonl:7: `chosen` and `rejected` are the same"):
-        build_pairs(tokenizer, chat_template(tokenizer), str(path), "train", None, "test", 0.0, 64, 0.01, 0)
+        build_pairs(tokenizer, chat_template(tokenizer), str(path), "train", None, "test", 0.0, 64, 0.01, 0,
+                    cache=False)
     # A prompt that fills max_length leaves no answer token: refused, counted, never trained silently.
     long = write_jsonl(tmp_path / "long.jsonl", pair_rows(3) + [{"prompt": "word " * 200, "chosen": "a",
                                                                    "rejected": "b"}])
     data = build_pairs(tokenizer, chat_template(tokenizer), str(long), "train", None, "test", 0.0, 64, 0.5, 0,
-                       log=lambda *_: None)
+                       log=lambda *_: None, cache=False)
     assert len(data.train) == 3 and "long.jsonl:4: the prompt fills data.max_length=64" in data.problems[0]
 
 
@@ -457,3 +458,21 @@ def test_kto_rows_in_each_shape_and_refused_ones(tmp_path):
     assert problems[2].startswith(f"{path}:7: a KTO row needs `prompt` and `completion`")
     with pytest.raises(UserError, match="objective kto trains on labelled answers"):
         read_labelled(str(write_jsonl(tmp_path / "chats.jsonl", [{"messages": rows[1]["messages"]}])), "train")
+
+
+@pytest.mark.slow
+def test_dpo_under_ddp_equals_one_process_with_the_same_global_batch(write_recipe, tiny4_model_dir, tmp_path):
+    from test_distributed import launch, max_diff, single
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(32))
+    recipe = write_recipe(model={"name_or_path": str(tiny4_model_dir)}, data={"train": str(pairs)},
+                          objective={"name": "dpo"}, distributed={"strategy": "ddp"},
+                          train={"batch_size": 2, "max_steps": 4})
+    result = launch(recipe, tmp_path / "ddp")
+    assert result.exit_code == 0, result.output
+    assert single(recipe, tmp_path / "one").exit_code == 0
+    ddp = [r for r in read_metrics(tmp_path / "ddp" / "metrics.jsonl") if "loss" in r]
+    one = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in ddp] == [1, 2, 3, 4]
+    assert [r["rewards/margins"] for r in ddp] == pytest.approx([r["rewards/margins"] for r in one], abs=1e-4)
+    assert max_diff(tmp_path / "ddp" / "model", tmp_path / "one" / "model") < 1e-4

@@ -16,11 +16,15 @@ rows are reported with file:row, as for SFT, and `data.max_bad_fraction` applies
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.data.cache import cache_key, claimed, is_complete, write_complete
 from finetune.data.formats import _present, normalise, object_row, row_tools
 from finetune.data.prepare import check_bad_fraction, split_held_out
 from finetune.data.sources import read_records
@@ -60,6 +64,7 @@ class PreparedPairs:
     mean_train_tokens: float  # per row: the prompt twice plus both answers, as the model sees them
     truncated: int = 0
     problems: list[str] = field(default_factory=list)
+    rows_read: int = 0
     ignored_lines: list[str] = field(default_factory=list)
     mix: list[dict] = field(default_factory=list)
     cache_line: str | None = None
@@ -195,10 +200,46 @@ def read_pairs(source: str, split: str) -> tuple[list[Pair], list[str], int, dic
 
 def build_pairs(tokenizer, template: ChatTemplate, train: str, train_split: str, eval: str | None, eval_split: str,
                 eval_fraction: float, max_length: int, max_bad_fraction: float, seed: int, log=print,
-                unpaired: bool = False) -> PreparedPairs:
-    """Read, split (seeded, as for SFT) and tokenise preference rows; raise UserError when too many are bad.
+                unpaired: bool = False, cache: bool = True) -> PreparedPairs:
+    """Read, split (seeded, as for SFT) and tokenise preference rows into Arrow datasets on disk, cached like SFT
+    data (finetune.data.cache: one process prepares, DDP ranks and later runs read); raise UserError when too many
+    rows are bad. On disk, the datasets are one set of files for every rank, where TRL's reference pass writes the
+    log-probabilities it computed (an in-memory dataset would leave each rank its own temporary copy).
     `unpaired`: KTO's rows, one answer each with its label (finetune.data.unpaired), shuffled with the seed here
     because TRL's KTO reads them in order (its KL estimate pairs each answer with its batch neighbours' prompts)."""
+    options = {"kind": "unpaired" if unpaired else "pairs", "train_split": train_split, "eval_split": eval_split,
+               "eval_fraction": eval_fraction, "max_length": max_length, "seed": seed}
+    key = cache_key(tokenizer, template, {"train": train, "eval": eval}, options) if cache else None
+
+    def prepare(directory: Path) -> None:
+        _prepare_pairs(tokenizer, template, train, train_split, eval, eval_split, eval_fraction, max_length, seed,
+                       unpaired, directory)
+
+    if key is None:  # a hub dataset (or data.cache off): a temporary entry, removed at exit
+        directory = Path(tempfile.mkdtemp(prefix="finetune-pairs-"))
+        atexit.register(shutil.rmtree, directory, True)
+        prepare(directory)
+        hit = False
+    else:
+        with claimed(key) as directory:
+            hit = is_complete(directory)
+            if not hit:
+                write_complete(directory, prepare)
+    data = _load_pairs(directory)
+    for line in data.ignored_lines:
+        log(line)
+    check_bad_fraction(data.problems, data.rows_read, max_bad_fraction, log)
+    if data.train is None:
+        raise UserError(f"{train}: no usable training rows")
+    if key is not None:
+        data.cache_line = f"data: {'read from' if hit else 'prepared into'} the cache {directory}"
+    return data
+
+
+def _prepare_pairs(tokenizer, template, train, train_split, eval, eval_split, eval_fraction, max_length, seed,
+                   unpaired, directory: Path) -> None:
+    """Write the entry: train/ and eval/ datasets, held_out.jsonl and meta.json (last: it marks the entry
+    complete)."""
     import random
 
     import datasets
@@ -230,24 +271,34 @@ def build_pairs(tokenizer, template: ChatTemplate, train: str, train_split: str,
             truncated += cut and name == "train"
         if name == "eval":
             held = kept
-    for line in lines:
-        if line:
-            log(line)
-    check_bad_fraction(problems, total, max_bad_fraction, log)
-    if not encoded["train"]:
-        raise UserError(f"{train}: no usable training rows")
     if unpaired:
         random.Random(seed).shuffle(encoded["train"])
-
-    def dataset(samples):
-        return datasets.Dataset.from_dict({k: [r[k] for r in samples] for k in samples[0]})
-
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, samples in encoded.items():
+        if samples:  # datasets cannot load back a saved dataset of no rows
+            datasets.Dataset.from_dict({k: [r[k] for r in samples] for k in samples[0]}).save_to_disk(
+                str(directory / name))
+    save_pairs(held, directory / "held_out.jsonl")
     tokens = [sum(len(v) for k, v in r.items() if k.endswith("_ids")) + ("chosen_ids" in r) * len(r["prompt_ids"])
               for r in encoded["train"]]  # as the model sees a row: a pair's prompt twice
-    return PreparedPairs(train=dataset(encoded["train"]), eval=dataset(encoded["eval"]) if encoded["eval"] else None,
-                         held_out=held, mean_train_tokens=sum(tokens) / len(tokens), truncated=truncated,
-                         problems=problems, ignored_lines=[line for line in lines if line],
-                         mix=[{"source": train, "rows": len(encoded["train"])}])
+    meta = {"problems": problems, "rows_read": total, "ignored_lines": [line for line in lines if line],
+            "truncated": truncated, "mean_train_tokens": sum(tokens) / max(len(tokens), 1),
+            "mix": [{"source": train, "rows": len(encoded["train"])}]}
+    (directory / "meta.json").write_text(json.dumps(meta) + "\n")
+
+
+def _load_pairs(directory: Path) -> PreparedPairs:
+    import datasets
+
+    meta = json.loads((directory / "meta.json").read_text())
+
+    def load(name):
+        return datasets.load_from_disk(str(directory / name)) if (directory / name).is_dir() else None
+
+    return PreparedPairs(train=load("train"), eval=load("eval"), held_out=read_saved_pairs(directory / "held_out.jsonl"),
+                         mean_train_tokens=meta["mean_train_tokens"], truncated=meta["truncated"],
+                         problems=meta["problems"], rows_read=meta["rows_read"], ignored_lines=meta["ignored_lines"],
+                         mix=meta["mix"])
 
 
 def _ignored_line(source: str, ignored: dict) -> str | None:
