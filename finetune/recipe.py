@@ -10,6 +10,7 @@ nearest valid key, wrong types, out-of-range values, missing paths, cross-field 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -234,6 +235,20 @@ class TrainSection(Section):
     """Keep only the newest this many checkpoints."""
     output_dir: str | None = None
     """Run directory. Default: `runs/<recipe file name>`."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = []
+    """Experiment trackers that get the metrics, the run's name (its directory's) and the resolved recipe. None by
+    default. Each writes into the run dir and works offline: TensorBoard events in `tensorboard/`, W&B offline
+    (`wandb sync` uploads later) unless WANDB_API_KEY or WANDB_MODE says otherwise, MLflow in `mlruns/` unless
+    MLFLOW_TRACKING_URI is set, trackio in `trackio/`. The tracker's package must be installed."""
+    neftune_noise_alpha: float | None = Field(None, gt=0)
+    """NEFTune (arXiv:2310.05914): uniform noise of scale alpha / sqrt(tokens x hidden size) on the input embeddings
+    while training, which the paper finds improves instruction tuning; 5 is its usual setting. Off by default."""
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop once the held-out loss has not improved for this many evaluations; the final weights are then the best
+    evaluation's checkpoint. Needs held-out data and `eval_steps`, with `save_steps` a multiple of it (the best
+    step must have a checkpoint)."""
+    eval_on_start: bool = False
+    """Evaluate once before the first step: the held-out curve starts at the base model's loss."""
 
 
 def _streaming_problems(data, train) -> list[str]:
@@ -282,6 +297,20 @@ class Recipe(Section):
         if self.data.streaming:
             problems += _streaming_problems(self.data, self.train)
         problems += self.objective.recipe_problems(self)
+        t = self.train
+        if (t.early_stopping_patience is not None or t.eval_on_start) and not has_eval:
+            problems.append("`train.early_stopping_patience` and `train.eval_on_start` need held-out data: set "
+                            "`data.eval` or `data.eval_fraction`")
+        if t.early_stopping_patience is not None and t.eval_steps is None:
+            problems.append("`train.early_stopping_patience` needs `train.eval_steps` (how often the held-out loss "
+                            "is checked)")
+        elif t.early_stopping_patience is not None and t.save_steps % t.eval_steps:
+            problems.append(f"`train.early_stopping_patience`: train.save_steps ({t.save_steps}) must be a multiple "
+                            f"of train.eval_steps ({t.eval_steps}), so that the best evaluation has a checkpoint to "
+                            "end on")
+        missing = [name for name in t.report_to if importlib.util.find_spec(name) is None]
+        if missing:
+            problems.append(f"train.report_to: {', '.join(missing)} not installed; pip install {' '.join(missing)}")
         if self.train.eval_steps is not None and not has_eval:
             problems.append("`train.eval_steps` is set but there is no held-out data: set `data.eval` or "
                             "`data.eval_fraction`")

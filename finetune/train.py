@@ -138,6 +138,7 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
     from finetune.modeling import (load_model, load_tokenizer, resolve_attention, resolve_dtype, resolve_model_path,
                                    template_for, write_generation_config)
     from finetune.report import plot_loss, start_summary
+    from finetune.trackers import RecipeToTrackers
     from finetune.trainer import CheckpointWriteError, ContinueSchedule
 
     clock.mark("imports")
@@ -205,6 +206,12 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
     if not engaged.get(recipe.distributed.strategy, True):  # never a silent fallback to another strategy
         raise UserError(f"distributed.strategy {recipe.distributed.strategy} did not engage in accelerate here")
     guard, stop = DivergenceGuard(log), StopOnSignal(log)
+    if t.report_to:
+        trainer.add_callback(RecipeToTrackers(recipe.model_dump(mode="json"), trainer))
+    if t.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     for callback in (MarkCheckpointsComplete(), ContinueSchedule(), guard, stop):
         trainer.add_callback(callback)
     clock.mark("trainer")
@@ -223,12 +230,15 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
                 trainer.evaluate()
             if trainer.is_fsdp_enabled:  # checkpoints may be sharded; the final weights are one standard checkpoint
                 trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-            _save_final(trainer, final)  # every rank takes part (sharded weights are gathered); rank 0 writes
+            _save_final(trainer, method, final)  # every rank takes part (sharded weights are gathered); rank 0 writes
     except CheckpointWriteError as err:
         raise rundir.write_failure(err.path, err.cause, run_dir, resume_command, rank) from None
     finally:
         stop.restore()
     step = trainer.state.global_step
+    if t.early_stopping_patience and trainer.state.best_model_checkpoint and rank == 0:
+        log(f"early stopping: the best held-out loss, {trainer.state.best_metric:.4f}, was at "
+            f"{Path(trainer.state.best_model_checkpoint).name}; the final weights are that checkpoint's")
     if rank == 0:
         plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
     stopped = None
@@ -293,13 +303,13 @@ def _record_recipe(run_dir: Path, resolved: dict, checkpoint: str | None, log) -
     path.write_text(yaml.safe_dump(resolved, sort_keys=False))
 
 
-def _save_final(trainer, final: Path) -> None:
+def _save_final(trainer, method, final: Path) -> None:
     from safetensors import SafetensorError
 
     from finetune.trainer import CheckpointWriteError
 
     try:
-        trainer.save_model(str(final))
+        method.save(trainer, final)
     except (OSError, RuntimeError, SafetensorError) as err:
         raise CheckpointWriteError(final, err) from err
 
@@ -314,7 +324,10 @@ def _trainer_args(recipe: Recipe, run_dir: Path, dtype):
 
 
 def _common_args(recipe: Recipe, run_dir: Path, dtype) -> dict:
+    """The trainer arguments every objective shares; the objective's module adds its own and builds its config."""
     import torch
+
+    from finetune.trackers import tracker_args
 
     t, dist = recipe.train, recipe.distributed
     precision = distributed.mixed_precision(dist, recipe.model.dtype, dtype == torch.bfloat16)
@@ -350,8 +363,13 @@ def _common_args(recipe: Recipe, run_dir: Path, dtype) -> dict:
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         include_num_input_tokens_seen="non_padding",
-        report_to="none",
         dataloader_pin_memory=torch.cuda.is_available(),
+        neftune_noise_alpha=t.neftune_noise_alpha,
+        eval_on_start=t.eval_on_start,
+        # Early stopping ends on the best evaluation's checkpoint (transformers' EarlyStoppingCallback needs this).
+        **({"load_best_model_at_end": True, "metric_for_best_model": "eval_loss", "greater_is_better": False}
+           if t.early_stopping_patience else {}),
+        **tracker_args(t.report_to, run_dir),
         **strategy,
     )
 

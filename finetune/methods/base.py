@@ -4,9 +4,9 @@ A method module has two halves, next to each other:
 - `Options`, its recipe section, which also answers what the rest of finetune asks before any model exists:
   which distributed strategies it works with, whether it brings its own optimizer, and its memory model for
   `finetune plan`. `distributed.py` and `plan.py` ask these and never branch on a method's name.
-- `Method`, built from the options' flat values (never the whole recipe), which the training flow asks four things
+- `Method`, built from the options' flat values (never the whole recipe), which the training flow asks five things
   in this order: extra `from_pretrained` arguments, how to make the model trainable, whether it brings its own
-  optimizer, and which callbacks it needs.
+  optimizer, which callbacks it needs, and how to write the final weights.
 Both have no-op defaults here, so a method states only what it changes.
 """
 
@@ -109,3 +109,7 @@ class Method:
     def callbacks(self) -> list[TrainerCallback]:
         """Extra trainer callbacks the method needs."""
         return []
+
+    def save(self, trainer, path) -> None:
+        """Write the final weights into `path` (every rank calls it; the trainer writes on the main process)."""
+        trainer.save_model(str(path))

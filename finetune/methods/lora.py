@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from finetune.errors import UserError
 from finetune.methods import base
@@ -26,6 +26,33 @@ class Options(base.MethodOptions):
     """Which linear layers get adapters: `all-linear` (every linear but the head) or module-name suffixes."""
     quantize: Literal["none", "4bit", "8bit"] = "none"
     """Quantize the frozen base with bitsandbytes (QLoRA). Needs a CUDA GPU."""
+    use_dora: bool = False
+    """DoRA (arXiv:2402.09353): each adapted weight split into a magnitude vector (trained too) and a direction the
+    adapter updates; closer to full fine-tuning at low rank, for a slower step."""
+    use_rslora: bool = False
+    """rsLoRA (arXiv:2312.03732): scale the update by alpha / sqrt(r) instead of alpha / r, so that high ranks keep
+    learning instead of being damped."""
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = "default"
+    """How adapters start. `default`: A random, B zero (the update starts at 0). `gaussian`: A Gaussian-scaled by
+    rank. `pissa` (arXiv:2404.02948): from the base weights' principal singular vectors, which converges faster;
+    `olora` (arXiv:2406.01775): from a QR decomposition of them. Both move that part out of the base, so the saved
+    adapter is converted to a plain LoRA of the original base (peft's weight conversion, twice the rank). `loftq`
+    (arXiv:2310.08659, for a quantized base) is not supported yet."""
+    loraplus_lr_ratio: float | None = Field(None, gt=0)
+    """LoRA+ (arXiv:2402.12354): B's learning rate is this times A's (peft's create_loraplus_optimizer); the paper
+    suggests 16. Unset: one learning rate for both."""
+    modules_to_save: list[str] = []
+    """Modules trained in full and saved with the adapter (e.g. `lm_head`, `embed_tokens` for a new vocabulary)."""
+
+    @model_validator(mode="after")
+    def _supported_init(self):
+        if self.init == "loftq":
+            raise ValueError("method.init loftq is not supported yet (it quantizes the base itself, with its own "
+                             "config); use `pissa`, or QLoRA with the default init")
+        if self.init in ("pissa", "olora") and self.quantize != "none":
+            raise ValueError(f"method.init {self.init} changes the base weights, which a quantized base cannot "
+                             "take; use it with `quantize: none`")
+        return self
 
     def strategy_problem(self, strategy, zero_stage):
         if self.quantize != "none" and strategy == "fsdp":
@@ -42,7 +69,12 @@ class Options(base.MethodOptions):
     steps_in_backward: ClassVar[bool] = True  # the optimizer step over the adapters is small
 
     def planned_trainable(self, model):
-        return {f"{n}.lora": self.r * (m.in_features + m.out_features) for n, m in lora_targets(model, self)}
+        trainable = {f"{n}.lora": self.r * (m.in_features + m.out_features) + (m.out_features if self.use_dora else 0)
+                     for n, m in lora_targets(model, self)}  # DoRA adds a magnitude per output feature
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in self.modules_to_save:
+                trainable[f"{name}.saved"] = sum(p.numel() for p in module.parameters())
+        return trainable
 
     def planned_rows(self, model, trainable, setup):
         import torch
@@ -89,9 +121,14 @@ class LoRA(base.Method):
     name = "lora"
     artifact = "adapter"
 
-    def __init__(self, r: int, alpha: float, dropout: float, target_modules, quantize: str):
+    def __init__(self, r: int, alpha: float, dropout: float, target_modules, quantize: str, use_dora: bool = False,
+                 use_rslora: bool = False, init: str = "default", loraplus_lr_ratio: float | None = None,
+                 modules_to_save: list[str] = ()):
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.target_modules, self.quantize = target_modules, quantize
+        self.use_dora, self.use_rslora, self.init = use_dora, use_rslora, init
+        self.loraplus_lr_ratio, self.modules_to_save = loraplus_lr_ratio, list(modules_to_save)
+        self.initial_adapter: str | None = None  # pissa/olora: the adapter as initialised, for the conversion
 
     def load_kwargs(self):
         if self.quantize == "none":
@@ -127,6 +164,9 @@ class LoRA(base.Method):
                 model, use_gradient_checkpointing=False  # the trainer turns checkpointing on itself
             )
         token_rows, head = _new_token_training(model, new_token_ids)
+        saved = sorted(set(head or []) | set(self.modules_to_save)) or None
+        if token_rows and saved and set(token_rows) & set(saved):  # a module trained whole needs no row-wise part
+            token_rows = {k: v for k, v in token_rows.items() if k not in saved} or None
         config = LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
@@ -134,9 +174,38 @@ class LoRA(base.Method):
             target_modules=self.target_modules,
             task_type="CAUSAL_LM",
             trainable_token_indices=token_rows,
-            modules_to_save=head,
+            modules_to_save=saved,
+            use_dora=self.use_dora,
+            use_rslora=self.use_rslora,
+            init_lora_weights={"default": True}.get(self.init, self.init),
         )
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
+        if self.init in ("pissa", "olora"):
+            import tempfile
+
+            # peft's conversion needs the adapter as initialised, saved before any step, marked as a plain init.
+            self.initial_adapter = tempfile.mkdtemp(prefix="finetune-lora-init-")
+            model.peft_config["default"].init_lora_weights = True
+            model.save_pretrained(self.initial_adapter)
+            model.peft_config["default"].init_lora_weights = self.init
+        return model
+
+    def optimizers(self, model, learning_rate, weight_decay, max_grad_norm):
+        if self.loraplus_lr_ratio is None:
+            return None
+        import torch
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=learning_rate, weight_decay=weight_decay,
+                                         loraplus_lr_ratio=self.loraplus_lr_ratio), None
+
+    def save(self, trainer, path):
+        trainer.save_model(str(path))
+        if self.initial_adapter is not None and trainer.accelerator.is_main_process:
+            # pissa/olora moved part of the base into the adapter: saved as is, the adapter only fits that changed
+            # base. Converted, it is a plain LoRA (of twice the rank) of the original base that peft loads as any.
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            model.save_pretrained(str(path), path_initial_model_for_weight_conversion=self.initial_adapter)
 
 
 def _new_token_training(model, token_ids: list[int]):
