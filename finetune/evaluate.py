@@ -59,6 +59,15 @@ def resolve_target(target: str, output: Path | None) -> Target:
     return Target(model_path, None, None, output or Path("runs") / "eval" / Path(target).name)
 
 
+def refresh_card(target: str, out_dir: Path) -> None:
+    """A finished run evaluated into its own dir: its weights' model card gets the evaluation table."""
+    from finetune.card import write_model_card
+
+    info = rundir.finished_run(Path(target))
+    if info is not None and Path(out_dir).resolve() == Path(target).resolve():
+        write_model_card(Path(target), Path(target) / info["artifact"])
+
+
 def run_base_model(info: dict) -> str:
     """The base a run was trained on: its recorded local path, else its name resolved again (an alias fetched
     again, a hub id). A local path that is gone is refused: an adapter only fits its exact base."""
@@ -295,6 +304,7 @@ def run_eval(target: str, recipe: Path | None = None, data: Path | None = None, 
     (where.out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown_table(results)
     (where.out_dir / "eval.md").write_text(table + "\n")
+    refresh_card(target, where.out_dir)
     for sample in samples[:SAMPLES_SHOWN]:
         log(f"[dim]prompt:[/dim] {escape(sample['prompt'])}\n[dim]reference:[/dim] {escape(sample['reference'])}")
         for name in predictions:

@@ -70,6 +70,9 @@ def merge_run(run_dir: Path, output: Path, dtype: str = "fp32", log=print) -> di
     output.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(output)
     tokenizer.save_pretrained(output)  # with the template the adapter was trained with
+    from finetune.card import write_model_card
+
+    write_model_card(run_dir, output, merged=True)
     write_generation_config(output, tokenizer, base_path)  # stops on the trained end-of-turn token
     record = {
         "base_model": info["base_model"],

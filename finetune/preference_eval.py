@@ -19,7 +19,7 @@ from finetune.data.prepare import split_held_out
 from finetune.data.preference import Pair, encode_answer
 from finetune.data.template import ChatTemplate
 from finetune.errors import UserError
-from finetune.evaluate import Target, eval_template, load_for_eval
+from finetune.evaluate import Target, eval_template, load_for_eval, refresh_card
 
 KEYS = ("preference_accuracy", "logp_margin", "reward_accuracy", "reward_margin", "rows")
 LABELLED_KEYS = ("label_accuracy", "desirable_reward", "undesirable_reward", "desirable_logp", "undesirable_logp",
@@ -192,6 +192,7 @@ def run_preference_eval(target: str, where: Target, pairs: list, batch_size: int
     (where.out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown_table(results)
     (where.out_dir / "eval.md").write_text(table + "\n")
+    refresh_card(target, where.out_dir)
     log(table)
     log(f"wrote {where.out_dir / 'eval.json'} and {where.out_dir / 'eval.md'}")
     return report

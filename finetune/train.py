@@ -138,6 +138,7 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
     from finetune.modeling import (load_model, load_tokenizer, resolve_attention, resolve_dtype, resolve_model_path,
                                    template_for, write_generation_config)
     from finetune.report import plot_loss, start_summary
+    from finetune.card import name_adapter_base, resolvable_base, write_model_card
     from finetune.trackers import RecipeToTrackers
     from finetune.trainer import CheckpointWriteError, ContinueSchedule
 
@@ -258,9 +259,12 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
             base_model=m.name_or_path,
             base_model_path=str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
             base_weights_sha256=weights_hash(model_path), method=method.name, objective=recipe.objective.name,
-            artifact=method.artifact, steps=step,
+            artifact=method.artifact, steps=step, data=[{"source": mix["source"], "rows": mix["rows"]} for mix in data.mix],
             finetune_version=__version__, warnings=guard.warnings,
         )
+        if method.artifact == "adapter":  # a base others can resolve; run.json keeps this machine's path
+            name_adapter_base(final, resolvable_base(m.name_or_path))
+        write_model_card(run_dir, final)
         for warning in guard.warnings:
             log(f"[yellow]warning: {warning}[/yellow]")
         log(f"[green]done:[/green] {final} ({step} steps); metrics in {run_dir / 'metrics.jsonl'}")

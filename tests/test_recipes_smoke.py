@@ -1,6 +1,7 @@
 """Every shipped recipe that can run on this CPU trains for 2 steps as shipped (only length and output overridden),
 so a recipe that validates but cannot train (a method option, a data path, a strategy) fails here."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -46,4 +47,12 @@ def test_shipped_recipe_trains_two_steps(recipe, tmp_path, monkeypatch):
     result = CliRunner().invoke(app, args + [a for o in overrides for a in ("--set", o)])
     assert result.exit_code == 0, result.output
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2]
-    assert (run / ("adapter" if raw["method"]["name"] == "lora" else "model")).is_dir()
+    weights = run / ("adapter" if raw["method"]["name"] == "lora" else "model")
+    assert weights.is_dir()
+    # The card and the adapter name the base by the embedded alias's hub id, not this machine's cache path.
+    card = (weights / "README.md").read_text()
+    assert card.startswith("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n")
+    assert f"| method | {raw['method']['name']}" in card and "finetune train" in card
+    if raw["method"]["name"] == "lora":
+        config = json.loads((weights / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
