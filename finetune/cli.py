@@ -168,36 +168,33 @@ def plan(
     gpu_memory: Annotated[str, typer.Option(help="Memory of one GPU, e.g. 24GiB or 80GB.")] = "24GiB",
     seq_len: Annotated[Optional[int], typer.Option(min=1, help="Tokens per row (default: data.max_length).")] = None,
     batch: Annotated[Optional[int], typer.Option(min=1, help="Rows per micro-batch (default: train.batch_size).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print every component of every method as JSON.")] = False,
     set_: Sets = None,
     debug: Debug = False,
 ):
     """Predict peak GPU memory per component for the recipe and the other methods; say if it fits."""
-    from rich.table import Table
+    import json
 
     from finetune.plan import GIB, parse_memory, plan_recipe
+    from finetune.plan_view import LEGEND, plan_json, plan_table
     from finetune.recipe import load_recipe
 
     loaded = load_recipe(recipe, set_ or [])
     _quiet_libraries()
     result = plan_recipe(loaded, parse_memory(gpu_memory), seq_len, batch)
-    setup, estimates = result["setup"], result["estimates"]
+    if as_json:
+        print(json.dumps(plan_json(result, loaded.method.name), indent=2))
+        return
+    setup = result["setup"]
     pairs = f" pairs (x{setup.sequences} sequences: {loaded.objective.name})" if setup.sequences > 1 else ""
-    table = Table(title=f"peak memory (GiB), {result['parameters'] / 1e9:.2f}B parameters, seq {setup.seq_len} x "
-                        f"batch {setup.batch}{pairs}, {setup.weight_bytes * 8}-bit weights, checkpointing "
-                        f"{'on' if setup.checkpointing else 'off'}" + (
-                            f", per GPU of {setup.processes} ({loaded.distributed.strategy}; methods it refuses are "
-                            "planned as DDP)" if setup.processes > 1 else ""))
-    table.add_column("component")
-    labels = [f"recipe ({loaded.method.name})" if k == "recipe" else k for k in estimates]
-    for label in labels:
-        table.add_column(label, justify="right")
-    components = list(dict.fromkeys(c for e in estimates.values() for c in e if c != "total")) + ["total"]
-    for component in components:
-        table.add_row(component, *[f"{e[component] / GIB:.2f}" if component in e else "-" for e in estimates.values()])
-    console.print(table)
-    console.print("total = weights, states, projectors, adapters and overhead, plus the largest of a step's moments "
-                  "(loss backward, end of backward, optimizer step): not the column sum.")
-    total = estimates["recipe"]["total"] / GIB
+    title = (f"peak memory per GPU, {result['parameters'] / 1e9:.2f}B parameters, seq {setup.seq_len} x batch "
+             f"{setup.batch}{pairs}, {setup.weight_bytes * 8}-bit weights, checkpointing "
+             f"{'on' if setup.checkpointing else 'off'}" + (
+                 f", {setup.processes} GPUs ({loaded.distributed.strategy}; methods it refuses are planned as DDP)"
+                 if setup.processes > 1 else ""))
+    console.print(plan_table(result, loaded.method.name, title))
+    console.print(f"[dim]{LEGEND} `--json`: every component.[/dim]")
+    total = result["estimates"]["recipe"]["total"] / GIB
     if result["fits"]:
         console.print(f"[green]fits:[/green] {total:.1f} GiB of {result['budget'] / GIB:.1f} GiB")
     else:

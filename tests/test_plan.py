@@ -69,6 +69,35 @@ def test_plan_cli_verdicts_and_advice(tmp_path):
     assert bad.exit_code == 2 and "expected a size like 24GiB" in bad.output
 
 
+def test_plan_table_fits_80_columns_with_every_method_named_whole_and_json_has_every_component():
+    import io
+    import json
+
+    from rich.console import Console
+
+    from finetune.plan import GIB, plan_recipe
+    from finetune.plan_view import plan_table
+    from finetune.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "llama7b-galore.yaml")
+    result = plan_recipe(recipe, 24 * GIB)
+    out = io.StringIO()
+    Console(file=out, width=80, color_system=None).print(plan_table(result, "galore", "title"))
+    text = out.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
+    flat = " ".join(text.split())
+    for label in result["estimates"]:
+        if label != "recipe":  # a wrapped label reads whole once its lines are joined
+            assert all(word in flat for word in label.split())
+    printed = runner.invoke(app, ["plan", str(ROOT / "recipes" / "llama7b-galore.yaml"), "--json"])
+    assert printed.exit_code == 0
+    data = json.loads(printed.output)
+    assert data["fits"] is True and data["setup"]["batch"] == 16
+    galore = data["methods"]["recipe (galore)"]
+    assert galore["total"] == pytest.approx(result["estimates"]["recipe"]["total"] / GIB)
+    assert {"weights", "optimizer states", "galore projectors", "gradients", "activations"} <= galore.keys()
+
+
 # --- predictions against measurements (CPU: resident memory) -------------------------------------------------
 # On a CPU the measured quantity is the process's peak resident memory during the training steps, sampled by
 # finetune/measure.py under its MEMORY_CHECK_ENV (glibc's mmap threshold at 64 KiB, so freed activations leave
