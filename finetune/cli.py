@@ -96,6 +96,8 @@ def train(
     """Train a model from a recipe; with a `distributed` strategy, launch its processes through accelerate."""
     from finetune.recipe import load_recipe
 
+    if debug:  # the libraries' own progress bars too (finetune.console); launched processes inherit it
+        os.environ["FINETUNE_DEBUG"] = "1"
     # Launch flags are recipe overrides, so the resolved recipe in the run dir records them.
     flags = {"num_processes": nproc, "num_machines": num_machines, "machine_rank": machine_rank,
              "main_process_ip": main_process_ip, "main_process_port": main_process_port}

@@ -139,10 +139,12 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
                                    template_for, write_generation_config)
     from finetune.report import plot_loss, start_summary
     from finetune.card import name_adapter_base, resolvable_base, write_model_card
+    from finetune.console import quiet_internal_passes, quiet_weight_bars, replace_progress
     from finetune.trackers import RecipeToTrackers
     from finetune.trainer import CheckpointWriteError, ContinueSchedule
 
     clock.mark("imports")
+    quiet_weight_bars()
     t, d, m = recipe.train, recipe.data, recipe.model
     set_seed(t.seed)
 
@@ -201,8 +203,12 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
 
     if recipe.objective.name != "sft":
         log(f"[bold]{'objective':>26}[/bold]  {recipe.objective.summary(recipe.method)}")
-    trainer = _make_trainer(objective, recipe.objective, model, args, data, tokenizer, method,
-                            run_dir / "metrics.jsonl", t.token_metrics)
+    if recipe.objective.reference_for(recipe.method) == "precomputed":
+        log(f"reference: computing the log-probabilities of {len(data.train)} training rows (one no-grad pass)")
+    with quiet_internal_passes():
+        trainer = _make_trainer(objective, recipe.objective, model, args, data, tokenizer, method,
+                                run_dir / "metrics.jsonl", t.token_metrics)
+    replace_progress(trainer, log)
     engaged = {"fsdp": trainer.is_fsdp_enabled, "deepspeed": trainer.is_deepspeed_enabled}
     if not engaged.get(recipe.distributed.strategy, True):  # never a silent fallback to another strategy
         raise UserError(f"distributed.strategy {recipe.distributed.strategy} did not engage in accelerate here")
