@@ -107,7 +107,7 @@ class ProgressLine(TrainerCallback):
         left = (now - self.start) / done * (state.max_steps - state.global_step)
         self.log(f"step {state.global_step}/{state.max_steps}  loss {self.fields['loss']}  lr {self.fields['lr']}  "
                  f"{self.fields['tokens']} tok/s  ETA {time.strftime('%H:%M:%S', time.gmtime(left))}  peak "
-                 f"{self.fields['memory']}", highlight=False)
+                 f"{self.fields['memory']}")
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if not state.is_world_process_zero or not metrics:

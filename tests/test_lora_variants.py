@@ -82,9 +82,10 @@ def test_pissa_and_olora_adapters_are_plain_lora_of_the_original_base(write_reci
     torch.testing.assert_close(logits, seen["logits"], rtol=1e-4, atol=1e-4)
 
 
-def test_unsupported_inits_are_refused_with_the_alternative(write_recipe):
-    with pytest.raises(UserError, match="method.init loftq is not supported yet"):
+def test_inits_a_base_cannot_take_are_refused_with_the_reason(write_recipe):
+    with pytest.raises(UserError, match="method.init loftq corrects 4-bit quantization error: it needs `quantize: 4bit`"):
         load_recipe(write_recipe(method={"name": "lora", "init": "loftq"}))
+    assert load_recipe(write_recipe(method={"name": "lora", "init": "loftq", "quantize": "4bit"})).method.init == "loftq"
     with pytest.raises(UserError, match="method.init pissa changes the base weights"):
         load_recipe(write_recipe(method={"name": "lora", "init": "pissa", "quantize": "4bit"}))
 
@@ -101,3 +102,24 @@ def test_plan_counts_dora_magnitudes_and_saved_modules(write_recipe):
                   and "lm_head" not in n)
     assert dora - plain == outputs
     assert saved - plain == model.lm_head.weight.numel()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="LoftQ initialises adapters of a 4-bit (bitsandbytes, CUDA) base")
+def test_loftq_adapters_start_nonzero_and_bring_the_quantized_model_closer(write_recipe, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    seen = {}
+
+    def inspect(trainer):
+        model = trainer.model
+        ids = torch.tensor([[1, 5, 9, 12, 3]], device=model.device)
+        seen["b"] = max(p.abs().max().item() for n, p in model.named_parameters() if "lora_B.default" in n)
+        with torch.no_grad():
+            with_adapter = model(input_ids=ids).logits.float().cpu()
+            with model.disable_adapter():
+                quantized = model(input_ids=ids).logits.float().cpu()
+        full = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=ids.cpu()).logits.float()
+        seen["errors"] = ((with_adapter - full).abs().mean().item(), (quantized - full).abs().mean().item())
+
+    train(write_recipe, {"init": "loftq", "quantize": "4bit"}, inspect)
+    assert seen["b"] > 0 and seen["errors"][0] < seen["errors"][1]

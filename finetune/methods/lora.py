@@ -46,9 +46,8 @@ class Options(base.MethodOptions):
 
     @model_validator(mode="after")
     def _supported_init(self):
-        if self.init == "loftq":
-            raise ValueError("method.init loftq is not supported yet (it quantizes the base itself, with its own "
-                             "config); use `pissa`, or QLoRA with the default init")
+        if self.init == "loftq" and self.quantize != "4bit":
+            raise ValueError("method.init loftq corrects 4-bit quantization error: it needs `quantize: 4bit`")
         if self.init in ("pissa", "olora") and self.quantize != "none":
             raise ValueError(f"method.init {self.init} changes the base weights, which a quantized base cannot "
                              "take; use it with `quantize: none`")
@@ -177,9 +176,13 @@ class LoRA(base.Method):
             modules_to_save=saved,
             use_dora=self.use_dora,
             use_rslora=self.use_rslora,
-            init_lora_weights={"default": True}.get(self.init, self.init),
+            init_lora_weights={"default": True, "loftq": True}.get(self.init, self.init),
         )
         model = get_peft_model(model, config)
+        if self.init == "loftq":  # on the quantized model: its own init, from the unquantized safetensors weights
+            from peft import replace_lora_weights_loftq
+
+            replace_lora_weights_loftq(model)
         if self.init in ("pissa", "olora"):
             import tempfile
 
