@@ -5,6 +5,7 @@ internal passes hidden unless `--debug` (FINETUNE_DEBUG). metrics.jsonl is writt
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -51,6 +52,8 @@ def quiet_internal_passes():
 
 
 def _format(value: float) -> str:
+    if not math.isfinite(value):  # a diverged step's loss: the guard stops the run and says why
+        return str(value)
     if value == int(value) and abs(value) >= 1:  # counts (tokens, rows)
         return f"{int(value):,}"
     return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
