@@ -134,14 +134,16 @@ def held_out_pairs(target: str, recipe_path: Path | None, data: Path | None):
         if kind == "conversations":
             return None
 
-        def read(source, split):  # a kto recipe's rows are lists of labelled answers (a pair gives two)
-            rows, problems = (read_labelled if kind == "unpaired" else read_pairs)(source, split)[:2]
+        def read(source, split, columns=None):  # a kto recipe's rows are lists of labelled answers (a pair: two)
+            rows, problems = (read_labelled if kind == "unpaired" else read_pairs)(source, split, columns)[:2]
             return ([a for row in rows for a in row] if kind == "unpaired" else rows), problems, rows
 
         if d.eval is not None:
             return checked(*read(d.eval, d.eval_split)[:2], d.eval)
         if d.eval_fraction > 0:
-            held = split_held_out(read(d.train, d.train_split)[2], d.eval_fraction, recipe.train.seed)[1]
+            [source] = d.train_sources()
+            held = split_held_out(read(source.path, source.split, source.columns)[2], d.eval_fraction,
+                                  recipe.train.seed)[1]
             return [a for row in held for a in row] if kind == "unpaired" else held
         raise UserError(f"{recipe_path}: the recipe has no held-out data (data.eval or data.eval_fraction)")
     saved = Path(target) / "held_out.jsonl"

@@ -160,9 +160,10 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
     if recipe.objective.data_kind in ("preference", "unpaired"):
         from finetune.data.preference import build_pairs, save_pairs
 
-        data = build_pairs(tokenizer, template, d.train, d.train_split, d.eval, d.eval_split, d.eval_fraction,
+        [source] = d.train_sources()  # one source: the preference objectives refuse mixtures
+        data = build_pairs(tokenizer, template, source.path, source.split, d.eval, d.eval_split, d.eval_fraction,
                            d.max_length, d.max_bad_fraction, t.seed, log,
-                           unpaired=recipe.objective.data_kind == "unpaired", cache=d.cache)
+                           unpaired=recipe.objective.data_kind == "unpaired", cache=d.cache, columns=source.columns)
         held_out, save_held_out = data.held_out, save_pairs
     else:
         data = build_datasets(

@@ -476,3 +476,28 @@ def test_dpo_under_ddp_equals_one_process_with_the_same_global_batch(write_recip
     assert [r["step"] for r in ddp] == [1, 2, 3, 4]
     assert [r["rewards/margins"] for r in ddp] == pytest.approx([r["rewards/margins"] for r in one], abs=1e-4)
     assert max_diff(tmp_path / "ddp" / "model", tmp_path / "one" / "model") < 1e-4
+
+
+def test_public_preference_shapes_ultrafeedback_hh_and_a_renamed_prompt(write_recipe, tmp_path):
+    """Rows as HuggingFaceH4/ultrafeedback_binarized, Anthropic HH-RLHF and Intel/orca_dpo_pairs publish them."""
+    user, good, bad = {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}, \
+        {"role": "assistant", "content": "5"}
+    ultra = {"prompt": "2+2?", "prompt_id": "x1", "chosen": [user, good], "rejected": [user, bad],
+             "messages": [user, good], "score_chosen": 8.0, "score_rejected": 5.0}
+    prompt, chosen, rejected, ignored = normalise_pair(ultra)
+    assert (prompt, chosen, rejected) == ([user], good, bad)
+    assert ignored == {"prompt_id", "score_chosen", "score_rejected"}  # listed once per file as ignored
+    with pytest.raises(ValueError, match="`messages` differs from `chosen`"):
+        normalise_pair({**ultra, "messages": [user, bad]})
+    with pytest.raises(ValueError, match="`prompt` is not a turn of the `chosen` conversation"):
+        normalise_pair({**ultra, "prompt": "3+3?"})
+    with pytest.raises(ValueError, match="Anthropic HH's raw transcripts"):
+        normalise_pair({"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: no"})
+    orca = write_jsonl(tmp_path / "orca.jsonl", [{"system": "", "question": r["prompt"], "chosen": r["chosen"],
+                                                  "rejected": r["rejected"]} for r in pair_rows(16)])
+    path = write_recipe(data={"train": None, "sources": [{"path": str(orca), "columns": {"prompt": "question"}}]},
+                        objective={"name": "dpo"}, train={"max_steps": 2, "batch_size": 2})
+    run_dir = run_training(load_recipe(path), path, log=lambda *_: None)
+    assert json.loads((run_dir / "run.json").read_text())["data"] == [{"source": str(orca), "rows": 16}]
+    with pytest.raises(UserError, match="mixtures are SFT-only for now; give one source"):
+        load_recipe(path, [f"data.sources=[{{path: {orca}}}, {{path: {orca}}}]"])

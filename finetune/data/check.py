@@ -33,7 +33,7 @@ def check_data(data, log, kind: str = "conversations") -> list[str]:
             if kind == "conversations":
                 problems += _check_source(label, source, split, format, data.max_bad_fraction, log, columns)
             else:
-                problems += _check_pairs(label, source, split, kind, data.max_bad_fraction, log)
+                problems += _check_pairs(label, source, split, kind, data.max_bad_fraction, log, columns)
         except UserError as err:
             problems.append(f"{label}: {err}")
     return problems
@@ -58,12 +58,12 @@ def _report(label: str, read: SourceRows, limit: float, log) -> list[str]:
     return [_too_many_refused(label, read, limit)] if read.refused_fraction() > limit else []
 
 
-def _check_pairs(label: str, source: str, split: str, kind: str, limit: float, log) -> list[str]:
+def _check_pairs(label: str, source: str, split: str, kind: str, limit: float, log, columns=None) -> list[str]:
     """A source of preference pairs (dpo, simpo, orpo) or of labelled answers (kto), read as training reads it."""
     from finetune.data.preference import read_pairs
     from finetune.data.unpaired import read_labelled
 
-    _, problems, total, ignored = (read_labelled if kind == "unpaired" else read_pairs)(source, split)
+    _, problems, total, ignored = (read_labelled if kind == "unpaired" else read_pairs)(source, split, columns)
     read = SourceRows(source, "labelled answers" if kind == "unpaired" else "preference pairs", problems=problems,
                       total=total)
     read.ignored.update(ignored)

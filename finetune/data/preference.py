@@ -81,7 +81,13 @@ def normalise_pair(record: dict) -> tuple[list[dict], dict, dict, set[str]]:
     if missing:
         raise ValueError(f"no `{missing[0]}` answer: a preference row needs both `chosen` and `rejected`")
     rest = {k: v for k, v in record.items() if k not in ANSWERS}
-    if "conversations" in record:
+    whole = all(isinstance(record[k], list) and any(isinstance(t, dict) and t.get("role", t.get("from")) not in
+                                                    ("assistant", "gpt") for t in record[k]) for k in ANSWERS)
+    if whole:  # both answers are whole conversations (TRL's implicit prompt, UltraFeedback, HH as messages)
+        rest = _redundant_prompt_fields(record, rest)
+        fmt, key = ("sharegpt", "conversations") if "from" in record["chosen"][0] else ("messages", "messages")
+        shape = lambda a: a  # noqa: E731
+    elif "conversations" in record:
         fmt, key, shape = "sharegpt", "conversations", lambda a: _turns(a, "from", "value", "gpt")
     elif "messages" in record:
         fmt, key, shape = "messages", "messages", lambda a: _turns(a, "role", "content", "assistant")
@@ -93,11 +99,15 @@ def normalise_pair(record: dict) -> tuple[list[dict], dict, dict, set[str]]:
         fmt, key, shape = "prompt_completion", "completion", lambda a: _turns(a, "role", "content", "assistant")
         if "completion" in record:
             raise ValueError("both `completion` and `chosen`/`rejected`: say which answers the row compares")
-    elif all(isinstance(record[k], list) for k in ANSWERS):  # implicit prompt: two whole conversations
-        fmt, key, shape = "messages", "messages", lambda a: a
+    elif all(isinstance(record[k], str) and "\n\nHuman:" in record[k] for k in ANSWERS):
+        raise ValueError("`chosen` and `rejected` are Anthropic HH's raw transcripts (`Human:`/`Assistant:` text): "
+                         "convert them to message lists (as TRL's trl-lib/hh-rlhf-helpful-base does) so the chat "
+                         "template can render the turns")
     else:
         raise ValueError("`chosen` and `rejected` are strings and there is no `prompt` (or `conversations`/"
-                         "`messages`) to answer; give the prompt in its own field, or both answers as message lists")
+                         "`messages`) to answer; give the prompt in its own field (a file's own name maps to it with "
+                         "data.sources: [{path: ..., columns: {prompt: question}}]), or both answers as message "
+                         "lists")
     conversations, ignored, errors = [], set(), {}
     for answer in ANSWERS:
         given = {**rest, key: shape(record[answer])} if fmt in ("alpaca", "prompt_completion") else \
@@ -124,6 +134,25 @@ def normalise_pair(record: dict) -> tuple[list[dict], dict, dict, set[str]]:
                          f"(got {len(tails[0])} and {len(tails[1])} turns)")
     prompt = [dict(m, weight=0) if m["role"] == "assistant" else m for m in chosen[:shared]]  # context only
     return prompt, tails[0][0], tails[1][0], ignored
+
+
+def _redundant_prompt_fields(record: dict, rest: dict) -> dict:
+    """A row whose answers are whole conversations may repeat them (UltraFeedback's `prompt`: the first user text;
+    its `messages`: the chosen conversation for SFT). They are checked against the answers, then left out; a
+    disagreeing one refuses the row, since which conversation is meant would be a guess."""
+    rest = dict(rest)
+    prompt, messages = rest.pop("prompt", None), rest.pop("messages", None)
+    if messages not in (None, [], record["chosen"]):
+        raise ValueError("`messages` differs from `chosen`, and both answers are whole conversations: say which "
+                         "conversation the row is")
+    if isinstance(prompt, str) and prompt.strip():
+        texts = [t.get("content", t.get("value")) for t in record["chosen"] if isinstance(t, dict)]
+        if prompt not in texts:
+            raise ValueError("`prompt` is not a turn of the `chosen` conversation: say which prompt the answers "
+                             "answer")
+    elif prompt not in (None, ""):
+        raise ValueError("`prompt` beside two whole conversations must be the text of their prompt")
+    return rest
 
 
 def _turn(answer: Any, role_key: str, content_key: str, role: str) -> dict:
@@ -163,15 +192,17 @@ def encode_pair(tokenizer, pair: Pair, max_length: int, template: ChatTemplate) 
     return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}, cut_c or cut_r
 
 
-def read_rows(source: str, split: str, accepts, wrong_kind, convert) -> tuple[list, list[str], int, dict]:
+def read_rows(source: str, split: str, accepts, wrong_kind, convert,
+              columns: dict | None = None) -> tuple[list, list[str], int, dict]:
     """Every row of a source converted (`convert(record, source, row)` -> (item, ignored fields)); refused rows
     become `file:row: reason` lines. The file's first object row must be of the kind (`accepts`), or the whole file
-    is refused with `wrong_kind(keys)`. Also the row count and the fields no format uses (name -> rows)."""
+    is refused with `wrong_kind(keys)`; `columns` maps the file's field names to the format's. Also the row count and
+    the fields no format uses (name -> rows)."""
     rows, problems, total, ignored, checked = [], [], 0, {}, False
     for number, value in read_records(source, split):
         total += 1
         try:
-            record = object_row(value)
+            record = object_row(value, columns)
             if not checked and not accepts(record):
                 raise UserError(f"{source}:{number}: {wrong_kind(', '.join(sorted(record)) or 'none')}")
             checked = True
@@ -186,7 +217,7 @@ def read_rows(source: str, split: str, accepts, wrong_kind, convert) -> tuple[li
     return rows, problems, total, ignored
 
 
-def read_pairs(source: str, split: str) -> tuple[list[Pair], list[str], int, dict]:
+def read_pairs(source: str, split: str, columns: dict | None = None) -> tuple[list[Pair], list[str], int, dict]:
     """Every row of a source as a Pair (see read_rows)."""
     def pair(record, source, number):
         prompt, chosen, rejected, extra = normalise_pair(record)
@@ -195,12 +226,12 @@ def read_pairs(source: str, split: str) -> tuple[list[Pair], list[str], int, dic
     return read_rows(source, split, is_preference_record, lambda keys: (
         "objective dpo trains on preference rows (`prompt` with `chosen` and `rejected` answers, or "
         f"`conversations`/`messages` with them), and this row has keys {keys}; set objective.name: sft to train on "
-        "conversations"), pair)
+        "conversations"), pair, columns)
 
 
 def build_pairs(tokenizer, template: ChatTemplate, train: str, train_split: str, eval: str | None, eval_split: str,
                 eval_fraction: float, max_length: int, max_bad_fraction: float, seed: int, log=print,
-                unpaired: bool = False, cache: bool = True) -> PreparedPairs:
+                unpaired: bool = False, cache: bool = True, columns: dict | None = None) -> PreparedPairs:
     """Read, split (seeded, as for SFT) and tokenise preference rows into Arrow datasets on disk, cached like SFT
     data (finetune.data.cache: one process prepares, DDP ranks and later runs read); raise UserError when too many
     rows are bad. On disk, the datasets are one set of files for every rank, where TRL's reference pass writes the
@@ -208,12 +239,13 @@ def build_pairs(tokenizer, template: ChatTemplate, train: str, train_split: str,
     `unpaired`: KTO's rows, one answer each with its label (finetune.data.unpaired), shuffled with the seed here
     because TRL's KTO reads them in order (its KL estimate pairs each answer with its batch neighbours' prompts)."""
     options = {"kind": "unpaired" if unpaired else "pairs", "train_split": train_split, "eval_split": eval_split,
-               "eval_fraction": eval_fraction, "max_length": max_length, "seed": seed}
+               "eval_fraction": eval_fraction, "max_length": max_length, "seed": seed, "columns": columns or {},
+               "names": [train, eval]}  # as for SFT: refusal lines and the held-out rows name the files
     key = cache_key(tokenizer, template, {"train": train, "eval": eval}, options) if cache else None
 
     def prepare(directory: Path) -> None:
         _prepare_pairs(tokenizer, template, train, train_split, eval, eval_split, eval_fraction, max_length, seed,
-                       unpaired, directory)
+                       unpaired, directory, columns)
 
     if key is None:  # a hub dataset (or data.cache off): a temporary entry, removed at exit
         directory = Path(tempfile.mkdtemp(prefix="finetune-pairs-"))
@@ -237,7 +269,7 @@ def build_pairs(tokenizer, template: ChatTemplate, train: str, train_split: str,
 
 
 def _prepare_pairs(tokenizer, template, train, train_split, eval, eval_split, eval_fraction, max_length, seed,
-                   unpaired, directory: Path) -> None:
+                   unpaired, directory: Path, columns: dict | None = None) -> None:
     """Write the entry: train/ and eval/ datasets, held_out.jsonl and meta.json (last: it marks the entry
     complete)."""
     import random
@@ -248,7 +280,7 @@ def _prepare_pairs(tokenizer, template, train, train_split, eval, eval_split, ev
         from finetune.data.unpaired import encode_labelled as encode, read_labelled as read
     else:
         read, encode = read_pairs, encode_pair
-    rows, problems, total, ignored = read(train, train_split)
+    rows, problems, total, ignored = read(train, train_split, columns)
     lines = [_ignored_line(train, ignored)]
     if eval is not None:
         held, held_problems, held_total, held_ignored = read(eval, eval_split)

@@ -60,7 +60,8 @@ def normalise_labelled(record: dict) -> tuple[list[tuple[list[dict], dict, bool]
     return [(prompt, answer, label)], ignored
 
 
-def read_labelled(source: str, split: str) -> tuple[list[list[Labelled]], list[str], int, dict]:
+def read_labelled(source: str, split: str,
+                  columns: dict | None = None) -> tuple[list[list[Labelled]], list[str], int, dict]:
     """Every row of a source as its labelled answers: a list per row, so that a held-out split keeps a pair's two
     together (see finetune.data.preference.read_rows)."""
     def answers(record, source, number):
@@ -70,7 +71,8 @@ def read_labelled(source: str, split: str) -> tuple[list[list[Labelled]], list[s
 
     return read_rows(source, split, is_labelled_record, lambda keys: (
         "objective kto trains on labelled answers (`prompt`, `completion` and a boolean `label`, `messages` with a "
-        f"`label`, `conversations` with a `kto_tag`, or preference pairs), and this row has keys {keys}"), answers)
+        f"`label`, `conversations` with a `kto_tag`, or preference pairs), and this row has keys {keys}"), answers,
+        columns)
 
 
 def encode_labelled(tokenizer, answers: list[Labelled], max_length: int, template: ChatTemplate):

@@ -46,9 +46,10 @@ class PairedOptions(ObjectiveOptions):
                             "rejected sequence); turn packing off")
         if recipe.data.streaming:
             problems.append(f"data.streaming with objective {name}: not supported yet; prepare the data up front")
-        if recipe.data.sources is not None:
-            problems.append(f"data.sources with objective {name}: mixtures are SFT-only for now; give one file in "
-                            "data.train")
+        sources = recipe.data.sources or []
+        if len(sources) > 1 or any(s.weight is not None or s.rows is not None for s in sources):
+            problems.append(f"data.sources with objective {name}: mixtures are SFT-only for now; give one source "
+                            "(with its `columns`, if any) and no weight or rows")
         if recipe.train.token_metrics:
             problems.append(f"train.token_metrics is an SFT metric; {name} logs its own (rewards, margins, "
                             "accuracies)")
