@@ -1,5 +1,5 @@
-"""The trainers finetune runs (TRL's SFTTrainer here, its DPOTrainer in finetune.objectives.dpo), with every
-override of a library internal in one place.
+"""The trainers finetune runs, subclasses of TRL's SFTTrainer, DPOTrainer and KTOTrainer (the objectives in
+finetune.objectives build them), with every override of a library internal in one place.
 
 Written against transformers 5.23 and TRL 1.16 (constraints.txt pins them); each override names the private
 method it replaces, so an upgrade that renames one fails in tests/test_trainer.py instead of quietly changing
