@@ -8,7 +8,8 @@ memory while the steps run (sampled from /proc every 5 ms, so model loading is n
 the resident memory just before the model loads (interpreter, libraries, tokenizer, tokenized rows): the part
 that the plan's framework-overhead row stands for. glibc keeps freed heap blocks resident, and every allocation
 below its mmap threshold comes from that heap; how much RSS overstates live memory therefore depends on the
-threshold, not on the training method (see MEMORY_CHECK_ENV).
+threshold, not on the training method (see MEMORY_CHECK_ENV). A spec with "tensor_peak" also measures the peak of
+live tensors on a CPU (finetune.cpu_memory.TensorPeak), the figure two runs of one job are compared on.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def child(spec: dict) -> dict:
     """Runs inside the subprocess: one variant, measured."""
     import torch
 
-    from finetune.report import RSSSampler
+    from finetune.cpu_memory import RSSSampler, TensorPeak
 
     torch.manual_seed(0)
     if "peer" in spec:
@@ -119,6 +120,7 @@ def child(spec: dict) -> dict:
                   "save_steps": 10**6, "output_dir": spec["out"]},
     })
     sampler, step_peaks = RSSSampler(), []
+    tensor_peak = TensorPeak() if spec.get("tensor_peak") and not torch.cuda.is_available() else None
     refresh = time_refreshes()
 
     trained = {}
@@ -130,10 +132,14 @@ def child(spec: dict) -> dict:
                            device="cuda" if torch.cuda.is_available() else "cpu")
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
+            if tensor_peak:
+                tensor_peak.start()
             sampler.start()
 
         def on_train_end(self, *a, **k):
             self.final_peak = sampler.stop()  # the steps alone
+            if tensor_peak:
+                trained["tensor_peak_gb"] = tensor_peak.stop()
             raise StepsDone  # a measurement needs no final eval or save (a 7B checkpoint takes minutes to write)
 
         def on_step_end(self, *a, **k):
@@ -252,7 +258,7 @@ def process_baseline() -> float:
     """Resident GiB before any model (interpreter, libraries); 0 on a GPU, whose peak counts tensors only."""
     import torch
 
-    from finetune.report import RSSSampler
+    from finetune.cpu_memory import RSSSampler
 
     return 0.0 if torch.cuda.is_available() else RSSSampler().start().stop()
 
@@ -300,11 +306,12 @@ def use_random_weights(arch: str) -> None:
 def peer_child(spec: dict) -> dict:
     """The same rows through plain transformers.Trainer: what a user of the libraries alone gets."""
     import torch
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
+                              TrainingArguments)
 
     from finetune.data import build_datasets
     from finetune.modeling import load_tokenizer, resolve_model_path
-    from finetune.report import RSSSampler
+    from finetune.cpu_memory import RSSSampler, TensorPeak
 
     import peft, trl  # noqa: F401, E401 - loaded before the baseline is read
 
@@ -331,10 +338,17 @@ def peer_child(spec: dict) -> dict:
         extra = {"optim": spec["peer"], "optim_target_modules": ["attn", "mlp"],
                  "optim_args": f"rank={spec['galore_rank']}, update_proj_gap={spec['gap']}, scale=0.25"}
     sampler, clock = RSSSampler(), StepClock()
+    tensor_peak, measured = (TensorPeak() if spec.get("tensor_peak") and not torch.cuda.is_available() else None), {}
 
     class Measure(TrainerCallback):
         def on_train_begin(self, *a, **k):
+            if tensor_peak:
+                tensor_peak.start()
             sampler.start()
+
+        def on_train_end(self, *a, **k):
+            if tensor_peak:
+                measured["tensor_peak_gb"] = tensor_peak.stop()
 
     # The settings finetune's runs use where they change the step: non-reentrant checkpointing, logging each step.
     args = TrainingArguments(output_dir=spec["out"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch"],
@@ -343,15 +357,14 @@ def peer_child(spec: dict) -> dict:
                              activation_checkpointing_kwargs={"use_reentrant": False},
                              bf16=dtype == torch.bfloat16, dataloader_pin_memory=torch.cuda.is_available(), **extra)
 
-    def collate(rows):
-        return {"input_ids": torch.tensor([r["input_ids"] for r in rows]),
-                "labels": torch.tensor([r["labels"] for r in rows])}
-
+    # transformers' own collator for rows that carry labels: pads them and passes an attention mask, as finetune's
+    # collator (TRL's) does, so both runs feed the model the same tensors
+    collate = DataCollatorForSeq2Seq(tokenizer, padding=True)
     trainer = Trainer(model=model, args=args, train_dataset=data.train, data_collator=collate,
                       callbacks=[Measure(), clock.callback()])
     trainer.train()
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else sampler.stop()
-    return {"step_seconds": clock.seconds, "peak_gb": peak, "baseline_gb": baseline}
+    return {"step_seconds": clock.seconds, "peak_gb": peak, "baseline_gb": baseline, **measured}
 
 
 if __name__ == "__main__":

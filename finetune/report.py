@@ -21,43 +21,6 @@ def peak_memory_gb() -> float:
     return kib / (2**30 if sys.platform == "darwin" else 2**20)
 
 
-class RSSSampler:
-    """Peak resident memory over a stretch of time, sampled from /proc every few milliseconds.
-
-    `ru_maxrss` never goes down, so it also counts the model-loading peak; this measures only the span between
-    start() and stop(), e.g. the training steps. Resident memory counts the freed blocks glibc keeps in its heap
-    (every allocation below its mmap threshold); finetune/measure.py sets that threshold for timing runs and,
-    lower, for runs checked against the plan.
-    """
-
-    def __init__(self, interval_s: float = 0.005):
-        import threading
-
-        self.interval_s, self.peak_bytes = interval_s, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._page = __import__("os").sysconf("SC_PAGE_SIZE")
-
-    def _current(self) -> int:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * self._page
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_bytes = max(self.peak_bytes, self._current())
-            self._stop.wait(self.interval_s)
-
-    def start(self) -> "RSSSampler":
-        self.peak_bytes = self._current()
-        self._thread.start()
-        return self
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        return self.peak_bytes / 2**30
-
-
 #: Prefixes of the metrics TRL's DPO and KTO trainers log for training and held-out rows (KTO adds `kl`).
 PREFERENCE_METRICS = ("rewards/", "logps/", "eval_rewards/", "eval_logps/")
 

@@ -5,7 +5,10 @@ fixed-length rows (every row is cut to exactly --seq-len tokens; the "chat-lengt
 thirds of it, padded or packed) and reports the median step time (first --warmup steps dropped; a step is timed
 from one step's end to the next, the same way for finetune and the peers), tokens/s (tokens trained, padding not
 counted, over the steps' time), the peak memory during training (resident memory on a CPU,
-torch.cuda.max_memory_allocated on a GPU) and `finetune plan`'s prediction for the same run. "Above baseline"
+torch.cuda.max_memory_allocated on a GPU) and `finetune plan`'s prediction for the same run. On a CPU each variant
+also runs one round more under torch's memory profiler for its peak of live tensors (finetune/cpu_memory.py): the
+CPU's counterpart of the GPU figure, exact where resident memory drifts by tens of MB between rounds, and what a
+variant is compared with its peer on (the profiler slows steps, so that round is not timed). "Above baseline"
 subtracts the process's resident memory just before the model loaded (interpreter, libraries, tokenizer,
 data). On a CPU the measured peak also holds freed heap blocks glibc keeps (see finetune/measure.py), more with
 more tokens per step: "plan / peak" below 1 in these tables is mostly that, not the plan;
@@ -87,6 +90,15 @@ def run_variant(name: str, variant: dict, common: dict, workdir: Path, run: int 
     return result
 
 
+def tensor_round(name: str, variant: dict, common: dict, workdir: Path) -> dict:
+    """A CPU run's peak of live tensors: the same job once more under the memory profiler (not timed)."""
+    result = run_variant(name, {**variant, "tensor_peak": True}, common, workdir, run=-1)
+    if "tensor_peak_gb" not in result:
+        print(f"{name}: the live-tensor round failed: {result.get('error')}", file=sys.stderr)
+        return {}
+    return {"tensor_peak_gb": result["tensor_peak_gb"]}
+
+
 def merge_runs(runs: list[dict], warmup: int) -> dict:
     """One result from repeated runs of a variant: every run's steps after its warm-up, the median run's memory."""
     if any("error" in r for r in runs):
@@ -120,6 +132,8 @@ def summarise(results: dict, warmup: int, seq_len: int, batch: int) -> dict:
             kept = result["phase_seconds"][warmup:] or result["phase_seconds"]
             table[name]["phase_median_s"] = {k: statistics.median(p[k] for p in kept) for k in kept[0]}
         table[name]["above_baseline_gb"] = result["peak_gb"] - table[name]["baseline_gb"]
+        if "tensor_peak_gb" in result:
+            table[name]["tensor_peak_gb"] = result["tensor_peak_gb"]
         for key in ("peak_gb_runs", "baseline_gb_runs"):  # each round's, for the spread between rounds
             if key in result:
                 table[name][key] = result[key]
@@ -137,19 +151,47 @@ def summarise(results: dict, warmup: int, seq_len: int, batch: int) -> dict:
 
 def markdown(table: dict) -> str:
     lines = ["| variant | median step (s) | tokens/s | peak memory (GiB) | peak / full | above baseline (GiB) | "
-             "above baseline / full | step time / full | plan (GiB) | plan / peak |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "above baseline / full | tensor peak (GiB) | step time / full | plan (GiB) | plan / peak |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in table.items():
         if "error" in row:
-            lines.append(f"| {name} | failed: {row['error'][:120]} | | | | | | | | |")
+            lines.append(f"| {name} | failed: {row['error'][:120]} | | | | | | | | | |")
             continue
+        tensors = f"{row['tensor_peak_gb']:.4f}" if "tensor_peak_gb" in row else "—"  # a GPU's peak is tensors
         plan = row.get("plan_gb")
         ratio = {k: f"{row[k]:.2f}" if k in row else "—" for k in ("peak_vs_full", "above_baseline_vs_full",
                                                                       "time_vs_full")}  # no full AdamW row: none
         lines.append(f"| {name} | {row['median_step_s']:.3f} | {row['tokens_per_s']:.0f} | {row['peak_gb']:.3f} | "
                      f"{ratio['peak_vs_full']} | {row['above_baseline_gb']:.3f} | {ratio['above_baseline_vs_full']} | "
-                     f"{ratio['time_vs_full']} | " + (f"{plan:.3f} | {plan / row['peak_gb']:.2f} |" if plan else "— | — |"))
+                     f"{tensors} | {ratio['time_vs_full']} | " + (f"{plan:.3f} | {plan / row['peak_gb']:.2f} |" if plan else "— | — |"))
     return "\n".join(lines)
+
+
+#: Each peer row and the finetune row that runs the same job (transformers' galore_adamw_layerwise is 32-bit).
+PEER_OF = {"peer: Trainer full AdamW": "full AdamW", "peer: Trainer + peft LoRA r=16": "LoRA r=16 all-linear",
+           "peer: Trainer galore_adamw_layerwise": "GaLore 32-bit layer-wise"}
+
+
+def peer_verdicts(table: dict) -> str:
+    """finetune against the plain-Trainer peer on each job both ran: step time, and memory (on a CPU the live-tensor
+    peak, exact; resident memory is also given, with its spread over the rounds)."""
+    lines = []
+    for peer, ours in PEER_OF.items():
+        mine, theirs = table.get(ours, {}), table.get(peer, {})
+        if "median_step_s" not in mine or "median_step_s" not in theirs:
+            continue
+        line = f"- {ours} against {peer}: step time {mine['median_step_s'] / theirs['median_step_s']:.3f}x"
+        if "tensor_peak_gb" in mine and "tensor_peak_gb" in theirs:
+            extra = round((mine["tensor_peak_gb"] - theirs["tensor_peak_gb"]) * 2**30)
+            ratio = mine["tensor_peak_gb"] / theirs["tensor_peak_gb"]
+            line += f"; tensor peak {'+' if extra > 0 else ''}{extra:,} bytes ({ratio:.4f}x)"
+        line += f"; resident peak {mine['peak_gb'] / theirs['peak_gb']:.3f}x"
+        spreads = [r.get("peak_gb_runs") for r in (mine, theirs)]
+        if all(s and len(s) > 1 for s in spreads):
+            line += (f" (rounds: {min(spreads[0]):.3f}-{max(spreads[0]):.3f} against "
+                     f"{min(spreads[1]):.3f}-{max(spreads[1]):.3f} GiB)")
+        lines.append(line)
+    return ("\n\n" + "\n".join(lines)) if lines else ""
 
 
 def extra_notes(table: dict, gap: int, steps: int) -> str:
@@ -170,6 +212,12 @@ def extra_notes(table: dict, gap: int, steps: int) -> str:
             lines.append(f"- {name}: peak memory per step (GiB) {', '.join(f'{p:.3f}' for p in peaks)}; "
                          f"after step 1, max/min = {max(peaks[1:]) / min(peaks[1:]):.3f}")
     return ("\n\n" + "\n".join(lines)) if lines else ""
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def machine() -> str:
@@ -227,6 +275,10 @@ def main() -> None:
             for name in names:
                 print(f"running {name} ({round_ + 1}/{args.repeat}) ...", file=sys.stderr, flush=True)
                 runs[name].append(run_variant(name, VARIANTS[name], common, workdir, round_))
+        if not cuda_available():
+            for name in names:
+                print(f"running {name} (live tensors) ...", file=sys.stderr, flush=True)
+                runs[name][0].update(tensor_round(name, VARIANTS[name], common, workdir))
         startup = ("\n\n" + startup_table(args.startup, workdir)) if args.startup else ""
     results = {name: merge_runs(r, args.warmup) for name, r in runs.items()}
     table = summarise(results, 0, args.seq_len, args.batch)
@@ -237,7 +289,7 @@ def main() -> None:
               + (f", pooled over {args.repeat} interleaved rounds" if args.repeat > 1 else "") + "), "
               f"GaLore rank {args.galore_rank} gap {args.gap}, "
               f"checkpointing {'on' if args.checkpointing else 'off'}\n")
-    text = header + "\n" + markdown(table) + extra_notes(table, args.gap, args.steps) + startup
+    text = header + "\n" + markdown(table) + peer_verdicts(table) + extra_notes(table, args.gap, args.steps) + startup
     print(text)
     if args.out:
         args.out.write_text(text + "\n")

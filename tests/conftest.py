@@ -85,3 +85,32 @@ def write_recipe(tmp_path, tiny_model_dir, train_file):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def embedded_demo_run(tmp_path_factory) -> Path:
+    """recipes/demo.yaml trained 4 steps on the embedded SmolLM2, once for the tests that evaluate, merge and export
+    it (each takes a copy: the run directory is theirs to write into)."""
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    run = tmp_path_factory.mktemp("embedded-demo") / "demo"
+    root, here = Path(__file__).resolve().parent.parent, Path.cwd()
+    os.chdir(root)  # the recipe names its data relative to the repo root
+    try:
+        result = CliRunner().invoke(app, ["train", "recipes/demo.yaml", "--output", str(run),
+                                          "--set", "train.max_steps=4", "--set", "train.logging_steps=1",
+                                          "--set", "train.warmup_ratio=0"])
+    finally:
+        os.chdir(here)
+    assert result.exit_code == 0, result.output
+    return run
+
+
+@pytest.fixture
+def demo_run(embedded_demo_run, tmp_path) -> Path:
+    """A copy of the shared embedded demo run for one test."""
+    import shutil
+
+    return Path(shutil.copytree(embedded_demo_run, tmp_path / "demo"))

@@ -31,13 +31,9 @@ def test_converted_checkpoint_is_a_plain_trainable_model():
     assert (MODEL / "model.safetensors").exists()
 
 
-def test_demo_recipe_trains_evaluates_and_merges(tmp_path, monkeypatch):
+def test_demo_recipe_trains_evaluates_and_merges(demo_run, monkeypatch):
     monkeypatch.chdir(ROOT)
-    run = tmp_path / "demo"
-    result = runner.invoke(app, ["train", "recipes/demo.yaml", "--output", str(run),
-                                 "--set", "train.max_steps=4", "--set", "train.logging_steps=1",
-                                 "--set", "train.warmup_ratio=0"])
-    assert result.exit_code == 0, result.output
+    run = demo_run  # recipes/demo.yaml, 4 steps (conftest.embedded_demo_run)
     losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert len(losses) == 4 and losses[-1] < losses[0]
     result = runner.invoke(app, ["eval", str(run), "--compare-base", "--max-samples", "8",

@@ -223,12 +223,9 @@ EMBEDDED = cache_dir() / "models" / "smollm2-135m-instruct"
 @needs_converter
 @pytest.mark.skipif(not (EMBEDDED / "config.json").exists(),
                     reason=f"embedded SmolLM2 not cached at {EMBEDDED}; run `make model` (or `finetune pull`)")
-def test_embedded_demo_run_exports_q8_0_that_answers_like_the_trained_model(tmp_path, monkeypatch):
+def test_embedded_demo_run_exports_q8_0_that_answers_like_the_trained_model(demo_run, monkeypatch):
     monkeypatch.chdir(ROOT)
-    run = tmp_path / "demo"
-    result = runner.invoke(app, ["train", "recipes/demo.yaml", "--output", str(run), "--set", "train.max_steps=4",
-                                 "--set", "train.warmup_ratio=0"])
-    assert result.exit_code == 0, result.output
+    run = demo_run  # recipes/demo.yaml, 4 steps (conftest.embedded_demo_run)
     result = runner.invoke(app, ["export", str(run), "--quant", "q8_0", "--ollama", "--max-samples", "8",
                                  "--max-new-tokens", "16"])
     assert result.exit_code == 0, result.output
