@@ -95,7 +95,7 @@ def child(spec: dict) -> dict:
     """Runs inside the subprocess: one variant, measured."""
     import torch
 
-    from finetune.cpu_memory import RSSSampler, TensorPeak
+    from finetune.cpu_memory import RSSSampler
 
     torch.manual_seed(0)
     if "peer" in spec:
@@ -120,7 +120,7 @@ def child(spec: dict) -> dict:
                   "save_steps": 10**6, "output_dir": spec["out"]},
     })
     sampler, step_peaks = RSSSampler(), []
-    tensor_peak = TensorPeak() if spec.get("tensor_peak") and not torch.cuda.is_available() else None
+    tensor_peak = tensor_peak_for(spec)
     refresh = time_refreshes()
 
     trained = {}
@@ -164,6 +164,15 @@ def child(spec: dict) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else max(step_peaks + [measure.final_peak])
     return {"step_seconds": clock.seconds, "step_tokens": clock.tokens, "peak_gb": peak, "step_peaks_gb": step_peaks,
             "baseline_gb": baseline["gb"], "phase_seconds": phases.steps, **trained, **refresh}
+
+
+def tensor_peak_for(spec: dict):
+    """A live-tensor sampler where the spec asks for one on a CPU (a GPU's peak already counts tensors alone)."""
+    import torch
+
+    from finetune.cpu_memory import TensorPeak
+
+    return TensorPeak() if spec.get("tensor_peak") and not torch.cuda.is_available() else None
 
 
 class StepsDone(Exception):
@@ -311,7 +320,7 @@ def peer_child(spec: dict) -> dict:
 
     from finetune.data import build_datasets
     from finetune.modeling import load_tokenizer, resolve_model_path
-    from finetune.cpu_memory import RSSSampler, TensorPeak
+    from finetune.cpu_memory import RSSSampler
 
     import peft, trl  # noqa: F401, E401 - loaded before the baseline is read
 
@@ -338,7 +347,7 @@ def peer_child(spec: dict) -> dict:
         extra = {"optim": spec["peer"], "optim_target_modules": ["attn", "mlp"],
                  "optim_args": f"rank={spec['galore_rank']}, update_proj_gap={spec['gap']}, scale=0.25"}
     sampler, clock = RSSSampler(), StepClock()
-    tensor_peak, measured = (TensorPeak() if spec.get("tensor_peak") and not torch.cuda.is_available() else None), {}
+    tensor_peak, measured = tensor_peak_for(spec), {}
 
     class Measure(TrainerCallback):
         def on_train_begin(self, *a, **k):

@@ -32,7 +32,7 @@ def test_live_tensor_bytes_counts_a_shared_storage_once():
     assert live_tensor_bytes() - before == 4 * MIB
 
 
-@pytest.mark.slow  # four training processes on the tiny model
+@pytest.mark.slow  # two training processes per job on the tiny model
 @pytest.mark.parametrize("ours, peer", [({"method": {"name": "full"}}, {"peer": "full"}),
                                         ({"method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0}},
                                          {"peer": "lora"})], ids=["full", "lora"])
