@@ -32,11 +32,11 @@ dpo-demo: install model
 
 # Every method against full AdamW and the plain-Trainer peers on the embedded model, on this CPU.
 bench: install model
-	$(PY) scripts/bench.py --checkpointing --steps 12 --out bench/all-smollm2-cpu.md
+	$(PY) -m benchmarks.bench --checkpointing --steps 12 --out benchmarks/results/all-smollm2-cpu.md
 
 # The GPU acceptance check: Llama-2-7B, every method, 24 GiB cap (one CUDA GPU, under 10 minutes; a smoke run on CPU).
 gpu-check: install model
-	$(PY) scripts/gpu_check.py --out bench/gpu-check-llama2-7b.md
+	$(PY) -m benchmarks.gpu_check --out benchmarks/results/gpu-check-llama2-7b.md
 
 clean:
 	rm -rf runs .pytest_cache

@@ -94,9 +94,9 @@ def train(
     debug: Debug = False,
 ):
     """Train a model from a recipe; with a `distributed` strategy, launch its processes through accelerate."""
-    from finetune.recipe import load_recipe
+    from finetune.recipe.load import load_recipe
 
-    if debug:  # the libraries' own progress bars too (finetune.console); launched processes inherit it
+    if debug:  # the libraries' own progress bars too (finetune.run.console); launched processes inherit it
         os.environ["FINETUNE_DEBUG"] = "1"
     # Launch flags are recipe overrides, so the resolved recipe in the run dir records them.
     flags = {"num_processes": nproc, "num_machines": num_machines, "machine_rank": machine_rank,
@@ -104,7 +104,7 @@ def train(
     overrides = [*(set_ or []), *(f"distributed.{k}={v}" for k, v in flags.items() if v is not None)]
     loaded = load_recipe(recipe, overrides)
     _quiet_libraries()
-    from finetune.train import run_training
+    from finetune.run.flow import run_training
 
     run_training(loaded, recipe, output=output, overwrite=overwrite, resume=resume, log=console.print,
                  overrides=overrides)
@@ -120,7 +120,7 @@ def validate(
     """Check recipes and read their local data files, loading no model or tokenizer (hub datasets are not
     downloaded): every problem of every file, exit 2 if any."""
     from finetune.data.check import check_data
-    from finetune.recipe import load_recipe
+    from finetune.recipe.load import load_recipe
 
     problems = []
     for path in recipes:
@@ -151,7 +151,7 @@ def data_(
     """Prepare the recipe's data exactly as `train` does (tokenizer only, no model weights) and report rows read,
     kept and refused (with reasons), tokens per sample, truncation, the share of tokens trained and the chat
     template with its end-of-turn token."""
-    from finetune.recipe import load_recipe
+    from finetune.recipe.load import load_recipe
 
     loaded = load_recipe(recipe, set_ or [])
     _quiet_libraries()
@@ -177,9 +177,10 @@ def plan(
     """Predict peak GPU memory per component for the recipe and the other methods; say if it fits."""
     import json
 
-    from finetune.plan import GIB, parse_memory, plan_recipe
-    from finetune.plan_view import LEGEND, plan_json, plan_table
-    from finetune.recipe import load_recipe
+    from finetune.plan.estimate import parse_memory, plan_recipe
+    from finetune.plan.memory import GIB
+    from finetune.plan.view import LEGEND, plan_json, plan_table
+    from finetune.recipe.load import load_recipe
 
     loaded = load_recipe(recipe, set_ or [])
     _quiet_libraries()
@@ -220,7 +221,7 @@ def eval_(
 ):
     """Held-out loss, perplexity and generation match scores for a run or a model."""
     _quiet_libraries()
-    from finetune.evaluate import run_eval
+    from finetune.eval.run import run_eval
 
     run_eval(target, recipe=recipe, data=data, compare_base=compare_base, max_samples=max_samples,
              max_new_tokens=max_new_tokens, batch_size=batch_size, output=output, log=console.print)
@@ -238,7 +239,7 @@ def merge(
     if dtype not in ("bf16", "fp16", "fp32"):
         raise UserError(f"--dtype {dtype}: choose bf16, fp16 or fp32")
     _quiet_libraries()
-    from finetune.merge import merge_run
+    from finetune.export.merge import merge_run
 
     merge_run(run_dir, output, dtype, log=console.print)
 
@@ -257,11 +258,11 @@ def export(
 ):
     """Export a run or model to GGUF (llama.cpp, Ollama, LM Studio) with the trained chat template and stop token,
     then check the file's greedy answers against the trained model's (written to export.json)."""
-    from finetune.export import check_request
+    from finetune.export.gguf import check_request
 
     check_request(format_, quant)  # before any library loads: a refused type answers at once
     _quiet_libraries()
-    from finetune.export import export as run_export
+    from finetune.export.gguf import export as run_export
 
     run_export(target, format_, quant, output, ollama, max_samples, max_new_tokens, log=console.print)
 
@@ -273,7 +274,8 @@ def pull(
     debug: Debug = False,
 ):
     """Fetch and convert an embedded model into the cache now (training does this on first use)."""
-    from finetune.modeling import EMBEDDED, ensure_embedded
+    from finetune.models.gguf import ensure_embedded
+    from finetune.models.registry import EMBEDDED
 
     if alias not in EMBEDDED:
         raise UserError(f"unknown alias `{alias}`; embedded models: {', '.join(EMBEDDED)}")
@@ -292,7 +294,7 @@ def import_gguf(
     if not gguf_file.is_file():
         raise UserError(f"{gguf_file}: file not found")
     _quiet_libraries()
-    from finetune.modeling import import_gguf as convert
+    from finetune.models.gguf import import_gguf as convert
 
     convert(gguf_file, output, log=console.print)
 
@@ -307,7 +309,7 @@ def chat(
 ):
     """Talk to a model or run in the terminal (its chat template, streaming, greedy). Empty line or Ctrl-D quits."""
     _quiet_libraries()
-    from finetune.chat import chat_loop
+    from finetune.eval.chat import chat_loop
 
     chat_loop(target, max_new_tokens, system)
 

@@ -11,7 +11,12 @@ import json
 import sys
 import time
 
-from demo import FINETUNE, ROOT, fresh_run, step  # the SFT demo's way of running each command
+from demo import (  # the SFT demo's way of running each command
+    FINETUNE,
+    ROOT,
+    fresh_run,
+    step,
+)
 
 BAR = 0.9  # held-out preference accuracy the tuned model must reach
 

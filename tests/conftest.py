@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.testing import build_tiny_llama, build_tokenizer
+from benchmarks.tiny import build_tiny_llama, build_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

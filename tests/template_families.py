@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.testing import build_tiny_llama, build_tokenizer
+from benchmarks.tiny import build_tiny_llama, build_tokenizer
 
 TEMPLATES = Path(__file__).parent / "data" / "templates"
 

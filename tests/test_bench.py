@@ -16,14 +16,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_quick_bench_writes_a_well_formed_table(tmp_path):
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "scripts/bench.py", "--quick", "--out", str(tmp_path / "quick.md")],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--quick", "--out", str(tmp_path / "quick.md")],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-2000:]
     # six processes on a CPU: three timed, three more under the memory profiler for the live-tensor peaks
     assert elapsed < 90, f"--quick took {elapsed:.0f} s"
     text = (tmp_path / "quick.md").read_text()
-    assert text.startswith("`python scripts/bench.py --quick") and "torch " in text and "transformers " in text
+    assert text.startswith("`python -m benchmarks.bench --quick") and "torch " in text and "transformers " in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
     assert [r.split(" | ")[0].lstrip("| ") for r in rows] == ["full AdamW", "GaLore 8-bit layer-wise",
                                                               "peer: Trainer + peft LoRA r=16"]
@@ -49,7 +49,7 @@ def test_quick_bench_writes_a_well_formed_table(tmp_path):
 def test_peer_verdicts_compare_each_job_with_its_peer():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "benchmarks" / "bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     row = {"median_step_s": 2.0, "peak_gb": 1.5, "tensor_peak_gb": 1.0, "peak_gb_runs": [1.4, 1.6]}

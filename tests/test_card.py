@@ -5,10 +5,10 @@ import json
 import yaml
 from typer.testing import CliRunner
 
-from finetune.card import resolvable_base
 from finetune.cli import app
-from finetune.recipe import load_recipe
-from finetune.train import run_training
+from finetune.models.registry import resolvable_base
+from finetune.recipe.load import load_recipe
+from finetune.run.flow import run_training
 
 runner = CliRunner()
 

@@ -4,8 +4,8 @@ peer on the same job, measured with it."""
 import pytest
 import torch
 
-from finetune.cpu_memory import TensorPeak, live_tensor_bytes
-from finetune.measure import TIMING_ENV, run_child, write_rows
+from benchmarks.cpu_memory import TensorPeak, live_tensor_bytes
+from benchmarks.measure import TIMING_ENV, run_child, write_rows
 
 MIB = 2**20
 

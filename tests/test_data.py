@@ -5,15 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from finetune.data import (
-    CHATML_TEMPLATE,
-    build_datasets,
-    encode,
+from finetune.data.prepare import build_datasets
+from finetune.data.rows import (
     load_conversations,
     read_saved_conversations,
     save_conversations,
     split_held_out,
 )
+from finetune.data.template import CHATML_TEMPLATE, encode
 from finetune.errors import UserError
 
 DATA = Path(__file__).parent / "data"

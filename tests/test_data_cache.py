@@ -8,11 +8,11 @@ import multiprocessing
 from pathlib import Path
 
 import pytest
-
-from finetune.data import build_datasets
-from finetune.data import pipeline
-from finetune.data.template import CHATML_TEMPLATE, chat_template
 from conftest import counting_rows
+
+from finetune.data import pipeline
+from finetune.data.prepare import build_datasets
+from finetune.data.template import CHATML_TEMPLATE, chat_template
 
 
 def write(path: Path, rows: list[dict]) -> Path:

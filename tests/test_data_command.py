@@ -2,16 +2,16 @@
 
 import json
 
+from template_families import family_model_dir
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from template_families import family_model_dir
 
 
 def test_report_show_and_dump_equal_the_trainers_dataset(tmp_path, write_recipe, monkeypatch):
     import pytest
 
-    import finetune.trainer
+    import finetune.run.trainer
 
     base = family_model_dir("llama3", tmp_path / "llama3")
     rows = [{"messages": [{"role": "user", "content": f"Count from {i}"},
@@ -43,9 +43,9 @@ def test_report_show_and_dump_equal_the_trainers_dataset(tmp_path, write_recipe,
         received["dataset"] = self.train_dataset
         raise Stop
 
-    monkeypatch.setattr(finetune.trainer.Trainer, "train", capture)
-    from finetune.recipe import load_recipe
-    from finetune.train import run_training
+    monkeypatch.setattr(finetune.run.trainer.Trainer, "train", capture)
+    from finetune.recipe.load import load_recipe
+    from finetune.run.flow import run_training
 
     with pytest.raises(Stop):
         run_training(load_recipe(recipe), recipe, log=lambda *a, **k: None)

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from finetune.data import CHATML_TEMPLATE, build_datasets, encode, load_conversations
+from finetune.data.prepare import build_datasets
+from finetune.data.rows import load_conversations
+from finetune.data.template import CHATML_TEMPLATE, encode
 from finetune.errors import UserError
 
 ANSWER = [{"role": "user", "content": "Count from 3"}, {"role": "assistant", "content": "3 4 5"}]

@@ -5,12 +5,14 @@ import json
 
 import pytest
 import yaml
+from template_families import family_tokenizer
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.data import build_datasets, encode, load_conversations, read_source
+from finetune.data.prepare import build_datasets
+from finetune.data.rows import load_conversations, read_source
+from finetune.data.template import encode
 from finetune.errors import UserError
-from template_families import family_tokenizer
 
 ANSWER = [{"role": "user", "content": "Count from 3"}, {"role": "assistant", "content": "3 4 5"}]
 SHAREGPT = [{"from": "human", "value": "Count from 3"}, {"from": "gpt", "value": "3 4 5"}]

@@ -8,12 +8,12 @@ from collections import Counter
 
 import pytest
 import yaml
+from conftest import counting_rows
 from typer.testing import CliRunner
 
-from conftest import counting_rows
 from finetune.cli import app
-from finetune.data import build_datasets
 from finetune.data.mixture import Source, draw, planned_rows, rename
+from finetune.data.prepare import build_datasets
 
 
 def write(path, rows):

@@ -11,9 +11,9 @@ import yaml
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.data import load_conversations
+from finetune.data.rows import load_conversations
 from finetune.errors import UserError
-from finetune.recipe import load_recipe
+from finetune.recipe.load import load_recipe
 
 ROW = {"messages": [{"role": "user", "content": "Count from 3"}, {"role": "assistant", "content": "3 4 5"}]}
 

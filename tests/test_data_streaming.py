@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import counting_rows
 from typer.testing import CliRunner
 
-from conftest import counting_rows
 from finetune.cli import app
-from finetune.data import build_datasets
 from finetune.data.mixture import Source
-from finetune.report import read_metrics
+from finetune.data.prepare import build_datasets
+from finetune.run.report import read_metrics
 
 runner = CliRunner()
 

@@ -9,8 +9,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.distributed import DistributedSection, accelerate_config, deepspeed_config
-from finetune.report import read_metrics
+from finetune.recipe.distributed import DistributedSection
+from finetune.run.distributed import accelerate_config, deepspeed_config
+from finetune.run.report import read_metrics
 
 runner = CliRunner()
 LISA = {"name": "lisa", "activated_layers": 1, "interval_steps": 2}
@@ -70,9 +71,9 @@ FORBIDDEN = [
 
 @pytest.mark.parametrize("method,dist,message", FORBIDDEN, ids=[f"{m['name']}-{d}" for m, d, _ in FORBIDDEN])
 def test_forbidden_combinations_exit_2_before_any_model_loads(write_recipe, monkeypatch, method, dist, message):
-    import finetune.modeling
+    import finetune.models.load
 
-    monkeypatch.setattr(finetune.modeling, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(finetune.models.load, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     result = runner.invoke(app, ["train", str(write_recipe(method=method, distributed=dist))])
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()), result.output
@@ -258,8 +259,8 @@ def test_fsdp_section_becomes_transformers_fsdp2_plugin(tmp_path):
     FSDP's own per-layer checkpointing instead of the trainer's."""
     from pathlib import Path
 
-    from finetune.recipe import load_recipe
-    from finetune.train import _trainer_args
+    from finetune.recipe.load import load_recipe
+    from finetune.run.flow import _trainer_args
 
     root = Path(__file__).resolve().parent.parent
     recipe = load_recipe(root / "recipes" / "llama7b-fsdp.yaml",

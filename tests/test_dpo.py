@@ -5,19 +5,20 @@ import json
 import random
 
 import pytest
-import yaml
 import torch
 import torch.nn.functional as F
+import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.data.preference import build_pairs, normalise_pair, read_pairs
+from finetune.data.preference.pairs import normalise_pair, read_pairs
+from finetune.data.preference.prepare import build_pairs
 from finetune.data.template import chat_template
 from finetune.errors import UserError
-from finetune.recipe import load_recipe
-from finetune.report import read_metrics
-from finetune.train import Hooks, run_training
+from finetune.recipe.load import load_recipe
+from finetune.run.flow import Hooks, run_training
+from finetune.run.report import read_metrics
 
 runner = CliRunner()
 
@@ -198,7 +199,7 @@ def test_preference_rows_in_each_common_shape(row, prompt):
 
 def test_earlier_answers_are_context_and_only_the_final_answer_is_the_completion(tokenizer):
     row = ANSWER_SHAPES[4][0]
-    from finetune.data.preference import Pair, encode_pair
+    from finetune.data.preference.pairs import Pair, encode_pair
 
     prompt, chosen, rejected, _ = normalise_pair(row)
     ids, cut = encode_pair(tokenizer, Pair(prompt, chosen, rejected, "f", 1), 128, chat_template(tokenizer))
@@ -272,7 +273,7 @@ def test_recipe_refuses_what_dpo_cannot_honour_with_the_alternative(dpo_recipe):
 
 
 def test_plan_counts_two_sequences_per_pair(dpo_recipe):
-    from finetune.plan import plan_recipe
+    from finetune.plan.estimate import plan_recipe
 
     path = dpo_recipe()
     sft = plan_recipe(load_recipe(path, ["objective.name=sft"]), 24 * 2**30)
@@ -437,7 +438,7 @@ def test_kto_trains_with_each_method_and_eval_scores_the_labelled_answers(kto_re
 
 
 def test_kto_rows_in_each_shape_and_refused_ones(tmp_path):
-    from finetune.data.unpaired import read_labelled
+    from finetune.data.preference.labelled import read_labelled
 
     rows = [
         {"prompt": "2+2?", "completion": "4", "label": True},

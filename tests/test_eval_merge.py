@@ -7,8 +7,10 @@ import torch
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.data import Conversation, encode, save_conversations
-from finetune.evaluate import assistant_loss, generate, load_for_eval, match_scores
+from finetune.data.rows import Conversation, save_conversations
+from finetune.data.template import encode
+from finetune.eval.sft import assistant_loss, generate, match_scores
+from finetune.eval.targets import load_for_eval
 
 runner = CliRunner()
 ROWS = [
@@ -135,8 +137,8 @@ def test_import_gguf_refuses_what_it_cannot_read(tmp_path):
 def test_eval_scores_every_row_shape_train_accepts(write_recipe, tmp_path):
     """Rows that open with the answer (no user or system turn) get the bare generation prompt; rows with several
     assistant turns are scored on the last trained one, with everything before it as the prompt."""
-    from finetune.evaluate import prompt_text, reference
-    from finetune.modeling import load_tokenizer
+    from finetune.eval.sft import prompt_text, reference
+    from finetune.models.load import load_tokenizer
 
     shapes = [
         [{"role": "assistant", "content": "3 4 5"}],

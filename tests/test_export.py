@@ -11,11 +11,12 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from finetune import llama_runtime
+from benchmarks.tiny import build_tokenizer
 from finetune.cli import app
-from finetune.export import converter_dir
-from finetune.modeling import cache_dir, template_for
-from finetune.testing import build_tokenizer
+from finetune.export import llama_runtime
+from finetune.export.gguf import converter_dir
+from finetune.models.load import template_for
+from finetune.paths import cache_dir
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,7 +127,7 @@ def test_q4_k_m_is_quantised_by_llama_cpp_and_run_by_it(full_run, tmp_path):
 
 
 def test_refusals_exit_2_with_one_message(tmp_path, monkeypatch):
-    from finetune import llama_runtime
+    from finetune.export import llama_runtime
 
     monkeypatch.setattr(llama_runtime, "available", lambda: False)
     result = runner.invoke(app, ["export", str(tmp_path), "--quant", "q4_k_m"])
@@ -142,7 +143,7 @@ def test_refusals_exit_2_with_one_message(tmp_path, monkeypatch):
 def test_unsupported_architecture_is_refused_before_converting(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from finetune.data import CHATML_TEMPLATE
+    from finetune.data.template import CHATML_TEMPLATE
 
     tokenizer = build_tokenizer()
     tokenizer.chat_template = CHATML_TEMPLATE
@@ -160,7 +161,7 @@ def test_a_tokenizer_llama_cpp_cannot_identify_is_refused(tmp_path, tiny_model_d
     from tokenizers import pre_tokenizers
     from transformers import AutoModelForCausalLM
 
-    from finetune.data import CHATML_TEMPLATE
+    from finetune.data.template import CHATML_TEMPLATE
 
     tokenizer = build_tokenizer()
     tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()  # neither published nor plain GPT-2
@@ -176,7 +177,7 @@ def test_a_tokenizer_llama_cpp_cannot_identify_is_refused(tmp_path, tiny_model_d
 def test_templates_translate_to_ollama_and_render_like_jinja(family):
     from template_families import family_tokenizer
 
-    from finetune.ollama import _render, modelfile, simulate, translate
+    from finetune.export.ollama import _render, modelfile, simulate, translate
 
     tokenizer = family_tokenizer(family)
     template = template_for(tokenizer)
@@ -195,7 +196,7 @@ def test_templates_without_a_faithful_translation_refuse_ollama(family):
     from template_families import family_tokenizer
 
     from finetune.errors import UserError
-    from finetune.ollama import modelfile
+    from finetune.export.ollama import modelfile
 
     tokenizer = family_tokenizer(family)
     with pytest.raises(UserError, match="cannot be translated into Ollama's template syntax"):
@@ -203,8 +204,9 @@ def test_templates_without_a_faithful_translation_refuse_ollama(family):
 
 
 def test_constant_system_prompt_of_the_data_becomes_ollama_system():
-    from finetune.data import CHATML_TEMPLATE, Conversation
-    from finetune.ollama import modelfile
+    from finetune.data.rows import Conversation
+    from finetune.data.template import CHATML_TEMPLATE
+    from finetune.export.ollama import modelfile
 
     tokenizer = build_tokenizer()
     tokenizer.chat_template = CHATML_TEMPLATE

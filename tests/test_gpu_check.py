@@ -1,4 +1,4 @@
-"""scripts/gpu_check.py without a GPU: the CPU smoke run end to end (GPU-only parts listed as skipped), the GPU
+"""-m benchmarks.gpu_check without a GPU: the CPU smoke run end to end (GPU-only parts listed as skipped), the GPU
 table's verdict from given results, and the QLoRA random-weight loader on the CPU."""
 
 import json
@@ -11,12 +11,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from benchmarks import gpu_check
+
 pytestmark = pytest.mark.slow  # spawns processes
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))  # the script and its bench.py helpers are not a package
-
-import gpu_check  # noqa: E402
 
 NUMBER = r"[+-]?\d+(\.\d+)?"
 
@@ -36,13 +35,13 @@ def table_rows(text: str, first: str) -> list[list[str]]:
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU smoke path runs only without CUDA")
 def test_cpu_smoke_runs_every_method_and_lists_what_needs_cuda(tmp_path):
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--out", str(tmp_path / "check.md")], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path / "check.md")], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert elapsed < 90, f"the CPU smoke run took {elapsed:.0f} s"
     text = (tmp_path / "check.md").read_text()
-    assert text.startswith("`python scripts/gpu_check.py --out ") and "torch " in text and "transformers " in text
+    assert text.startswith("`python -m benchmarks.gpu_check --out ") and "torch " in text and "transformers " in text
     assert "CPU smoke (no CUDA)" in text and "attention sdpa" in text
 
     rows = table_rows(text, "method")
@@ -126,7 +125,7 @@ def test_gpu_table_states_what_fits_and_checks_each_target():
 def test_child_reports_out_of_memory_as_a_result(monkeypatch):
     import torch
 
-    import finetune.measure as measure
+    import benchmarks.measure as measure
 
     def oom(spec):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
@@ -149,8 +148,8 @@ def test_random_weights_loader_quantizes_for_qlora(tiny_model_dir, monkeypatch):
     import torch
     from transformers import BitsAndBytesConfig
 
-    import finetune.measure as measure
-    import finetune.modeling as modeling
+    import benchmarks.measure as measure
+    import finetune.models.load as modeling
 
     monkeypatch.setattr(modeling, "load_model", modeling.load_model)  # restored after the test
     gpu_check.gpu_random_weights(measure.use_random_weights, str(tiny_model_dir), device="cpu")

@@ -12,7 +12,7 @@ from finetune.cli import app
 from finetune.methods.galore import projected_weights
 from finetune.optim.galore import Projector
 from finetune.optim.layerwise import build_optimizer, new_stepper
-from finetune.report import read_metrics
+from finetune.run.report import read_metrics
 
 LR, DECAY = 1e-3, 0.01
 

@@ -8,9 +8,9 @@ from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.methods.lisa import LISA, decoder_layers
-from finetune.recipe import load_recipe
-from finetune.report import read_metrics
-from finetune.train import Hooks, run_training
+from finetune.recipe.load import load_recipe
+from finetune.run.flow import Hooks, run_training
+from finetune.run.report import read_metrics
 
 runner = CliRunner()
 OPTIONS = dict(activated_layers=2, interval_steps=3, train_embeddings=True, train_head=True, always_active=[],

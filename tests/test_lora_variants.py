@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from finetune.errors import UserError
-from finetune.recipe import load_recipe
-from finetune.train import Hooks, run_training
+from finetune.recipe.load import load_recipe
+from finetune.run.flow import Hooks, run_training
 
 
 def train(write_recipe, method, inspect=None, **train_section):
@@ -91,8 +91,8 @@ def test_inits_a_base_cannot_take_are_refused_with_the_reason(write_recipe):
 
 
 def test_plan_counts_dora_magnitudes_and_saved_modules(write_recipe):
+    from benchmarks.tiny import build_tiny_llama
     from finetune.methods.lora import Options
-    from finetune.testing import build_tiny_llama
 
     model = build_tiny_llama(300)
     plain = sum(Options(r=4).planned_trainable(model).values())

@@ -8,8 +8,8 @@
 import pytest
 import torch
 
-from finetune.recipe import load_recipe
-from finetune.train import Hooks, run_training
+from finetune.recipe.load import load_recipe
+from finetune.run.flow import Hooks, run_training
 
 
 class _Built(Exception):
@@ -46,7 +46,7 @@ def loss_and_gradient(trainer, batch):
 def test_packed_rows_give_the_loss_and_gradient_of_the_same_rows_padded(write_recipe, tmp_path, attention):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from finetune.trainer import PackedRows
+    from finetune.run.trainer import PackedRows
 
     model = {"attn_implementation": attention}
     # 32 rows of 15-20 tokens: one batch holds them all, padded (32 rows) or packed (a few 128-token packs)
@@ -87,7 +87,7 @@ def test_packed_rows_give_the_loss_and_gradient_of_the_same_rows_padded(write_re
 
 
 def test_the_lean_loss_paths_give_trls_loss_and_gradient(write_recipe, tmp_path, monkeypatch):
-    import finetune.trainer as trainer_module
+    import finetune.run.trainer as trainer_module
 
     lean = production_trainer(write_recipe, tmp_path, batch_size=8)
     trl = production_trainer(write_recipe, tmp_path, batch_size=8, token_metrics=True)

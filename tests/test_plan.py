@@ -8,8 +8,10 @@ from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.methods import METHODS, build_method
-from finetune.plan import GIB, Setup, estimate, load_config, meta_model, plan_recipe, trainable_parameters
-from finetune.recipe import load_recipe
+from finetune.models.registry import load_config
+from finetune.plan.estimate import estimate, meta_model, plan_recipe
+from finetune.plan.memory import GIB, Setup
+from finetune.recipe.load import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -34,7 +36,7 @@ def real_trainable(model_dir, method) -> int:
 def test_plan_counts_equal_the_instantiated_model(tiny4_model_dir, method):
     method = options(**method)
     config = AutoConfig.from_pretrained(tiny4_model_dir)
-    planned = sum(trainable_parameters(meta_model(config), method).values())
+    planned = sum(method.planned_trainable(meta_model(config)).values())
     assert planned == real_trainable(tiny4_model_dir, method)
     real = AutoModelForCausalLM.from_pretrained(tiny4_model_dir)
     assert sum(p.numel() for p in meta_model(config).parameters()) == sum(p.numel() for p in real.parameters())
@@ -75,9 +77,10 @@ def test_plan_table_fits_80_columns_with_every_method_named_whole_and_json_has_e
 
     from rich.console import Console
 
-    from finetune.plan import GIB, plan_recipe
-    from finetune.plan_view import plan_table
-    from finetune.recipe import load_recipe
+    from finetune.plan.estimate import plan_recipe
+    from finetune.plan.memory import GIB
+    from finetune.plan.view import plan_table
+    from finetune.recipe.load import load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "llama7b-galore.yaml")
     result = plan_recipe(recipe, 24 * GIB)
@@ -114,7 +117,7 @@ MEASURED = [
 
 
 def check_prediction(model_dir: str, method: dict, tmp_path: Path, seq_len: int = 128, batch: int = 2):
-    from finetune.measure import plan_check
+    from benchmarks.measure import plan_check
 
     measured, predicted = plan_check(model_dir, method, seq_len, batch, tmp_path)
     assert predicted == pytest.approx(measured["peak_gb"], rel=0.15), (method, predicted, measured)
@@ -129,7 +132,7 @@ def test_prediction_within_15_percent_on_the_tiny_model(tiny4_model_dir, method,
 @pytest.mark.slow
 @pytest.mark.parametrize("method", MEASURED, ids=lambda m: m["name"])
 def test_prediction_on_the_embedded_model(method, tmp_path):
-    from finetune.modeling import cache_dir
+    from finetune.paths import cache_dir
 
     model = cache_dir() / "models" / "smollm2-135m-instruct"
     if not (model / "config.json").exists():

@@ -7,7 +7,8 @@ import yaml
 
 from finetune.errors import UserError
 from finetune.methods import METHODS
-from finetune.recipe import MethodOptions, Recipe, load_recipe
+from finetune.recipe.load import load_recipe
+from finetune.recipe.schema import MethodOptions, Recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
@@ -112,7 +113,7 @@ def test_registry_and_schema_name_the_same_methods():
 
 
 def test_field_docstrings_are_the_documentation():
-    from finetune.recipe import TrainSection
+    from finetune.recipe.schema import TrainSection
 
     assert "Micro-batches per optimizer step" in TrainSection.model_fields["gradient_accumulation_steps"].description
 
@@ -130,7 +131,7 @@ def test_validation_loads_no_ml_stack():
     import subprocess
     import sys
 
-    code = ("import sys, finetune.recipe, finetune.cli; "
+    code = ("import sys, finetune.recipe.schema, finetune.cli; "
             "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'bitsandbytes') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)

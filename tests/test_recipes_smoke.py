@@ -10,8 +10,8 @@ import yaml
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.modeling import cache_dir
-from finetune.report import read_metrics
+from finetune.paths import cache_dir
+from finetune.run.report import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = cache_dir() / "models" / "smollm2-135m-instruct"

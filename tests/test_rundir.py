@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from finetune import rundir
 from finetune.cli import app
-from finetune.report import read_metrics
+from finetune.run import rundir
+from finetune.run.report import read_metrics
 
 runner = CliRunner()
 
@@ -200,7 +200,7 @@ def test_ctrl_c_before_the_first_step_exits_130_without_a_traceback(write_recipe
 def test_a_second_signal_stops_at_once_and_one_signal_delivered_twice_does_not():
     from transformers import TrainerControl, TrainerState
 
-    from finetune.guards import StopOnSignal
+    from finetune.run.guards import StopOnSignal
 
     stop = StopOnSignal(log=lambda *_: None)
     stop._handle(signal.SIGTERM, None)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from template_families import TEMPLATES
 
+from benchmarks.tiny import build_tokenizer
 from finetune.data.formats import to_messages
 from finetune.data.template import CHATML_TEMPLATE, chat_template, encode_samples
 from finetune.data.tools import parse_tools
-from finetune.testing import build_tokenizer
-from template_families import TEMPLATES
 
 MISTRAL_TOKENS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]",
                   "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "<|endoftext|>")
@@ -102,7 +102,7 @@ def test_reasoning_content_trains_where_the_template_shows_it_and_is_refused_whe
 
 def test_named_templates_train_tool_rows_with_their_tool_use_template(tmp_path):
     """Hermes-2-Pro/3 and Command-R ship `default` and `tool_use` templates (a list in tokenizer_config.json)."""
-    from finetune.modeling import load_tokenizer
+    from finetune.models.load import load_tokenizer
 
     tokenizer = tokenizer_with({"default": (TEMPLATES / "hermes3.jinja").read_text(),
                                 "tool_use": (TEMPLATES / "hermes2pro-tool_use.jinja").read_text()},
@@ -130,7 +130,7 @@ def test_named_templates_train_tool_rows_with_their_tool_use_template(tmp_path):
 
 
 def test_end_of_turn_after_whitespace_and_non_special_markers(tmp_path):
-    from finetune.modeling import load_tokenizer
+    from finetune.models.load import load_tokenizer
 
     coder = tokenizer_with("{% for m in messages %}{% if m.role == 'user' %}### Instruction:\n{{ m.content }}\n"
                            "{% else %}### Response:\n{{ m.content }}\n<|EOT|>\n{% endif %}{% endfor %}"
@@ -165,11 +165,13 @@ def test_a_template_that_drops_a_user_turn_is_refused():
 
 def test_eval_and_chat_fold_the_system_text_as_the_run_did(tmp_path):
     """A Gemma-style run with data.fold_system: eval's prompts and chat's --system are folded the same way."""
-    from finetune.chat import chat_loop
-    from finetune.data import Conversation
-    from finetune.errors import UserError
-    from finetune.evaluate import Target, evaluate_model, load_for_eval, run_fold_system
     from template_families import family_model_dir
+
+    from finetune.data.rows import Conversation
+    from finetune.errors import UserError
+    from finetune.eval.chat import chat_loop
+    from finetune.eval.sft import evaluate_model
+    from finetune.eval.targets import Target, load_for_eval, run_fold_system
 
     model_dir = family_model_dir("gemma", tmp_path / "gemma")
     model, tokenizer = load_for_eval(str(model_dir), None, str(model_dir))
@@ -182,7 +184,7 @@ def test_eval_and_chat_fold_the_system_text_as_the_run_did(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "recipe.yaml").write_text("data:\n  fold_system: true\n")
     assert run_fold_system(tmp_path / "run") and not run_fold_system(tmp_path)
-    import finetune.evaluate as evaluate
+    import finetune.eval.targets as evaluate
 
     seen = []
     original = tokenizer.apply_chat_template

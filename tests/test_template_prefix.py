@@ -4,8 +4,8 @@ runtime gives it."""
 
 import pytest
 
+from benchmarks.tiny import build_tokenizer
 from finetune.data.template import encode_samples
-from finetune.testing import build_tokenizer
 
 NEMO_LIKE = (
     "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
@@ -38,9 +38,9 @@ def test_a_prompt_that_changes_once_the_answer_follows_trains_in_the_runtime_pro
 
 
 def test_chat_with_a_system_message_the_template_refuses_is_one_clear_error(tmp_path):
-    from finetune.chat import chat_loop
+    from benchmarks.tiny import build_tiny_llama
     from finetune.errors import UserError
-    from finetune.testing import build_tiny_llama
+    from finetune.eval.chat import chat_loop
 
     tokenizer = build_tokenizer()
     tokenizer.chat_template = (

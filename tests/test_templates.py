@@ -3,11 +3,16 @@
 import json
 
 import pytest
-
-from finetune.data import build_datasets, chat_template, encode_samples
-from finetune.data.template import CHATML_TEMPLATE, fit_messages
-from finetune.modeling import load_tokenizer
 from template_families import FAMILIES, family_model_dir, family_tokenizer
+
+from finetune.data.prepare import build_datasets
+from finetune.data.template import (
+    CHATML_TEMPLATE,
+    chat_template,
+    encode_samples,
+    fit_messages,
+)
+from finetune.models.load import load_tokenizer
 
 TURNS = [{"role": "user", "content": "Count from 1"}, {"role": "assistant", "content": "1 2 3"},
          {"role": "user", "content": "again"}, {"role": "assistant", "content": "4 5 6"}]

@@ -4,11 +4,12 @@ template's own tool support; the assistant's calls train, tool results do not.""
 import json
 
 import pytest
-
-from finetune.data import encode_samples, load_conversations
-from finetune.modeling import load_tokenizer
 from template_families import family_tokenizer
 from test_templates import trained_runs
+
+from finetune.data.rows import load_conversations
+from finetune.data.template import encode_samples
+from finetune.models.load import load_tokenizer
 
 WEATHER = {"name": "get_weather", "description": "Weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}

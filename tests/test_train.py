@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.recipe import load_recipe
-from finetune.report import read_metrics
-from finetune.train import run_training
+from finetune.recipe.load import load_recipe
+from finetune.run.flow import run_training
+from finetune.run.report import read_metrics
 
 runner = CliRunner()
 
@@ -155,9 +155,10 @@ def test_validate_reports_everything_without_traceback(tmp_path, train_file):
 
 
 def test_base_model_without_chatml_tokens_gets_them_and_lora_trains_their_rows(tmp_path, write_recipe):
-    from finetune.testing import build_tiny_llama, build_tokenizer
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.tiny import build_tiny_llama, build_tokenizer
 
     base_dir = tmp_path / "base"
     tokenizer = build_tokenizer(special_tokens=("<|endoftext|>",), eos="<|endoftext|>")

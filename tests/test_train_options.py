@@ -4,10 +4,11 @@ Each reaches the built trainer and trains on the tiny model."""
 import json
 
 import pytest
+
 from finetune.errors import UserError
-from finetune.recipe import load_recipe
-from finetune.report import read_metrics
-from finetune.train import Hooks, run_training
+from finetune.recipe.load import load_recipe
+from finetune.run.flow import Hooks, run_training
+from finetune.run.report import read_metrics
 
 
 def test_tensorboard_events_land_in_the_run_dir_with_the_run_name_and_recipe(write_recipe, tmp_path):

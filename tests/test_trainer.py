@@ -7,8 +7,15 @@ import pytest
 from transformers import Trainer as HFTrainer
 from trl import DPOTrainer, KTOTrainer
 
-from finetune.trainer import (OVERRIDDEN, OVERRIDDEN_DPO, OVERRIDDEN_KTO, TOKEN_METRIC_OUTPUTS, PreferenceTrainer, Trainer,
-                              UnpairedPreferenceTrainer)
+from finetune.run.trainer import (
+    OVERRIDDEN,
+    OVERRIDDEN_DPO,
+    OVERRIDDEN_KTO,
+    TOKEN_METRIC_OUTPUTS,
+    PreferenceTrainer,
+    Trainer,
+    UnpairedPreferenceTrainer,
+)
 
 #: The parameters each overridden private method had when the override was written (transformers 5.23).
 SIGNATURES = {
@@ -41,7 +48,7 @@ def test_each_overridden_internal_still_exists_with_the_same_parameters(library_
 
 
 def test_trl_still_asks_its_fused_head_for_the_token_metrics_finetune_leaves_out():
-    """finetune.trainer.lean_lm_head patches the head again with log-probs alone, and its compute_loss takes over
+    """finetune.run.trainer.lean_lm_head patches the head again with log-probs alone, and its compute_loss takes over
     only where TRL's would compute just what it drops: both follow what SFTTrainer asks the head for."""
     from trl import SFTTrainer
 
@@ -52,7 +59,7 @@ def test_trl_still_asks_its_fused_head_for_the_token_metrics_finetune_leaves_out
 
 
 def test_the_checkpoint_loader_finetune_calls_is_unchanged():
-    """finetune.train finishes a run whose last checkpoint is its final step through Trainer._load_from_checkpoint."""
+    """finetune.run.flow finishes a run whose last checkpoint is its final step through Trainer._load_from_checkpoint."""
     assert list(inspect.signature(HFTrainer._load_from_checkpoint).parameters) == [
         "self", "resume_from_checkpoint", "model"]
 

@@ -154,7 +154,7 @@ def test_plain_tensor_pickles_still_load(tiny_model_dir, tmp_path):
     """The pickle checks refuse code, not the format: zip and legacy torch.save files of tensors pass."""
     from safetensors.torch import load_file
 
-    from finetune.weights import check_model_dir
+    from finetune.models.weights import check_model_dir
 
     state = load_file(tiny_model_dir / "model.safetensors")
     for legacy in (False, True):

@@ -25,7 +25,7 @@ _CHUNK = 1 << 23
 
 
 def cache_root() -> Path:
-    from finetune.modeling import cache_dir
+    from finetune.paths import cache_dir
 
     return cache_dir() / "data"
 

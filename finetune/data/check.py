@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from finetune.data.prepare import SourceRows, read_source
+from finetune.data.rows import SourceRows, read_source
 from finetune.errors import UserError
 
 _SHOWN = 5
@@ -60,8 +60,8 @@ def _report(label: str, read: SourceRows, limit: float, log) -> list[str]:
 
 def _check_pairs(label: str, source: str, split: str, kind: str, limit: float, log, columns=None) -> list[str]:
     """A source of preference pairs (dpo, simpo, orpo) or of labelled answers (kto), read as training reads it."""
-    from finetune.data.preference import read_pairs
-    from finetune.data.unpaired import read_labelled
+    from finetune.data.preference.labelled import read_labelled
+    from finetune.data.preference.pairs import read_pairs
 
     _, problems, total, ignored = (read_labelled if kind == "unpaired" else read_pairs)(source, split, columns)
     read = SourceRows(source, "labelled answers" if kind == "unpaired" else "preference pairs", problems=problems,

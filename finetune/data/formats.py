@@ -12,7 +12,13 @@ import re
 from typing import Any
 
 from finetune.data.mixture import rename
-from finetune.data.tools import name_results, openai_calls, parse_tools, result_text, sharegpt_calls
+from finetune.data.tools import (
+    name_results,
+    openai_calls,
+    parse_tools,
+    result_text,
+    sharegpt_calls,
+)
 from finetune.errors import UserError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -98,7 +104,7 @@ def first_row_format(record: dict, format: str | None, where: str) -> str:
 
 
 def refuse_preference_data(record: dict, where: str) -> None:
-    keys = {key for key, value in record.items() if _present(value)}  # null columns of a merged schema say nothing
+    keys = {key for key, value in record.items() if present(value)}  # null columns of a merged schema say nothing
     if {"chosen", "rejected"} <= keys:
         shape = next((f"with `{k}`" for k in ("prompt", "conversations", "messages", "instruction") if k in keys),
                      "with the prompt inside each answer")
@@ -136,12 +142,12 @@ def normalise(record: dict, fmt: str) -> tuple[list[dict[str, Any]], set[str]]:
                              "one format per file)")
     extra = record.keys() - SIGNATURES[fmt] - OPTIONAL[fmt]
     for key in extra & REFUSED.keys():
-        if _present(record[key]):
+        if present(record[key]):
             raise ValueError(f"`{key}`: {REFUSED[key]}")
     # Only a boolean `label` marks an answer good or bad (KTO); any other `label` (a class, a topic) is just a field.
     if isinstance(record.get("label"), bool):
         raise ValueError(f"`label`: {LABELLED}")
-    ignored = {key for key in extra - REFUSED.keys() if _present(record[key])}
+    ignored = {key for key in extra - REFUSED.keys() if present(record[key])}
     messages = _NORMALISERS[fmt](record, ignored)
     system = _optional_text(record, "system")
     if system is not None:
@@ -239,13 +245,13 @@ def _turn(item: Any, number: int, role_key: str, content_key: str, roles: dict[s
     extra = item.keys() - {role_key, content_key, *WEIGHT_FIELDS} - TURN_FIELDS.get(role, set())
     if extra:
         for key in extra & REFUSED_TURN.keys():
-            if _present(item[key]):
+            if present(item[key]):
                 raise ValueError(f"`{field}` turn {number} has `{key}`: {REFUSED_TURN[key]}")
-        ignored.update(f"{field}[].{k}" for k in extra - REFUSED_TURN.keys() if _present(item[k]))
+        ignored.update(f"{field}[].{k}" for k in extra - REFUSED_TURN.keys() if present(item[k]))
     message = _tool_turn(item, given, role, content_key, where)
     if message is None:
         message = {"role": role, "content": _content(item.get(content_key), content_key, where)}
-    if role == "assistant" and _present(item.get("reasoning_content")):
+    if role == "assistant" and present(item.get("reasoning_content")):
         # Shown by the template or the row is refused (finetune.data.template checks every trained span).
         message["reasoning_content"] = _content(item["reasoning_content"], "reasoning_content", where)
     weights = [key for key in WEIGHT_FIELDS if item.get(key) is not None]
@@ -264,7 +270,7 @@ def _tool_turn(item: dict, given: str, role: str, content_key: str, where: str) 
         message = {"role": "tool", "content": result_text(item.get(content_key), where)}
         message.update({k: item[k] for k in ("tool_call_id", "name") if isinstance(item.get(k), str) and item[k]})
         return message
-    if role == "assistant" and _present(item.get("tool_calls")):
+    if role == "assistant" and present(item.get("tool_calls")):
         content = item.get(content_key)
         text = "" if content is None or content == "" else _content(content, content_key, where)
         return {"role": "assistant", "content": text, "tool_calls": openai_calls(item["tool_calls"], where)}
@@ -276,7 +282,7 @@ def row_tools(record: dict) -> list[dict] | None:
 
     No tools (null, "", [], or the JSON text "[]", as in glaive_toolcall_en_demo's plain chats) is None: the row is a
     plain chat."""
-    return (parse_tools(record["tools"]) or None) if _present(record.get("tools")) else None
+    return (parse_tools(record["tools"]) or None) if present(record.get("tools")) else None
 
 
 def _trained(weight: Any, role: str, where: str, key: str = "weight") -> bool:
@@ -331,7 +337,7 @@ def _check_conversation(messages: list[dict]) -> None:
                          "closing tags is text)")
 
 
-def _present(value: Any) -> bool:
+def present(value: Any) -> bool:
     """Null or empty values say nothing (exports often carry `tool_calls: null`, `images: []`)."""
     return value is not None and not (isinstance(value, (str, list, dict)) and not value)
 

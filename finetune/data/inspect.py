@@ -1,6 +1,6 @@
 """`finetune data`: prepare a recipe's data exactly as `train` does, load no model weights, and say what will train.
 
-The tokenizer, chat template and `build_datasets` call are the ones `finetune.train` makes, so the report, the
+The tokenizer, chat template and `build_datasets` call are the ones `finetune.run.flow` makes, so the report, the
 highlighted rows and the `--dump` file describe the very samples the trainer receives (a test asserts it).
 """
 
@@ -20,7 +20,7 @@ def inspect_data(recipe, show: int = 0, dump: Path | None = None, console=None) 
     from rich.console import Console
 
     from finetune.data.prepare import build_datasets
-    from finetune.modeling import load_tokenizer, resolve_model_path, template_for
+    from finetune.models.load import load_tokenizer, resolve_model_path, template_for
 
     console = console or Console()
     log = console.print

@@ -201,7 +201,7 @@ def conversations(encoded: Encoded, rows: list[int], template: ChatTemplate) -> 
     held_out.jsonl and `finetune eval`."""
     import numpy as np
 
-    from finetune.data.prepare import Conversation
+    from finetune.data.rows import Conversation
 
     if not rows:
         return []

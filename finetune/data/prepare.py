@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import random
 import shutil
 import tempfile
 from collections import Counter
@@ -24,43 +23,25 @@ from typing import Any
 from rich.markup import escape
 
 from finetune.data.cache import cache_key, claimed, is_complete, write_complete
-from finetune.data.formats import first_row_format, object_row, row_messages
 from finetune.data.mixture import Source, draw, planned_rows
-from finetune.data.pipeline import conversations, encode_source, progress_bars, sample_tokens, select_samples
-from finetune.data.sources import read_records
+from finetune.data.pipeline import (
+    conversations,
+    encode_source,
+    progress_bars,
+    sample_tokens,
+    select_samples,
+)
+from finetune.data.rows import (
+    Conversation,
+    SourceRows,
+    check_bad_fraction,
+    held_out_indices,
+    load_conversations,
+    read_saved_conversations,
+    save_conversations,
+)
 from finetune.data.template import ChatTemplate, chat_template, fit_messages
 from finetune.errors import UserError
-
-_SHOWN_PROBLEMS = 10
-
-
-@dataclass
-class Conversation:
-    messages: list[dict[str, Any]]
-    source: str
-    row: int  # 1-based: the line of a JSONL file, the index of a JSON array or Parquet/CSV/hub row
-    tools: list[dict] | None = None  # tool schemas the row offers the assistant (finetune.data.tools)
-
-
-@dataclass
-class SourceRows:
-    """What reading one source gave: usable rows, refused rows, and the fields no format uses."""
-
-    source: str
-    format: str | None = None
-    rows: list[Conversation] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    total: int = 0
-    ignored: Counter = field(default_factory=Counter)  # field name -> rows that carried it
-
-    def ignored_line(self) -> str | None:
-        if not self.ignored:
-            return None
-        fields = ", ".join(f"{name} ({count} rows)" for name, count in sorted(self.ignored.items()))
-        return f"ignored fields in {self.source}: {fields}"
-
-    def refused_fraction(self) -> float:
-        return len(self.problems) / self.total if self.total else 0.0
 
 
 @dataclass
@@ -176,7 +157,7 @@ def _prepare(tokenizer, template, sources: list[Source], eval, eval_split, eval_
         held_parts.append(select_samples(held_encoded, 1))
         held_out = conversations(held_encoded, sorted(set(held_encoded.sample_rows.tolist())), template)
     for index, source in enumerate(encoded):  # each source gives its share of the held-out rows
-        held = np.asarray(_held_out_rows(source.pool, eval_fraction, seed) if eval is None else [], dtype=np.int64)
+        held = np.asarray(held_out_indices(source.pool, eval_fraction, seed) if eval is None else [], dtype=np.int64)
         in_held = np.isin(source.sample_rows, held)
         if in_held.any():
             held_parts.append(select_samples(source, in_held.astype(np.int64)))
@@ -254,91 +235,3 @@ def _ignored_line(encoded) -> str | None:
     return read.ignored_line()
 
 
-def _held_out_rows(pool: list[int], fraction: float, seed: int) -> list[int]:
-    """The same seeded draw as split_held_out, over the rows that normalised (file order)."""
-    if fraction <= 0 or not pool:
-        return []
-    order = list(range(len(pool)))
-    random.Random(seed).shuffle(order)
-    return sorted(pool[i] for i in order[:max(1, round(fraction * len(pool)))])
-
-
-def load_conversations(source: str, split: str, format: str, log=None,
-                       columns: dict | None = None) -> tuple[list[Conversation], list[str], int]:
-    """Every row of a source normalised to messages; refused rows become problem lines, not exceptions.
-
-    With `log`, the fields no format uses are listed there once for the source."""
-    read = read_source(source, split, format, columns=columns)
-    if read.total == 0:
-        raise UserError(f"{source}: no rows")
-    if log is not None and read.ignored:
-        log(escape(read.ignored_line()))
-    return read.rows, read.problems, read.total
-
-
-def read_source(source: str, split: str, format: str, keep: bool = True, columns: dict | None = None) -> SourceRows:
-    """Read and normalise every row of a source; `keep=False` counts and checks rows without keeping them."""
-    read = SourceRows(source, None if format == "auto" else format)
-    for number, row, read.format in normalised_rows(source, split, format, columns):
-        read.total += 1
-        if isinstance(row, ValueError):
-            read.problems.append(f"{source}:{number}: {row}")
-            continue
-        messages, ignored, tools = row
-        if ignored:
-            read.ignored.update(ignored)
-        if keep:
-            read.rows.append(Conversation(messages, source, number, tools))
-    return read
-
-
-def normalised_rows(source: str, split: str, format: str, columns: dict | None = None, streaming: bool = False):
-    """(row number, (messages, ignored fields, tools) or the ValueError refusing the row, the format) for every row
-    of a source; the format is detected from its first object row, where preference data is refused for the file."""
-    fmt = None if format == "auto" else format
-    detected = False
-    for number, value in read_records(source, split, streaming):
-        try:
-            record = object_row(value, columns)
-            if not detected:
-                fmt, detected = first_row_format(record, fmt, f"{source}:{number}"), True
-            yield number, row_messages(record, fmt), fmt
-        except ValueError as err:
-            yield number, err, fmt
-
-
-def split_held_out(rows: list[Conversation], fraction: float, seed: int):
-    """Seeded split; the held-out rows are saved with the run so `finetune eval` reuses exactly them."""
-    if fraction <= 0:
-        return rows, []
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(fraction * len(rows)))
-    held = set(order[:n_eval])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
-
-
-def check_bad_fraction(problems: list[str], total: int, limit: float, log) -> None:
-    if not problems:
-        return
-    shown = "\n".join(f"  - {p}" for p in problems[:_SHOWN_PROBLEMS])
-    more = f"\n  ... and {len(problems) - _SHOWN_PROBLEMS} more" if len(problems) > _SHOWN_PROBLEMS else ""
-    summary = f"{len(problems)} of {total} rows unusable ({len(problems) / total:.1%}):\n{shown}{more}"
-    if len(problems) >= total:  # nothing would train: raising max_bad_fraction is no way out
-        raise UserError(f"{summary}\nNo row is usable; fix the data or set data.format.")
-    if len(problems) / total > limit:
-        raise UserError(f"{summary}\nThat is more than data.max_bad_fraction={limit}; fix the data, set "
-                        "data.format, or raise data.max_bad_fraction to train on the other rows only.")
-    log(f"[yellow]skipping {escape(summary)}[/yellow]")
-
-
-def save_conversations(rows: list[Conversation], path: Path) -> None:
-    with path.open("w", encoding="utf-8") as handle:
-        for conv in rows:
-            saved = {"messages": conv.messages, "source": conv.source, "row": conv.row}
-            handle.write(json.dumps({**saved, "tools": conv.tools} if conv.tools else saved) + "\n")
-
-
-def read_saved_conversations(path: Path) -> list[Conversation]:
-    with path.open(encoding="utf-8") as handle:
-        return [Conversation(**json.loads(line)) for line in handle if line.strip()]

@@ -51,7 +51,7 @@ class Tally:
 
 def stream_samples(source: Source, tokenizer, template: ChatTemplate, max_length: int, tally: Tally):
     """Samples of one source, in file order: {"input_ids", "labels"}."""
-    from finetune.data.prepare import normalised_rows
+    from finetune.data.rows import normalised_rows
 
     for number, row, _ in normalised_rows(source.path, source.split, source.format, source.columns, streaming=True):
         tally.read += 1

@@ -1,9 +1,9 @@
-"""What every training method provides, and the base for every recipe section.
+"""What every training method provides.
 
 A method module has two halves, next to each other:
 - `Options`, its recipe section, which also answers what the rest of finetune asks before any model exists:
   which distributed strategies it works with, whether it brings its own optimizer, and its memory model for
-  `finetune plan`. `distributed.py` and `plan.py` ask these and never branch on a method's name.
+  `finetune plan`. `recipe/distributed.py` and `plan/` ask these and never branch on a method's name.
 - `Method`, built from the options' flat values (never the whole recipe), which the training flow asks five things
   in this order: extra `from_pretrained` arguments, how to make the model trainable, whether it brings its own
   optimizer, which callbacks it needs, and how to write the final weights.
@@ -14,17 +14,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from finetune.recipe.section import Section
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, TrainerCallback
-
-
-class Section(BaseModel):
-    """A recipe section: unknown keys are errors, and each field's docstring is its documentation."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 def train_all(model):
@@ -49,7 +43,7 @@ class MethodOptions(Section):
         """Why this method cannot run under the strategy (`ddp`, `fsdp`, `deepspeed`), with the alternative."""
         return None
 
-    # --- memory model for `finetune plan` (finetune.plan names the components) ---------------------------------
+    # --- memory model for `finetune plan` (finetune.plan.estimate names the components) ---------------------------------
 
     @property
     def steps_in_backward(self) -> bool:
@@ -62,7 +56,7 @@ class MethodOptions(Section):
 
     def planned_rows(self, model, trainable: dict[str, int], setup) -> dict[str, float]:
         """Bytes of the components this method owns: optimizer states, gradients, and any of its own."""
-        from finetune.plan import adam_state_bytes, gradient_bytes
+        from finetune.plan.memory import adam_state_bytes, gradient_bytes
 
         params = dict(model.named_parameters())
         bits = getattr(self, "optim_bits", 32)

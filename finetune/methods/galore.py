@@ -48,7 +48,7 @@ class Options(base.MethodOptions):
         import math
 
         from finetune.optim.galore import low_rank_shape
-        from finetune.plan import adam_state_bytes, gradient_bytes
+        from finetune.plan.memory import adam_state_bytes, gradient_bytes
 
         params, wb = dict(model.named_parameters()), setup.weight_bytes
         projected = projected_weights(model, self.target_modules)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from finetune.methods.base import Section
+from finetune.recipe.section import Section
 
 
 class ObjectiveOptions(Section):

@@ -60,14 +60,14 @@ def trainer_args(options: Options, method, common: dict, max_length: int, packin
 
 def reference_free_args(common: dict, beta: float):
     """The DPOConfig of a reference-free objective (simpo, orpo). TRL's precompute flag is set only so that TRL
-    loads no reference model; PreferenceTrainer then skips the pass itself (finetune.trainer)."""
+    loads no reference model; PreferenceTrainer then skips the pass itself (finetune.run.trainer)."""
     from trl import DPOConfig
 
     return DPOConfig(**common, beta=beta, precompute_ref_log_probs=True, max_length=None)
 
 
 def build_trainer(options, model, args, train, eval, tokenizer, optimizers, callbacks, pair_loss=None, **_):
-    from finetune.trainer import PreferenceTrainer
+    from finetune.run.trainer import PreferenceTrainer
 
     return PreferenceTrainer(model=model, args=args, train_dataset=train, eval_dataset=eval,
                              processing_class=tokenizer, optimizers=optimizers, callbacks=callbacks,

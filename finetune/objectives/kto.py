@@ -53,7 +53,7 @@ def trainer_args(options: Options, method, common: dict, max_length: int, packin
 
 
 def build_trainer(options: Options, model, args, train, eval, tokenizer, optimizers, callbacks, **_):
-    from finetune.trainer import UnpairedPreferenceTrainer
+    from finetune.run.trainer import UnpairedPreferenceTrainer
 
     return UnpairedPreferenceTrainer(model=model, args=args, train_dataset=train, eval_dataset=eval,
                                      processing_class=tokenizer, optimizers=optimizers, callbacks=callbacks)

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning: the assistant's tokens' cross-entropy, through TRL's SFTTrainer (finetune.trainer)."""
+"""Supervised fine-tuning: the assistant's tokens' cross-entropy, through TRL's SFTTrainer (finetune.run.trainer)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def trainer_args(options: Options, method, common: dict, max_length: int, packin
 
 
 def build_trainer(options: Options, model, args, train, eval, tokenizer, optimizers, callbacks, token_metrics):
-    from finetune.trainer import Trainer
+    from finetune.run.trainer import Trainer
 
     return Trainer(model=model, args=args, train_dataset=train, eval_dataset=eval, processing_class=tokenizer,
                    optimizers=optimizers, callbacks=callbacks, token_metrics=token_metrics)

@@ -4,7 +4,7 @@ The implicit reward of an answer is beta x its mean per-token log-probability, a
 rejected one's by a margin gamma: loss = -log sigmoid(beta x (mean logp chosen - mean logp rejected) - gamma). No
 reference forward, no precomputed pass: every method trains it as it trains SFT. The loss is written here (ten
 lines) rather than taken from TRL's CPOTrainer, an experimental trainer that tokenises rows itself from text and
-so could not take finetune's prepared pairs; the rest of the step is TRL's DPOTrainer (finetune.trainer)."""
+so could not take finetune's prepared pairs; the rest of the step is TRL's DPOTrainer (finetune.run.trainer)."""
 
 from __future__ import annotations
 

@@ -177,7 +177,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.is_last_micro_batch = is_last_micro_batch
         # The step's summed squared gradient norms, one running 0-d tensor per device, zeroed (not replaced) each
         # step: a tensor kept per parameter would pin small heap blocks among the freed gradients, and on CPU the
-        # heap then cannot shrink (`scripts/bench.py` showed the higher peak for 8-bit layer-wise full training).
+        # heap then cannot shrink (`benchmarks/bench.py` showed the higher peak for 8-bit layer-wise full training).
         self._squared_norms: dict[torch.device, torch.Tensor] = {}
         super().__init__([s.param for s in steppers.values()], {"lr": lr})
         self.steppers: dict[str, ParamStepper] = {}
@@ -230,7 +230,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         micro-batch. DDP keeps its own gradient buckets for every parameter, so under DDP the saving is the
         optimizer step overlapped with backward, not gradient memory.
         """
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import (
+            allreduce_hook,
+        )
 
         for hook in self._hooks.values():
             hook.remove()

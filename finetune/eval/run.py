@@ -1,0 +1,26 @@
+"""`finetune eval`: which evaluation a target gets (preference scores for pairs and labelled answers, SFT scores
+for conversations), on the rows the run held out or the ones given."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune.eval.preference import held_out_pairs, run_preference_eval
+from finetune.eval.sft import held_out_rows, run_sft_eval
+from finetune.eval.targets import resolve_target
+
+
+def run_eval(target: str, recipe: Path | None = None, data: Path | None = None, compare_base: bool = False,
+             max_samples: int | None = None, max_new_tokens: int = 64, batch_size: int = 8,
+             output: Path | None = None, log=print) -> dict:
+    """Evaluate a run or model (and optionally its base) on the same rows; write eval.json and eval.md."""
+    where = resolve_target(target, output)
+    if recipe is not None:
+        from finetune.recipe.load import load_recipe
+
+        where.fold_system = load_recipe(recipe).data.fold_system
+    pairs = held_out_pairs(target, recipe, data)
+    if pairs is not None:
+        return run_preference_eval(target, where, pairs[:max_samples], batch_size, recipe, log)
+    rows = held_out_rows(target, recipe, data)[:max_samples]
+    return run_sft_eval(target, where, rows, compare_base, max_new_tokens, batch_size, log)

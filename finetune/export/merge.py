@@ -1,0 +1,95 @@
+"""`finetune merge`: fold a LoRA adapter into its base and save a standalone checkpoint.
+
+Merging happens in fp32 (adding a low-rank product to bf16 weights loses the small updates) and the result is
+cast at the end. Before saving, the merged model's logits are checked against adapter-on-base on held-out rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from finetune.errors import UserError
+
+#: Largest logit difference accepted between merged and adapter-on-base, both in fp32. Merging reorders the
+#: same additions, so differences are rounding: ~1e-5 on small models; 1e-3 leaves room for 7B-sized sums.
+LOGIT_TOLERANCE = 1e-3
+CHECK_ROWS = 4
+
+
+def merge_run(run_dir: Path, output: Path, dtype: str = "fp32", log=print) -> dict:
+    import torch
+
+    from finetune.data.rows import read_saved_conversations
+    from finetune.data.template import encode_samples
+    from finetune.eval.targets import run_base_model
+    from finetune.models.load import (
+        load_adapter,
+        load_model,
+        load_tokenizer,
+        write_generation_config,
+    )
+    from finetune.models.weights import check_adapter_dir, check_model_dir
+    from finetune.run.rundir import finished_run, weights_hash
+
+    info = finished_run(run_dir)
+    if info is None:
+        raise UserError(f"{run_dir}: not a run directory (no run.json)")
+    if info["artifact"] != "adapter":
+        raise UserError(f"{run_dir}: a `{info['method']}` run saves a full model in {run_dir / 'model'}; only LoRA "
+                        "runs have an adapter to merge. Use that directory directly.")
+    if output.exists() and any(output.iterdir()):
+        raise UserError(f"{output} is not empty; choose another --output (nothing was written)")
+    base_path = run_base_model(info)
+    if not Path(base_path).is_dir():  # the hash below needs the weights on disk
+        raise UserError(f"base model `{info.get('base_model')}` not found at {info.get('base_model_path')}; the "
+                        "adapter can only be merged into the exact base it was trained on")
+    adapter = run_dir / "adapter"
+    check_model_dir(base_path)  # a damaged file gets its own message, not a hash mismatch
+    check_adapter_dir(adapter)
+    found = weights_hash(base_path)
+    if info.get("base_weights_sha256") and found != info["base_weights_sha256"]:
+        raise UserError(f"base model at {base_path} has weights sha256 {found[:12]}..., but the run was trained on "
+                        f"{info['base_weights_sha256'][:12]}...; merging into different weights gives a broken model")
+
+    tokenizer, _ = load_tokenizer(str(adapter))
+    log(f"merging {adapter} into {base_path} (fp32)")
+    base = load_model(base_path, torch.float32, "eager", vocab_size=len(tokenizer))
+    model = load_adapter(base, adapter).eval()
+    rows = read_saved_conversations(run_dir / "held_out.jsonl")[:CHECK_ROWS] if (run_dir / "held_out.jsonl").exists() else []
+    probes = [encode_samples(tokenizer, r.messages, 512, r.tools)[0].input_ids for r in rows] or [
+        tokenizer("Hello, world")["input_ids"]]
+    with torch.no_grad():
+        before = [model(input_ids=torch.tensor([ids])).logits for ids in probes]
+        merged = model.merge_and_unload()
+        after = [merged(input_ids=torch.tensor([ids])).logits for ids in probes]
+    max_diff = max((a - b).abs().max().item() for a, b in zip(before, after))
+    log(f"max |logit difference| merged vs adapter-on-base on {len(probes)} row(s): {max_diff:.2e}")
+    if max_diff > LOGIT_TOLERANCE:
+        raise UserError(f"merged logits differ from adapter-on-base by {max_diff:.2e} (> {LOGIT_TOLERANCE}); "
+                        "not saving a model that behaves differently from the adapter")
+
+    target_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    merged = merged.to(target_dtype)
+    merged.config.use_cache = True
+    output.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(output)
+    tokenizer.save_pretrained(output)  # with the template the adapter was trained with
+    from finetune.run.card import write_model_card
+
+    write_model_card(run_dir, output, merged=True)
+    write_generation_config(output, tokenizer, base_path)  # stops on the trained end-of-turn token
+    record = {
+        "base_model": info["base_model"],
+        "base_model_path": base_path,
+        "base_weights_sha256": found,
+        "adapter": str(adapter.resolve()),
+        "adapter_sha256": hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest(),
+        "dtype": dtype,
+        "max_logit_diff": max_diff,
+        "check_rows": len(probes),
+    }
+    (output / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
+    log(f"saved {output}")
+    return record

@@ -1,0 +1,142 @@
+"""Every `from_pretrained` lives here: model and tokenizer loading, the chat template a run trains with, dtype and attention."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+from finetune.data.template import chat_template as template_of
+from finetune.data.template import choose_template, stop_token_ids
+from finetune.errors import UserError
+from finetune.models.gguf import ensure_embedded, import_gguf
+from finetune.models.registry import EMBEDDED
+from finetune.models.weights import check_adapter_dir, check_model_dir, pickle_refused
+from finetune.paths import cache_dir
+
+
+def resolve_model_path(name_or_path: str, log=print) -> str:
+    """A local directory for aliases and .gguf files (converting once, cached); hub ids pass through."""
+    if name_or_path in EMBEDDED:
+        return str(ensure_embedded(name_or_path, log))
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model.name_or_path: GGUF file `{name_or_path}` not found")
+        target = cache_dir() / "gguf" / f"{path.stem}-{path.stat().st_size}"
+        if not (target / "config.json").exists():
+            import_gguf(path, target, log)
+        return str(target)
+    return str(path) if path.exists() else name_or_path
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: str = "auto"):
+    """The tokenizer with the chat template a run trains with (`data.chat_template`: auto, chatml, model or a
+    .jinja path). Returns (tokenizer, ids of tokens added for ChatML)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise UserError(f"could not load a tokenizer from `{path}`: {err}") from None
+    try:
+        text, _, missing = choose_template(tokenizer, chat_template)
+    except ValueError as err:
+        raise UserError(f"{path}: {err}") from None
+    if missing:
+        # Base models (Llama-2, ...) lack the ChatML markers; as text they would cost ~6 tokens each and be
+        # split inconsistently, so they become special tokens whose embedding rows the method must train.
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    added = tokenizer.convert_tokens_to_ids(missing)
+    tokenizer.chat_template = text
+    if tokenizer.pad_token is None:
+        # Padding never reaches the loss (labels are -100 there), so any token will do; eos is always present.
+        tokenizer.pad_token = tokenizer.eos_token or "<|im_end|>"
+    return tokenizer, added
+
+
+def template_for(tokenizer, chat_template: str = "auto", fold_system: bool = False, where: str = "model"):
+    """The loaded tokenizer's template with its end-of-turn token (finetune.data.template.ChatTemplate)."""
+    name = None if chat_template in ("auto", "chatml", "model") else chat_template
+    try:
+        return template_of(tokenizer, name, fold_system)
+    except ValueError as err:
+        raise UserError(f"{where}: {err}") from None
+
+
+def write_generation_config(directory: Path, tokenizer, base: str | None = None) -> list[int]:
+    """Make `generate()` stop on the trained end-of-turn token: generation_config.json in `directory` (a saved model,
+    an adapter, a merged model) gets it among its eos_token_id, keeping the base's own stop tokens and settings.
+    Returns the stop ids written."""
+    from transformers import GenerationConfig
+
+    config = None
+    for source in (directory, base):
+        if source is not None and (Path(source) / "generation_config.json").is_file():
+            config = GenerationConfig.from_pretrained(source)
+            break
+    config = config or GenerationConfig(bos_token_id=tokenizer.bos_token_id)
+    given = config.eos_token_id
+    stops = list(dict.fromkeys([*(given if isinstance(given, list) else [given] if given is not None else []),
+                                *stop_token_ids(tokenizer)]))
+    config.eos_token_id = stops if len(stops) > 1 else stops[0]
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    config.save_pretrained(directory)
+    return stops
+
+
+def resolve_dtype(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    # fp16 keeps fp32 master weights; the trainer's fp16 autocast does the rest (see ModelSection.dtype).
+    return {"bf16": torch.bfloat16, "fp16": torch.float32, "fp32": torch.float32}[name]
+
+
+def resolve_attention(name: str) -> str:
+    import importlib.util
+
+    import torch
+
+    if name != "auto":
+        return name
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(path: str, dtype, attn_implementation: str, trust_remote_code: bool = False,
+               vocab_size: int | None = None, **load_kwargs):
+    """The causal LM in the given dtype and attention implementation, embeddings grown to `vocab_size`."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    check_model_dir(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+            **load_kwargs,
+        )
+    except pickle.UnpicklingError as err:  # torch's weights-only loading refused a pickle: nothing was run
+        raise UserError(pickle_refused(path, err)) from None
+    except (OSError, ValueError, ImportError, SafetensorError) as err:
+        raise UserError(f"could not load model `{path}`: {err}") from None
+    if vocab_size is not None and vocab_size > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(vocab_size, mean_resizing=True)
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    return model
+
+
+def load_adapter(model, adapter_dir: Path):
+    """`model` with the peft adapter saved in `adapter_dir` applied; its files are checked first."""
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    check_adapter_dir(adapter_dir)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir))  # a str: peft takes a Path for a hub id
+    except pickle.UnpicklingError as err:
+        raise UserError(pickle_refused(adapter_dir, err)) from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # RuntimeError: shapes that do not fit
+        raise UserError(f"{adapter_dir}: could not apply the LoRA adapter to its base model: {err}") from None

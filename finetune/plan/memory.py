@@ -1,0 +1,51 @@
+"""Memory arithmetic that the plan and the methods' own memory models share: what a training step holds, and the
+byte counts of optimizer states and gradients. A leaf: it imports nothing of finetune's."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+GIB = 2**30
+#: CUDA context, cuBLAS workspaces and allocator slack that `max_memory_allocated` does not show but the card
+#: must hold. 1 GiB is what a PyTorch process on an H100/4090 typically carries beyond its tensors.
+CUDA_OVERHEAD = 1.0 * GIB
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How the model trains: what memory depends on besides the method."""
+
+    weight_bytes: int  # 4 fp32, 2 bf16 (fp16 training keeps fp32 weights)
+    seq_len: int
+    batch: int
+    accumulation: int
+    checkpointing: bool
+    attention: str  # sdpa, flash_attention_2 or eager
+    overhead_bytes: float = CUDA_OVERHEAD
+    device: str = "cuda"  # optimizer kernels differ: fused on CUDA, per-tensor with temporaries on CPU
+    processes: int = 1  # GPUs sharing the work
+    sharded: tuple[str, ...] = ()  # components divided over them: "weights", "gradients", "optimizer states"
+    sequences: int = 1  # sequences per row through the model at once (2 for a preference pair: chosen, rejected)
+
+
+#: What each strategy splits over the processes (DDP: nothing, every GPU holds a replica).
+SHARDED = {"fsdp": ("weights", "gradients", "optimizer states"), 1: ("optimizer states",),
+           2: ("gradients", "optimizer states"), 3: ("weights", "gradients", "optimizer states")}
+
+
+def adam_state_bytes(numel: int, bits: int, param_bytes: int) -> int:
+    """Two moments. torch AdamW keeps them in the parameter's dtype; bitsandbytes' 8-bit AdamW stores tensors
+    of at least 4096 elements in one byte each (plus a 4-byte scale per 2048), smaller ones in fp32."""
+    if bits == 8 and numel >= 4096:
+        return 2 * (numel + 4 * math.ceil(numel / 2048))
+    return 2 * numel * (4 if bits == 8 else param_bytes)
+
+
+def gradient_bytes(trainable, params, wb, layerwise, accumulation) -> float:
+    """All trainable gradients at once; layer-wise with no accumulation holds only the largest one at a time
+    (each is freed right after its parameter steps)."""
+    sizes = [params[n].numel() for n in trainable if n in params]
+    if layerwise and accumulation == 1:
+        return max(sizes, default=0) * wb
+    return sum(sizes) * wb

@@ -1,0 +1,55 @@
+"""How `finetune plan` shows its estimate: one row per method with its memory grouped into the columns a decision
+needs, narrow enough for an 80-column terminal, and the same numbers in full as JSON for scripts (`--json`)."""
+
+from __future__ import annotations
+
+from rich import box
+from rich.table import Table
+
+from finetune.plan.memory import GIB
+
+#: Table column -> the plan's components it adds up (each listed in the legend).
+COLUMNS = {
+    "weights": ("weights",),
+    "state": ("optimizer states", "galore projectors", "lora adapters"),
+    "grads": ("gradients",),
+    "activ": ("activations",),
+    "loss": ("loss (LM head)",),
+    "other": ("transient", "framework overhead", "gathered layers"),
+}
+LEGEND = ("state: optimizer states, GaLore projectors and LoRA adapters; activ: saved activations; loss: the LM head's "
+          "loss; other: step temporaries, framework overhead and gathered layers. peak = weights + state + other "
+          "plus the largest moment of a step (loss backward, end of backward, optimizer step), not the row's sum.")
+
+
+def method_label(key: str, recipe_method: str) -> str:
+    return f"recipe ({recipe_method})" if key == "recipe" else key
+
+
+def plan_table(result: dict, recipe_method: str, title: str) -> Table:
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), title_justify="left")
+    table.add_column("method (GiB)", overflow="fold", ratio=1)
+    for name in (*COLUMNS, "peak"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("fits", justify="center", no_wrap=True)
+    for key, estimate in result["estimates"].items():
+        cells = [f"{sum(estimate.get(c, 0.0) for c in parts) / GIB:.2f}" for parts in COLUMNS.values()]
+        fits = estimate["total"] <= result["budget"]
+        table.add_row(method_label(key, recipe_method), *cells, f"{estimate['total'] / GIB:.2f}",
+                      "[green]yes[/green]" if fits else "[red]no[/red]")
+    return table
+
+
+def plan_json(result: dict, recipe_method: str) -> dict:
+    """Every component of every method in GiB, the setup, the verdict and the cheapest fix."""
+    setup = result["setup"]
+    return {
+        "parameters": result["parameters"],
+        "setup": {k: getattr(setup, k) for k in ("seq_len", "batch", "sequences", "accumulation", "checkpointing",
+                                                 "attention", "weight_bytes", "processes")},
+        "budget_gib": result["budget"] / GIB,
+        "fits": result["fits"],
+        "fix": result["fix"],
+        "methods": {method_label(k, recipe_method): {c: v / GIB for c, v in e.items()}
+                    for k, e in result["estimates"].items()},
+    }
