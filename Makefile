@@ -17,10 +17,12 @@ model: install
 	$(FINETUNE) pull smollm2-135m-instruct
 
 test: install model
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
 # The unit tier for the edit loop (tiny model, no subprocesses, no embedded model): under 2 minutes.
 test-fast: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -m "not slow" tests
 
 demo: install model

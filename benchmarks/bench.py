@@ -82,7 +82,8 @@ LISA_SET = ["full AdamW", "LoRA r=8 all-linear", "LISA g=2 K=2", "LISA g=2 K=2 8
 
 
 def run_variant(name: str, variant: dict, common: dict, workdir: Path, run: int = 0) -> dict:
-    spec = {**common, **variant, "out": str(workdir / f"{name.replace(' ', '_').replace(':', '').replace(',', '')}-{run}")}
+    slug = name.replace(' ', '_').replace(':', '').replace(',', '')
+    spec = {**common, **variant, "out": str(workdir / f"{slug}-{run}")}
     spec["data"] = common["variable_data" if variant.get("rows") == "variable" else "data"]
     result = run_child(spec, TIMING_ENV)
     if "error" not in result:
@@ -163,7 +164,8 @@ def markdown(table: dict) -> str:
                                                                       "time_vs_full")}  # no full AdamW row: none
         lines.append(f"| {name} | {row['median_step_s']:.3f} | {row['tokens_per_s']:.0f} | {row['peak_gb']:.3f} | "
                      f"{ratio['peak_vs_full']} | {row['above_baseline_gb']:.3f} | {ratio['above_baseline_vs_full']} | "
-                     f"{tensors} | {ratio['time_vs_full']} | " + (f"{plan:.3f} | {plan / row['peak_gb']:.2f} |" if plan else "— | — |"))
+                     f"{tensors} | {ratio['time_vs_full']} | "
+                     + (f"{plan:.3f} | {plan / row['peak_gb']:.2f} |" if plan else "— | — |"))
     return "\n".join(lines)
 
 
@@ -284,7 +286,8 @@ def main() -> None:
     table = summarise(results, 0, args.seq_len, args.batch)
     command = "python -m benchmarks.bench " + shlex.join(sys.argv[1:])  # quoted: variant names have spaces
     header = (f"`{command}` — {time.strftime('%Y-%m-%d')} — {machine()}\n"
-              f"model {args.arch + ' (random weights)' if args.arch else args.model}, seq {args.seq_len} x batch {args.batch}, {args.steps} steps "
+              f"model {args.arch + ' (random weights)' if args.arch else args.model}, "
+              f"seq {args.seq_len} x batch {args.batch}, {args.steps} steps "
               f"(median over steps after the first {args.warmup}"
               + (f", pooled over {args.repeat} interleaved rounds" if args.repeat > 1 else "") + "), "
               f"GaLore rank {args.galore_rank} gap {args.gap}, "

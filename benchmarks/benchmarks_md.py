@@ -1,5 +1,5 @@
-"""Assemble BENCHMARKS.md from the tables benchmarks/bench.py and benchmarks/plan_check.py wrote into benchmarks/results/ (verbatim:
-nothing typed by hand)."""
+"""Assemble BENCHMARKS.md from the tables benchmarks/bench.py and benchmarks/plan_check.py wrote into
+benchmarks/results/ (verbatim: nothing typed by hand)."""
 
 from pathlib import Path
 
@@ -17,6 +17,9 @@ SECTIONS = [
      "plan-check-smollm2-cpu-4mib.md"),
     ("finetune against plain transformers.Trainer (+ peft) on the same job, and its start-up, CPU",
      "overhead-smollm2-cpu.md"),
+    ("The same at batch 4 without checkpointing, logging every step, steps 4-16", "overhead-b4-smollm2-cpu.md"),
+    ("Where a step's time goes, finetune against the plain-Trainer peer (cProfile), CPU",
+     "profile-overhead-smollm2-cpu.md"),
     ("Padding-free packing on chat-length rows, CPU", "packing-smollm2-cpu.md"),
     ("Data preparation at scale (`benchmarks/data_bench.py`), CPU", "data-prep.md"),
     ("GPU acceptance check (`make gpu-check`): Llama-2-7B, every method, 24 GiB cap", "gpu-check-llama2-7b.md"),
@@ -27,8 +30,13 @@ GPU = ("## GPU: `python -m benchmarks.bench --arch llama2-7b --seq-len 2048` (bf
 
 
 def main() -> None:
-    parts = ["# Benchmarks\n", "Every table below is the verbatim output of `benchmarks/bench.py`, `benchmarks/plan_check.py`, `benchmarks/gpu_check.py` or `benchmarks/data_bench.py` (command, date, machine and "
-             "versions in its first line); `python -m benchmarks.benchmarks_md` rebuilds this file from `benchmarks/results/`.\n"]
+    parts = ["# Benchmarks\n", "Every table below is the verbatim output of `benchmarks/bench.py`, "
+             "`benchmarks/plan_check.py`, `benchmarks/gpu_check.py`, `benchmarks/data_bench.py` or "
+             "`benchmarks/profile_overhead.py` (command, date, "
+             "machine and versions in its first line); `python -m benchmarks.benchmarks_md` rebuilds this file from "
+             "`benchmarks/results/`. Tables made before the harness moved out of the package name it as it was then "
+             "(`python scripts/<name>.py ... --out bench/...`): the same scripts, now `python -m benchmarks.<name>`, "
+             "writing into `benchmarks/results/`.\n"]
     for title, name in SECTIONS:
         path = ROOT / "benchmarks" / "results" / name
         if path.exists():

@@ -36,7 +36,7 @@ class RSSSampler:
             self.peak_bytes = max(self.peak_bytes, self._current())
             self._stop.wait(self.interval_s)
 
-    def start(self) -> "RSSSampler":
+    def start(self) -> RSSSampler:
         self.peak_bytes = self._current()
         self._thread.start()
         return self
@@ -57,7 +57,7 @@ class TensorPeak:
     adds the tensors then reachable from Python (weights, buffers, anything a trainer holds). The profiler slows the
     steps, so timing runs do not use it."""
 
-    def start(self) -> "TensorPeak":
+    def start(self) -> TensorPeak:
         from torch.profiler import ProfilerActivity, profile
 
         self.live_bytes = live_tensor_bytes()
@@ -89,6 +89,6 @@ def live_tensor_bytes() -> int:
             if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
                 storage = obj.untyped_storage()
                 storages[storage.data_ptr()] = storage.nbytes()
-        except Exception:  # noqa: BLE001 - odd tensor subclasses (fake, functional) have no storage to count
+        except Exception:  # broad: odd tensor subclasses (fake, functional) have no storage to count
             continue
     return sum(storages.values())

@@ -18,7 +18,8 @@ Without CUDA the same flow runs as a smoke test on the tiny test Llama (seconds 
 part (QLoRA, the memory cap, the 7B architecture, flash-attention) is listed as skipped in the table.
 
     python -m benchmarks.gpu_check --out benchmarks/results/gpu-check-llama2-7b.md      # or: make gpu-check
-    python -m benchmarks.gpu_check --seq-len 2048 --batch 2 --methods galore lora --out benchmarks/results/gpu-check-2048.md
+    python -m benchmarks.gpu_check --seq-len 2048 --batch 2 --methods galore lora \\
+        --out benchmarks/results/gpu-check-2048.md
 
 Writes a markdown table (stdout and --out .md) and a JSON file beside it.
 """
@@ -39,7 +40,6 @@ import time
 from pathlib import Path
 
 from benchmarks.bench import VARIANTS, machine, make_tiny, summarise
-
 from benchmarks.measure import ROOT, TIMING_ENV, planned_gb, write_rows
 from finetune.plan.memory import CUDA_OVERHEAD
 
@@ -76,10 +76,9 @@ def child(spec: dict) -> dict:
         total = torch.cuda.get_device_properties(0).total_memory
         # a card smaller than the cap is simply used whole (the fraction must not exceed 1)
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec["cap_gib"] * GIB / total))
-        random_weights = measure.use_random_weights
-        measure.use_random_weights = lambda arch: gpu_random_weights(random_weights, arch)
+    loader = gpu_random_loader(spec["arch"]) if torch.cuda.is_available() and spec.get("arch") else None
     try:
-        result = measure.child(spec)
+        result = measure.child(spec, loader)
     except Exception as err:  # OOM may surface as torch.OutOfMemoryError or a library's RuntimeError
         if not (isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()):
             raise
@@ -92,18 +91,17 @@ def child(spec: dict) -> dict:
     return result
 
 
-def gpu_random_weights(use_random_weights, arch: str, device: str = "cuda") -> None:
+def gpu_random_loader(arch: str, device: str = "cuda"):
     """benchmarks.measure's random-weight loader, with two changes for the GPU check: the weights are initialised
     on the GPU (drawing 6.7B random normals is the slow part of a CPU load, and every method loads), and a
-    quantization config (QLoRA) is
-    honoured, which measure's loader ignores: the random weights go through transformers' own bitsandbytes
-    loading, as a checkpoint on disk would (tests/test_gpu_check.py runs this on the CPU)."""
+    quantization config (QLoRA) is honoured, which measure's loader ignores: the random weights go through
+    transformers' own bitsandbytes loading, as a checkpoint on disk would (tests/benchmarks/test_gpu_check.py runs
+    this on the CPU)."""
     import torch
 
-    import finetune.models.load as modeling
+    from benchmarks.measure import random_loader
 
-    use_random_weights(arch)
-    random_model = modeling.load_model
+    random_model = random_loader(arch)
 
     def load(path, dtype, attn_implementation, trust_remote_code=False, vocab_size=None, quantization_config=None,
              **load_kwargs):
@@ -122,12 +120,12 @@ def gpu_random_weights(use_random_weights, arch: str, device: str = "cuda") -> N
         model.config.use_cache = False
         return model
 
-    modeling.load_model = load
+    return load
 
 
 def run_capped(spec: dict, timeout: float) -> dict:
     """One method in a fresh process (this file's --child), killed with its process group after `timeout` s."""
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_check", "--child", json.dumps(spec)], cwd=ROOT,
                             env={**os.environ, **TIMING_ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:

@@ -1,5 +1,5 @@
 """One measured training run in a fresh process, and the plan's prediction for it (used by benchmarks/bench.py,
-benchmarks/plan_check.py and tests/test_plan.py).
+benchmarks/plan_check.py and tests/plan/test_plan.py).
 
     python -m benchmarks.measure SPEC_JSON     # prints one JSON line: step times, peak memory, baseline, ...
 
@@ -35,8 +35,8 @@ MEMORY_CHECK_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "TOKENIZERS_PARALLELISM":
 
 def run_child(spec: dict, env: dict) -> dict:
     """Runs one spec in a fresh process; {"error": last stderr lines} when it fails."""
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.measure", json.dumps(spec)], capture_output=True, text=True,
-                          env={**os.environ, **env}, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.measure", json.dumps(spec)], capture_output=True,
+                          text=True, env={**os.environ, **env}, cwd=ROOT)
     if proc.returncode != 0:
         return {"error": " | ".join(proc.stderr.strip().splitlines()[-3:])}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -93,8 +93,9 @@ def write_rows(path: Path, n: int, seq_len: int, seed: int = 0, variable: bool =
                                                   {"role": "assistant", "content": answer}]}) + "\n")
 
 
-def child(spec: dict) -> dict:
-    """Runs inside the subprocess: one variant, measured."""
+def child(spec: dict, loader=None) -> dict:
+    """Runs inside the subprocess: one variant, measured. `loader` replaces the model loader (finetune's
+    load_model arguments); a spec with "arch" trains random weights of that architecture unless one is given."""
     import torch
 
     from benchmarks.cpu_memory import RSSSampler
@@ -102,12 +103,17 @@ def child(spec: dict) -> dict:
     torch.manual_seed(0)
     if "peer" in spec:
         return peer_child(spec)
-    import datasets  # noqa: F401, E401 - loaded before the baseline is read
-
-    if spec.get("arch"):
-        use_random_weights(spec["arch"])
-    baseline = baseline_before_model_load()
+    import datasets  # noqa: F401 - loaded before the baseline is read
+    import peft  # noqa: F401 - the same
+    import transformers  # noqa: F401 - the same
+    import trl  # noqa: F401 - the same
     from transformers import TrainerCallback
+
+    from finetune.models.load import load_model
+
+    if spec.get("arch") and loader is None:
+        loader = random_loader(spec["arch"])
+    baseline, loader = baseline_before_model_load(loader or load_model)
 
     from finetune.recipe.schema import Recipe
     from finetune.run.flow import run_training
@@ -123,7 +129,7 @@ def child(spec: dict) -> dict:
     })
     sampler, step_peaks = RSSSampler(), []
     tensor_peak = tensor_peak_for(spec)
-    refresh = time_refreshes()
+    refresh, methods = {}, []
 
     trained = {}
 
@@ -142,6 +148,7 @@ def child(spec: dict) -> dict:
             self.final_peak = sampler.stop()  # the steps alone
             if tensor_peak:
                 trained["tensor_peak_gb"] = tensor_peak.stop()
+            refresh.update(refresh_times(methods[0]))
             raise StepsDone  # a measurement needs no final eval or save (a 7B checkpoint takes minutes to write)
 
         def on_step_end(self, *a, **k):
@@ -154,18 +161,45 @@ def child(spec: dict) -> dict:
     measure, phases, clock = Measure(), PhaseTimer(), StepClock()
 
     def watch(trainer, method):  # the production trainer, plus the measuring callbacks
-        trainer.add_callback(measure)
+        methods.append(method)
         trainer.add_callback(clock.callback())
-        phases.attach(trainer)
+        if spec.get("profile"):
+            trainer.add_callback(step_profiler(spec))
+        else:  # the phase timer's wrappers would show in the profile
+            phases.attach(trainer)
+        trainer.add_callback(measure)  # last: its on_train_end stops the run
 
-    hooks = Hooks(on_trainer=watch)
+    hooks = Hooks(load_model=loader, on_trainer=watch)
     try:
         run_training(recipe, Path("bench.yaml"), log=lambda *_: None, hooks=hooks)
     except StepsDone:
         pass
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else max(step_peaks + [measure.final_peak])
+    peak = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
+            else max(step_peaks + [measure.final_peak]))
     return {"step_seconds": clock.seconds, "step_tokens": clock.tokens, "peak_gb": peak, "step_peaks_gb": step_peaks,
             "baseline_gb": baseline["gb"], "phase_seconds": phases.steps, **trained, **refresh}
+
+
+def step_profiler(spec: dict):
+    """With spec["profile"] (a path): a callback that runs cProfile over the training steps (train begin to end, so
+    loading and the final save are left out) and writes its stats there, for benchmarks/profile_overhead.py."""
+    if not spec.get("profile"):
+        return None
+    import cProfile
+
+    from transformers import TrainerCallback
+
+    profiler = cProfile.Profile()
+
+    class Profiled(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            profiler.enable()
+
+        def on_train_end(self, *a, **k):
+            profiler.disable()
+            profiler.dump_stats(spec["profile"])
+
+    return Profiled()
 
 
 def tensor_peak_for(spec: dict):
@@ -247,22 +281,11 @@ class PhaseTimer:
         trainer.add_callback(Phases())
 
 
-def time_refreshes() -> dict:
-    """Time every GaLore subspace refresh (the SVDs) of the run; returned dict fills in as training runs."""
-    from finetune.optim.galore import Projector
-
-    totals = {"refresh_seconds": 0.0, "refreshes": 0}
-    original = Projector.get_orthogonal_matrix
-
-    def timed(self, *args, **kwargs):
-        start = time.perf_counter()
-        result = original(self, *args, **kwargs)
-        totals["refresh_seconds"] += time.perf_counter() - start
-        totals["refreshes"] += 1
-        return result
-
-    Projector.get_orthogonal_matrix = timed
-    return totals
+def refresh_times(method) -> dict:
+    """Every GaLore subspace refresh (the SVDs) of the run, counted and timed by the method's projectors."""
+    projectors = getattr(method, "projectors", [])
+    return {"refresh_seconds": sum(p.refresh_seconds for p in projectors),
+            "refreshes": sum(p.refreshes for p in projectors)}
 
 
 def process_baseline() -> float:
@@ -274,28 +297,25 @@ def process_baseline() -> float:
     return 0.0 if torch.cuda.is_available() else RSSSampler().start().stop()
 
 
-def baseline_before_model_load() -> dict:
-    """The returned dict gets {"gb": ...} when the production loader starts building the model: the resident GiB
-    then (interpreter, libraries, tokenizer, tokenized data: host memory that a GPU's peak does not count, and that
-    the plan's framework-overhead row stands for)."""
-    import finetune.models.load as modeling
-
-    load, baseline = modeling.load_model, {}
+def baseline_before_model_load(load):
+    """(baseline, loader): the returned dict gets {"gb": ...} when the loader starts building the model: the
+    resident GiB then (interpreter, libraries, tokenizer, tokenized data: host memory that a GPU's peak does not
+    count, and that the plan's framework-overhead row stands for)."""
+    baseline = {}
 
     def measured_load(*args, **kwargs):
         baseline["gb"] = process_baseline()
         return load(*args, **kwargs)
 
-    modeling.load_model = measured_load
-    return baseline
+    return baseline, measured_load
 
 
-def use_random_weights(arch: str) -> None:
-    """Train a randomly initialised model of a known architecture (same compute and memory as the real one,
-    no download): the production loader is swapped for one that builds the model from the bundled config.
-    The embedded model's tokenizer encodes the rows; the bench's words all map below 32000, the smallest
-    vocabulary among the known architectures."""
-    import finetune.models.load as modeling
+def random_loader(arch: str):
+    """A model loader (finetune's load_model arguments) that builds a randomly initialised model of a known
+    architecture: the same compute and memory as the real one, no download. The embedded model's tokenizer encodes
+    the rows; the bench's words all map below 32000, the smallest vocabulary among the known architectures."""
+    import torch
+
     from finetune.models.registry import load_config
 
     config = load_config(arch)
@@ -309,15 +329,14 @@ def use_random_weights(arch: str) -> None:
         model.config.use_cache = False
         return model
 
-    import torch
-
-    modeling.load_model = random_model
+    return random_model
 
 
 def peer_child(spec: dict) -> dict:
     """The same rows through plain transformers.Trainer: what a user of the libraries alone gets."""
-    import peft  # noqa: F401, E401 - loaded before the baseline is read
+    import peft  # noqa: F401 - loaded before the baseline is read
     import torch
+    import trl  # noqa: F401 - the same
     from transformers import (
         AutoModelForCausalLM,
         DataCollatorForSeq2Seq,
@@ -376,7 +395,7 @@ def peer_child(spec: dict) -> dict:
     # collator (TRL's) does, so both runs feed the model the same tensors
     collate = DataCollatorForSeq2Seq(tokenizer, padding=True)
     trainer = Trainer(model=model, args=args, train_dataset=data.train, data_collator=collate,
-                      callbacks=[Measure(), clock.callback()])
+                      callbacks=[Measure(), clock.callback(), *filter(None, [step_profiler(spec)])])
     trainer.train()
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else sampler.stop()
     return {"step_seconds": clock.seconds, "peak_gb": peak, "baseline_gb": baseline, **measured}

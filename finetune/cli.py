@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -34,7 +34,7 @@ errors = Console(stderr=True)
 
 Debug = Annotated[bool, typer.Option("--debug", help="Show the Python traceback of errors.")]
 Sets = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", help="Override a recipe value: dotted.key=value (YAML value). Repeatable."),
 ]
 
@@ -83,14 +83,19 @@ def _quiet_libraries() -> None:
 def train(
     recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
     set_: Sets = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory (overrides train.output_dir).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Run directory (overrides train.output_dir).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty run directory.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue from the run directory's last checkpoint.")] = False,
-    nproc: Annotated[Optional[int], typer.Option(min=1, help="Processes (GPUs) per machine: distributed.num_processes.")] = None,
-    num_machines: Annotated[Optional[int], typer.Option(min=1, help="Machines: distributed.num_machines.")] = None,
-    machine_rank: Annotated[Optional[int], typer.Option(min=0, help="This machine's index: distributed.machine_rank.")] = None,
-    main_process_ip: Annotated[Optional[str], typer.Option(help="Address of machine 0: distributed.main_process_ip.")] = None,
-    main_process_port: Annotated[Optional[int], typer.Option(help="Port on machine 0: distributed.main_process_port.")] = None,
+    nproc: Annotated[
+        int | None, typer.Option(min=1, help="Processes (GPUs) per machine: distributed.num_processes.")] = None,
+    num_machines: Annotated[int | None, typer.Option(min=1, help="Machines: distributed.num_machines.")] = None,
+    machine_rank: Annotated[
+        int | None, typer.Option(min=0, help="This machine's index: distributed.machine_rank.")] = None,
+    main_process_ip: Annotated[
+        str | None, typer.Option(help="Address of machine 0: distributed.main_process_ip.")] = None,
+    main_process_port: Annotated[
+        int | None, typer.Option(help="Port on machine 0: distributed.main_process_port.")] = None,
     debug: Debug = False,
 ):
     """Train a model from a recipe; with a `distributed` strategy, launch its processes through accelerate."""
@@ -144,7 +149,7 @@ def validate(
 def data_(
     recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
     show: Annotated[int, typer.Option(min=0, help="Print this many training samples, trained tokens highlighted.")] = 0,
-    dump: Annotated[Optional[Path], typer.Option(help="Write each training sample (input_ids, labels) as JSONL.")] = None,
+    dump: Annotated[Path | None, typer.Option(help="Write each training sample (input_ids, labels) as JSONL.")] = None,
     set_: Sets = None,
     debug: Debug = False,
 ):
@@ -168,8 +173,8 @@ def data_(
 def plan(
     recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
     gpu_memory: Annotated[str, typer.Option(help="Memory of one GPU, e.g. 24GiB or 80GB.")] = "24GiB",
-    seq_len: Annotated[Optional[int], typer.Option(min=1, help="Tokens per row (default: data.max_length).")] = None,
-    batch: Annotated[Optional[int], typer.Option(min=1, help="Rows per micro-batch (default: train.batch_size).")] = None,
+    seq_len: Annotated[int | None, typer.Option(min=1, help="Tokens per row (default: data.max_length).")] = None,
+    batch: Annotated[int | None, typer.Option(min=1, help="Rows per micro-batch (default: train.batch_size).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print every component of every method as JSON.")] = False,
     set_: Sets = None,
     debug: Debug = False,
@@ -210,13 +215,13 @@ def plan(
 @user_errors
 def eval_(
     target: Annotated[str, typer.Argument(help="A run directory, a model directory, or a model alias.")],
-    recipe: Annotated[Optional[Path], typer.Option(help="Take the held-out rows from this recipe.")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Evaluate on this data file.")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="Take the held-out rows from this recipe.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Evaluate on this data file.")] = None,
     compare_base: Annotated[bool, typer.Option(help="Also evaluate the run's base model on the same rows.")] = False,
-    max_samples: Annotated[Optional[int], typer.Option(min=1, help="Use at most this many rows.")] = None,
+    max_samples: Annotated[int | None, typer.Option(min=1, help="Use at most this many rows.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation length limit.")] = 64,
     batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward pass.")] = 8,
-    output: Annotated[Optional[Path], typer.Option(help="Where eval.json/eval.md go (default: the run dir).")] = None,
+    output: Annotated[Path | None, typer.Option(help="Where eval.json/eval.md go (default: the run dir).")] = None,
     debug: Debug = False,
 ):
     """Held-out loss, perplexity and generation match scores for a run or a model."""
@@ -247,10 +252,12 @@ def merge(
 @app.command()
 @user_errors
 def export(
-    target: Annotated[str, typer.Argument(help="A finished run directory (LoRA runs are merged first) or a model directory.")],
+    target: Annotated[
+        str, typer.Argument(help="A finished run directory (LoRA runs are merged first) or a model directory.")],
     format_: Annotated[str, typer.Option("--format", help="Output format: gguf.")] = "gguf",
     quant: Annotated[str, typer.Option(help="f16, bf16, q8_0 (q4_k_m needs llama.cpp's quantiser: refused).")] = "q8_0",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="The .gguf file (default: RUN/gguf-QUANT/NAME-QUANT.gguf).")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="The .gguf file (default: RUN/gguf-QUANT/NAME-QUANT.gguf).")] = None,
     ollama: Annotated[bool, typer.Option("--ollama", help="Also write an Ollama Modelfile next to the file.")] = False,
     max_samples: Annotated[int, typer.Option(min=1, help="Held-out rows the check answers.")] = 64,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation length limit of the check.")] = 32,
@@ -270,7 +277,8 @@ def export(
 @app.command()
 @user_errors
 def pull(
-    alias: Annotated[str, typer.Argument(help="An embedded model alias, e.g. smollm2-135m-instruct.")] = "smollm2-135m-instruct",
+    alias: Annotated[
+        str, typer.Argument(help="An embedded model alias, e.g. smollm2-135m-instruct.")] = "smollm2-135m-instruct",
     debug: Debug = False,
 ):
     """Fetch and convert an embedded model into the cache now (training does this on first use)."""
@@ -304,7 +312,7 @@ def import_gguf(
 def chat(
     target: Annotated[str, typer.Argument(help="A run directory, model directory or alias.")],
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
-    system: Annotated[Optional[str], typer.Option(help="A system message.")] = None,
+    system: Annotated[str | None, typer.Option(help="A system message.")] = None,
     debug: Debug = False,
 ):
     """Talk to a model or run in the terminal (its chat template, streaming, greedy). Empty line or Ctrl-D quits."""

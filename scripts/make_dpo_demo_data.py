@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_demo_data import PROMPT, WRITTEN_FORMS  # noqa: E402 - the SFT demo's questions
+from make_demo_data import PROMPT, WRITTEN_FORMS  # the SFT demo's questions (after the sys.path line above)
 
 STYLE = "ISO date: {iso}"
 

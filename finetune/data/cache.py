@@ -15,9 +15,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 #: Bump when prepared datasets change shape; the data package's own source is part of the key too.
 LAYOUT = 1

@@ -2,7 +2,7 @@
 
 Every row of a local source is normalised exactly as training would (format, refused rows, ignored fields), so a
 row that training would refuse is reported wherever it is in the file; a 100k-row JSONL takes about a second
-(tests/test_data_sources.py times the whole command). Hub datasets are not downloaded, and say so.
+(tests/data/test_data_sources.py times the whole command). Hub datasets are not downloaded, and say so.
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ def encode_source(source: str, split: str, format: str, tokenizer, template: Cha
                        "columns": columns, "index": index},
             desc=f"preparing {Path(source).name}")
     finally:
-        os.environ = environ
+        os.environ = environ  # noqa: B003 - puts the original mapping back (see above); it clears nothing
     table = encoded.data
     stage = table.column("stage").to_numpy()
     rows = table.column("row").to_numpy()

@@ -68,6 +68,10 @@ class PreparedData:
         return [f"{m['source']}: {m['rows']} rows ({m['rows'] / rows:.1%}), {m['tokens']} tokens "
                 f"({m['tokens'] / tokens:.1%})" for m in self.mix]
 
+    def save_held_out(self, path: Path) -> None:
+        """The held-out rows as the run keeps them (held_out.jsonl), for `finetune eval`."""
+        save_conversations(self.eval_conversations, path)
+
     def origin(self, index: int) -> tuple[str, int]:
         sample = self.train_rows[index]
         return self.sources[sample["source"]], sample["row"]
@@ -156,7 +160,7 @@ def _prepare(tokenizer, template, sources: list[Source], eval, eval_split, eval_
         ignored.append(_ignored_line(held_encoded))
         held_parts.append(select_samples(held_encoded, 1))
         held_out = conversations(held_encoded, sorted(set(held_encoded.sample_rows.tolist())), template)
-    for index, source in enumerate(encoded):  # each source gives its share of the held-out rows
+    for source in encoded:  # each source gives its share of the held-out rows
         held = np.asarray(held_out_indices(source.pool, eval_fraction, seed) if eval is None else [], dtype=np.int64)
         in_held = np.isin(source.sample_rows, held)
         if in_held.any():

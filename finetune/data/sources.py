@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from finetune.data.formats import flat_format_problem
 from finetune.errors import UserError

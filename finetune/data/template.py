@@ -70,7 +70,6 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
-CHOICES = ("auto", "chatml", "model")
 _PROBE = "PROBE-ANSWER-7f3a"
 _PROBE_SYSTEM = "PROBE-SYSTEM-5c1e"
 _PROBE_TOOLS = [{"type": "function", "function": {"name": "probe", "description": "d",
@@ -199,9 +198,9 @@ def _end_of_turn(tokenizer, text: str, name: str, tools: list | None = None) -> 
             "text. Mark it special in the tokenizer (tokenizer.add_special_tokens, then save_pretrained) and point "
             "model.name_or_path's tokenizer there.")
     raise ValueError(
-        f"chat template ({name}) ends an assistant turn with {(after or rest)[:30]!r}, which is not a special token of the "
-        "tokenizer: a model trained on it cannot reliably stop, and generation_config cannot name it. Use a template "
-        "whose turns end with a special token (data.chat_template: chatml, or a .jinja file).")
+        f"chat template ({name}) ends an assistant turn with {(after or rest)[:30]!r}, which is not a special token of "
+        "the tokenizer: a model trained on it cannot reliably stop, and generation_config cannot name it. Use a "
+        "template whose turns end with a special token (data.chat_template: chatml, or a .jinja file).")
 
 
 def render(tokenizer, text: str, messages: list[dict], tools: list | None = None, generation_prompt=False) -> str:

@@ -18,14 +18,7 @@ from finetune.data.preference.pairs import Pair, encode_answer
 from finetune.data.rows import split_held_out
 from finetune.data.template import ChatTemplate
 from finetune.errors import UserError
-from finetune.eval.targets import (
-    Target,
-    checked_candidates,
-    eval_template,
-    load_for_eval,
-    markdown_table,
-    write_report,
-)
+from finetune.eval.targets import Target, eval_template, right_padded, score_candidates, write_report
 
 KEYS = ("preference_accuracy", "logp_margin", "reward_accuracy", "reward_margin", "rows")
 LABELLED_KEYS = ("label_accuracy", "desirable_reward", "undesirable_reward", "desirable_logp", "undesirable_logp",
@@ -50,9 +43,7 @@ def answer_logps(model, tokenizer, rows: list, template: ChatTemplate, max_lengt
     scores = []
     for start in range(0, len(sequences), batch_size):
         batch = sequences[start:start + batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i, _ in batch])
-        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
+        ids, mask = right_padded([i for i, _ in batch], tokenizer.pad_token_id)
         answer = torch.zeros_like(ids, dtype=torch.bool)
         for row, (tokens, begin) in enumerate(batch):
             answer[row, begin:len(tokens)] = True
@@ -154,21 +145,17 @@ def run_preference_eval(target: str, where: Target, pairs: list, batch_size: int
                         log=print) -> dict:
     """Preference accuracy of the model (and, for a run, its base and the DPO reward against it) on the pairs;
     writes eval.json and eval.md like the SFT evaluation."""
-    from rich.progress import Progress
-
     if not pairs:
         raise UserError(f"{target}: no held-out preference pairs; pass --data FILE")
     saved = (Path(recipe) if recipe else Path(target) / "recipe.yaml")
     objective, beta, max_length = _saved_objective(saved)
-    candidates = checked_candidates(where, with_base=where.base_path is not None)  # the reward is against the base
-    scores = {}
-    with Progress(transient=True) as progress:
-        for name, (model_path, adapter) in candidates.items():
-            progress.add_task(f"eval {name} on {len(pairs)} pairs", total=None)
-            model, tokenizer = load_for_eval(model_path, adapter, where.tokenizer_source)
-            template = eval_template(tokenizer, where.fold_system)
-            scores[name] = answer_logps(model, tokenizer, pairs, template, max_length, batch_size)
-            del model
+
+    def score(name, model, tokenizer, progress):
+        progress.add_task(f"eval {name} on {len(pairs)} pairs", total=None)
+        template = eval_template(tokenizer, where.fold_system)
+        return answer_logps(model, tokenizer, pairs, template, max_length, batch_size)
+
+    scores = score_candidates(where, where.base_path is not None, score)  # the reward is against the base
     labelled = not isinstance(pairs[0], Pair)
     if labelled:  # a kto run's answers, each with its label
         labels = [row.label for row in pairs]
@@ -180,7 +167,7 @@ def run_preference_eval(target: str, where: Target, pairs: list, batch_size: int
     report = {"target": target, "objective": objective, "beta": beta, "rows": len(pairs), "results": results,
               "samples": sample_rows(pairs, scores)}
     keys = LABELLED_KEYS if labelled else KEYS
-    return write_report(target, where, report, markdown_table(results, list(keys)), log)
+    return write_report(target, where, report, list(keys), log)
 
 
 def _saved_objective(recipe_path: Path) -> tuple[str, float, int]:

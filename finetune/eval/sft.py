@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from functools import partial
 from pathlib import Path
 
 from finetune.data.rows import (
@@ -23,14 +24,7 @@ from finetune.data.template import (
     stop_token_ids,
 )
 from finetune.errors import UserError
-from finetune.eval.targets import (
-    Target,
-    checked_candidates,
-    eval_template,
-    load_for_eval,
-    markdown_table,
-    write_report,
-)
+from finetune.eval.targets import Target, eval_template, right_padded, score_candidates, write_report
 
 SAMPLES_SHOWN = 3
 KEYS = ["loss", "perplexity", "exact_match", "normalised_match", "rows"]
@@ -80,10 +74,8 @@ def assistant_loss(model, tokenizer, rows: list[Conversation], batch_size: int, 
             raise UserError(f"{row.source}:{row.row}: {err}") from None
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start:start + batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i, _ in batch])
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
-        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
+        ids, mask = right_padded([i for i, _ in batch], tokenizer.pad_token_id)
+        labels, _ = right_padded([lab for _, lab in batch], -100)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
@@ -148,7 +140,7 @@ def _fitted_prompt(template: ChatTemplate, row: Conversation) -> list[dict]:
         raise UserError(f"{row.source}:{row.row}: {err}") from None
 
 
-def _last_prompt_turn(messages: list[dict]) -> str:
+def last_prompt_turn(messages: list[dict]) -> str:
     prompt = prompt_messages(messages)
     return prompt[-1]["content"] if prompt else ""  # a row that opens with the answer has no prompt
 
@@ -184,25 +176,23 @@ def run_sft_eval(target: str, where: Target, rows: list[Conversation], compare_b
     """Loss and greedy-generation scores of the model (and, with compare_base, its base) on the same rows; writes
     eval.json and eval.md."""
     from rich.markup import escape
-    from rich.progress import Progress
 
     if compare_base and where.base_path is None:
         raise UserError("--compare-base needs a run directory (its run.json names the base model)")
-    candidates = checked_candidates(where, compare_base)
-    results, predictions = {}, {}
-    with Progress(transient=True) as progress:
-        for name, (model_path, adapter) in candidates.items():
-            model, tokenizer = load_for_eval(model_path, adapter, where.tokenizer_source)
-            task = progress.add_task(f"eval {name}", total=len(rows))
-            results[name], predictions[name] = evaluate_model(
-                model, tokenizer, rows, batch_size, max_new_tokens, lambda n: progress.advance(task, n),
-                where.fold_system)
-            del model
-    samples = [{"prompt": _last_prompt_turn(r.messages), "reference": reference(r.messages),
+
+    def score(name, model, tokenizer, progress):
+        task = progress.add_task(f"eval {name}", total=len(rows))
+        return evaluate_model(model, tokenizer, rows, batch_size, max_new_tokens, partial(progress.advance, task),
+                              where.fold_system)
+
+    scored = score_candidates(where, compare_base, score)
+    results = {name: metrics for name, (metrics, _) in scored.items()}
+    predictions = {name: answers for name, (_, answers) in scored.items()}
+    samples = [{"prompt": last_prompt_turn(r.messages), "reference": reference(r.messages),
                 **{name: predictions[name][i] for name in predictions}} for i, r in enumerate(rows)]
     for sample in samples[:SAMPLES_SHOWN]:
         log(f"[dim]prompt:[/dim] {escape(sample['prompt'])}\n[dim]reference:[/dim] {escape(sample['reference'])}")
         for name in predictions:
             log(f"[dim]{name}:[/dim] {escape(sample[name])}")
     report = {"target": target, "rows": len(rows), "results": results, "samples": samples}
-    return write_report(target, where, report, markdown_table(results, KEYS), log)
+    return write_report(target, where, report, KEYS, log)

@@ -103,8 +103,6 @@ def eval_template(tokenizer, fold_system: bool = False) -> ChatTemplate:
         raise UserError(f"model: {err}") from None
 
 
-
-
 def checked_candidates(where: Target, with_base: bool) -> dict[str, tuple[str, Path | None]]:
     """name -> (model path, adapter) of each model to evaluate (the base first, when asked), every weight file
     checked before minutes of evaluation begin."""
@@ -120,6 +118,31 @@ def checked_candidates(where: Target, with_base: bool) -> dict[str, tuple[str, P
     return candidates
 
 
+def score_candidates(where: Target, with_base: bool, score) -> dict:
+    """name -> score(name, model, tokenizer, progress) for each model to evaluate (checked_candidates), loaded in
+    turn inside one transient progress display; each model is released before the next one loads."""
+    from rich.progress import Progress
+
+    candidates = checked_candidates(where, with_base)
+    scores = {}
+    with Progress(transient=True) as progress:
+        for name, (model_path, adapter) in candidates.items():
+            model, tokenizer = load_for_eval(model_path, adapter, where.tokenizer_source)
+            scores[name] = score(name, model, tokenizer, progress)
+            del model
+    return scores
+
+
+def right_padded(sequences: list[list[int]], pad_id: int):
+    """A batch of token lists padded on the right to the longest: (input_ids, attention_mask) tensors."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+    return ids, mask
+
+
 def markdown_table(results: dict[str, dict], keys: list[str]) -> str:
     """One row per model, one column per metric (absent metrics as -)."""
     lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
@@ -129,8 +152,10 @@ def markdown_table(results: dict[str, dict], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_report(target: str, where: Target, report: dict, table: str, log=print) -> dict:
-    """eval.json (everything), eval.md (the table) and, for a run evaluated into its own dir, its model card."""
+def write_report(target: str, where: Target, report: dict, keys: list[str], log=print) -> dict:
+    """eval.json (everything), eval.md (the table of report["results"] over keys) and, for a run evaluated into its
+    own dir, its model card."""
+    table = markdown_table(report["results"], keys)
     where.out_dir.mkdir(parents=True, exist_ok=True)
     (where.out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     (where.out_dir / "eval.md").write_text(table + "\n")

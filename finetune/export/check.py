@@ -40,14 +40,15 @@ def check_export(source, gguf_path, tokenizer, rows: list[Conversation], quant: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
-    from finetune.data.template import encode_samples
     from finetune.eval.sft import (
         generate,
+        last_prompt_turn,
         match_scores,
         prompt_messages,
         prompt_text,
         reference,
     )
+    from finetune.export.logits import max_logit_diff, probe_ids, probe_logits
     from finetune.models.load import load_model
 
     logging.disable_progress_bar()  # the loaders' per-tensor bars would bury the check's lines
@@ -77,20 +78,17 @@ def check_export(source, gguf_path, tokenizer, rows: list[Conversation], quant: 
             raise UserError(f"{gguf_path}: llama.cpp cannot run the exported file: {err}") from None
         runtime = {"agreeing_rows": sum(a == b for a, b in zip(answers_trained, answers_llama))}
         runtime["agreement"] = runtime["agreeing_rows"] / max(len(rows), 1)
-    probes = [encode_samples(tokenizer, r.messages, 512, r.tools)[0].input_ids for r in rows[:LOGIT_ROWS]
-              if any(m["content"] for m in r.messages if m["role"] == "assistant")] or [
-        tokenizer(prompts[0], add_special_tokens=False)["input_ids"]]
-    with torch.no_grad():
-        max_diff = max((trained(input_ids=torch.tensor([ids])).logits -
-                        exported(input_ids=torch.tensor([ids])).logits).abs().max().item() for ids in probes)
+    answered = [r for r in rows[:LOGIT_ROWS] if any(m["content"] for m in r.messages if m["role"] == "assistant")]
+    probes = probe_ids(tokenizer, answered, tokenizer(prompts[0], add_special_tokens=False)["input_ids"])
+    max_diff = max_logit_diff(probe_logits(trained, probes), probe_logits(exported, probes))
     result = {
         "reader": "transformers GGUF loader (dequantised to fp32)",
         "rows": len(rows), "prompts": "probe" if is_probe else "held_out",
         "agreement": agree / max(len(rows), 1), "agreeing_rows": agree,
         "prompt_tokens_identical": same_ids,
         "max_logit_diff": max_diff, "logit_rows": len(probes),
-        "samples": [{"prompt": r.messages[len(prompt_messages(r.messages)) - 1]["content"] if prompt_messages(r.messages) else "",
-                     "trained": a, "gguf": b} for r, a, b in list(zip(rows, answers_trained, answers_gguf))[:3]],
+        "samples": [{"prompt": last_prompt_turn(r.messages), "trained": a, "gguf": b}
+                    for r, a, b in list(zip(rows, answers_trained, answers_gguf))[:3]],
     }
     result["llama_cpp"] = runtime or "not installed (llama-cpp-python): checked with transformers' reader only"
     if runtime is not None:

@@ -179,7 +179,8 @@ def read_metadata(path: Path) -> dict:
               "tokenizer.ggml.eos_token_id", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.padding_token_id",
               "tokenizer.chat_template")
     found = {key: reader.fields[key].contents() for key in wanted if key in reader.fields}
-    found["tokens"] = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else 0
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    found["tokens"] = len(tokens.data) if tokens is not None else 0
     found["tensors"] = len(reader.tensors)
     found["tensor_types"] = sorted({t.tensor_type.name for t in reader.tensors})
     return found

@@ -22,8 +22,8 @@ def merge_run(run_dir: Path, output: Path, dtype: str = "fp32", log=print) -> di
     import torch
 
     from finetune.data.rows import read_saved_conversations
-    from finetune.data.template import encode_samples
     from finetune.eval.targets import run_base_model
+    from finetune.export.logits import max_logit_diff, probe_ids, probe_logits
     from finetune.models.load import (
         load_adapter,
         load_model,
@@ -57,14 +57,13 @@ def merge_run(run_dir: Path, output: Path, dtype: str = "fp32", log=print) -> di
     log(f"merging {adapter} into {base_path} (fp32)")
     base = load_model(base_path, torch.float32, "eager", vocab_size=len(tokenizer))
     model = load_adapter(base, adapter).eval()
-    rows = read_saved_conversations(run_dir / "held_out.jsonl")[:CHECK_ROWS] if (run_dir / "held_out.jsonl").exists() else []
-    probes = [encode_samples(tokenizer, r.messages, 512, r.tools)[0].input_ids for r in rows] or [
-        tokenizer("Hello, world")["input_ids"]]
+    held_out = run_dir / "held_out.jsonl"
+    rows = read_saved_conversations(held_out)[:CHECK_ROWS] if held_out.exists() else []
+    probes = probe_ids(tokenizer, rows, tokenizer("Hello, world")["input_ids"])
+    before = list(probe_logits(model, probes))  # the adapter on its base, before merging changes the model
     with torch.no_grad():
-        before = [model(input_ids=torch.tensor([ids])).logits for ids in probes]
         merged = model.merge_and_unload()
-        after = [merged(input_ids=torch.tensor([ids])).logits for ids in probes]
-    max_diff = max((a - b).abs().max().item() for a, b in zip(before, after))
+    max_diff = max_logit_diff(before, probe_logits(merged, probes))
     log(f"max |logit difference| merged vs adapter-on-base on {len(probes)} row(s): {max_diff:.2e}")
     if max_diff > LOGIT_TOLERANCE:
         raise UserError(f"merged logits differ from adapter-on-base by {max_diff:.2e} (> {LOGIT_TOLERANCE}); "

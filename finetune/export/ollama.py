@@ -161,7 +161,8 @@ def modelfile(tokenizer, template, rows) -> ModelFile:
              "FROM {gguf}", f'TEMPLATE """{go_template(p)}"""', f'PARAMETER stop "{template.end_of_turn}"']
     source = None
     if system:
-        source = "the system prompt every held-out row of the run has" if data_system else "the template's default system prompt"
+        source = ("the system prompt every held-out row of the run has" if data_system
+                  else "the template's default system prompt")
         lines.append(f"# SYSTEM: {source}")
         lines.append(f'SYSTEM """{system}"""')
     return ModelFile("\n".join(lines) + "\n", source)

@@ -43,7 +43,7 @@ class MethodOptions(Section):
         """Why this method cannot run under the strategy (`ddp`, `fsdp`, `deepspeed`), with the alternative."""
         return None
 
-    # --- memory model for `finetune plan` (finetune.plan.estimate names the components) ---------------------------------
+    # --- memory model for `finetune plan` (finetune.plan.estimate names the components) ---------------------------
 
     @property
     def steps_in_backward(self) -> bool:

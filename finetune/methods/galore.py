@@ -84,6 +84,7 @@ class GaLore(base.Method):
         self.rank, self.update_proj_gap, self.scale, self.proj_type = rank, update_proj_gap, scale, proj_type
         self.target_modules, self.optim_bits, self.layerwise, self.svd, self.seed = (
             target_modules, optim_bits, layerwise, svd, seed)
+        self.projectors = []  # every projector built, for whoever watches the run (refresh counts and times)
 
     def optimizers(self, model, learning_rate, weight_decay, max_grad_norm):
         from finetune.optim.galore import Projector
@@ -95,8 +96,10 @@ class GaLore(base.Method):
         def projector_for(name, param):
             if name not in targets:
                 return None
-            return Projector(self.rank, self.update_proj_gap, self.scale, self.proj_type, self.svd,
-                             seed=self.seed + 7919 * index[name])
+            projector = Projector(self.rank, self.update_proj_gap, self.scale, self.proj_type, self.svd,
+                                  seed=self.seed + 7919 * index[name])
+            self.projectors.append(projector)
+            return projector
 
         optimizer = build_optimizer(model, learning_rate, weight_decay, self.optim_bits, self.layerwise, max_grad_norm,
                                     projector_for)

@@ -126,7 +126,8 @@ class LISA(base.Method):
         self.n_layers, self.prefix = len(layers), prefix
         bad = [i for i in self.always_active if not 0 <= i < self.n_layers]
         if bad or self.activated_layers + len(self.always_active) > self.n_layers:
-            raise UserError(f"method.always_active {self.always_active} / activated_layers {self.activated_layers}: the model has "
+            raise UserError(f"method.always_active {self.always_active} / activated_layers {self.activated_layers}: "
+                            "the model has "
                             f"{self.n_layers} decoder layers (indices 0..{self.n_layers - 1})")
         self.model = model
         frozen = frozen_outside_layers(model, layers, self.train_embeddings, self.train_head)

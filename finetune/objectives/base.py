@@ -27,6 +27,23 @@ class ObjectiveOptions(Section):
         """How the reference policy is obtained for the method: None when the objective needs none."""
         return None
 
+    def build_data(self, recipe, tokenizer, template, log):
+        """The prepared training and held-out data (finetune.data.prepare.PreparedData): conversations, every
+        source of the recipe's mixture, streamed when asked."""
+        from finetune.data.prepare import build_datasets
+
+        d = recipe.data
+        return build_datasets(
+            tokenizer, train=d.train_sources(), train_split=d.train_split, eval=d.eval, eval_split=d.eval_split,
+            eval_fraction=d.eval_fraction, format=d.format, max_length=d.max_length,
+            max_bad_fraction=d.max_bad_fraction, seed=recipe.train.seed, log=log, template=template, cache=d.cache,
+            num_proc=d.num_proc, streaming=d.streaming,
+        )
+
+    def start_lines(self, method, train_rows: int) -> list[str]:
+        """What the start summary says about the objective, after the run's own lines (nothing for SFT)."""
+        return []
+
 
 class PairedOptions(ObjectiveOptions):
     """What the preference objectives share: (prompt, chosen, rejected) rows, both answers in one batch, and the
@@ -38,6 +55,22 @@ class PairedOptions(ObjectiveOptions):
     def summary(self, method) -> str:
         """The start summary's line for the objective."""
         return f"{self.name} (beta {self.beta})"
+
+    def build_data(self, recipe, tokenizer, template, log):
+        """Pairs (or, for kto, labelled answers) from the recipe's one source, prepared and cached like SFT data."""
+        from finetune.data.preference.prepare import build_pairs
+
+        d, [source] = recipe.data, recipe.data.train_sources()  # one source: recipe_problems refuses mixtures
+        return build_pairs(tokenizer, template, source.path, source.split, d.eval, d.eval_split, d.eval_fraction,
+                           d.max_length, d.max_bad_fraction, recipe.train.seed, log,
+                           unpaired=self.data_kind == "unpaired", cache=d.cache, columns=source.columns)
+
+    def start_lines(self, method, train_rows: int) -> list[str]:
+        lines = [f"[bold]{'objective':>26}[/bold]  {self.summary(method)}"]
+        if self.reference_for(method) == "precomputed":
+            lines.append(f"reference: computing the log-probabilities of {train_rows} training rows (one no-grad "
+                         "pass)")
+        return lines
 
     def recipe_problems(self, recipe) -> list[str]:
         name, problems = self.name, []

@@ -12,12 +12,14 @@ change two things it gets wrong for us:
 
 from __future__ import annotations
 
+import time
+
 import torch
 from galore_torch.galore_projector import GaLoreProjector
 
 #: Extra sketch columns beyond the rank and subspace (power) iterations for the randomized SVD. With 8 and 2
 #: the captured gradient energy is within 1% of the exact top-r subspace on transformer gradients
-#: (tests/test_layerwise.py measures it), at a fraction of the exact SVD's cost.
+#: (tests/optim/test_layerwise.py measures it), at a fraction of the exact SVD's cost.
 OVERSAMPLE = 8
 POWER_ITERATIONS = 2
 
@@ -40,9 +42,11 @@ class Projector(GaLoreProjector):
         self.svd = svd
         self.seed = seed  # the randomized sketch of refresh k uses seed + k: resumable, independent of global RNG
         self.refreshes = 0
+        self.refresh_seconds = 0.0  # this process's time in refreshes (the SVDs): what a GaLore step pays extra
         self.side = None  # which side the matrix projects: right, left or full (both)
 
-    def get_orthogonal_matrix(self, weights, rank, type):  # noqa: A002 - galore-torch's signature
+    def get_orthogonal_matrix(self, weights, rank, type):  # `type` shadows the builtin: galore-torch's signature
+        start = time.perf_counter()
         matrix = weights.data.float()
         rank = min(rank, *matrix.shape)
         if self.svd == "full":
@@ -56,10 +60,13 @@ class Projector(GaLoreProjector):
         self.side = type
         dtype = weights.dtype
         if type == "right":
-            return Vh[:rank, :].contiguous().to(dtype)
-        if type == "left":
-            return U[:, :rank].contiguous().to(dtype)
-        return [U[:, :rank].contiguous().to(dtype), Vh[:rank, :].contiguous().to(dtype)]
+            matrix = Vh[:rank, :].contiguous().to(dtype)
+        elif type == "left":
+            matrix = U[:, :rank].contiguous().to(dtype)
+        else:
+            matrix = [U[:, :rank].contiguous().to(dtype), Vh[:rank, :].contiguous().to(dtype)]
+        self.refresh_seconds += time.perf_counter() - start
+        return matrix
 
     def add_projected_back(self, target, low_rank) -> None:
         """target += scale * project_back(low_rank), fused into one addmm_: no full-size temporary."""

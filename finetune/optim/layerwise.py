@@ -25,7 +25,7 @@ grad norm of 0, and checkpoint no per-parameter state. Here:
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -2,9 +2,9 @@
 
 The model is instantiated on the meta device (shapes, no storage), so parameter counts are exact for any
 architecture transformers knows. Components, each documented where it is computed: weights, optimizer states,
-GaLore projectors and LoRA adapters stay for the whole run; activations, the loss's logits (or LM-head tiles), gradients and
-optimizer-step temporaries come and go within a step. The peak is the resident part plus the largest of three
-moments of a step: the loss backward (all saved activations and the loss's own memory), the
+GaLore projectors and LoRA adapters stay for the whole run; activations, the loss's logits (or LM-head tiles),
+gradients and optimizer-step temporaries come and go within a step. The peak is the resident part plus the largest of
+three moments of a step: the loss backward (all saved activations and the loss's own memory), the
 end of backward (activations still held plus every gradient alive), and the optimizer step (gradients plus the
 optimizer's temporaries).
 

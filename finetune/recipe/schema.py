@@ -9,7 +9,6 @@ nearest valid key, wrong types, out-of-range values, missing paths, cross-field 
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
@@ -17,6 +16,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from finetune.data.sources import PATH_SUFFIXES, unsupported_suffix
+from finetune.deps import missing
 from finetune.methods import METHODS
 from finetune.models.registry import DEFAULT_ALIAS
 from finetune.objectives import OBJECTIVES
@@ -305,9 +305,9 @@ class Recipe(Section):
             problems.append(f"`train.early_stopping_patience`: train.save_steps ({t.save_steps}) must be a multiple "
                             f"of train.eval_steps ({t.eval_steps}), so that the best evaluation has a checkpoint to "
                             "end on")
-        missing = [name for name in t.report_to if importlib.util.find_spec(name) is None]
-        if missing:
-            problems.append(f"train.report_to: {', '.join(missing)} not installed; pip install {' '.join(missing)}")
+        absent = missing(t.report_to)
+        if absent:
+            problems.append(f"train.report_to: {', '.join(absent)} not installed; pip install {' '.join(absent)}")
         if self.train.eval_steps is not None and not has_eval:
             problems.append("`train.eval_steps` is set but there is no held-out data: set `data.eval` or "
                             "`data.eval_fraction`")

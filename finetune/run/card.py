@@ -38,7 +38,8 @@ def write_model_card(run_dir: Path, directory: Path, merged: bool = False) -> Pa
     adapter = info.get("artifact") == "adapter" and not merged
     metadata = {"base_model": base, "library_name": "peft" if adapter else "transformers",
                 "pipeline_tag": "text-generation",
-                "tags": ["finetune", method.get("name", ""), objective.get("name", "sft")] + (["merged"] if merged else [])}
+                "tags": ["finetune", method.get("name", ""), objective.get("name", "sft")]
+                + (["merged"] if merged else [])}
     options = ", ".join(f"{k}={method[k]}" for k in KEY_OPTIONS if k in method)
     losses = _final_losses(run_dir / "metrics.jsonl")
     lines = ["---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", "",

@@ -12,7 +12,6 @@ Importing this module loads no torch (`finetune validate` stays light).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from finetune.deps import installed
 from finetune.errors import UserError
 from finetune.recipe.distributed import DistributedSection
 
@@ -46,7 +46,7 @@ def check_runtime(dist: DistributedSection) -> None:
         raise UserError(f"distributed.strategy: {dist.strategy} needs CUDA GPUs, and this machine has none (accelerate "
                         f"{accelerate.__version__} runs FSDP and DeepSpeed only on accelerators; on CPU it would fall "
                         "back to DDP without saying so). Use `distributed.strategy: ddp` here")
-    if dist.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+    if dist.strategy == "deepspeed" and not installed("deepspeed"):
         raise UserError("distributed.strategy: deepspeed needs the `deepspeed` package, which is not installed. "
                         "Install it on a CUDA machine with `pip install 'finetune[deepspeed]'`, or use "
                         "`distributed.strategy: fsdp` (PyTorch's own ZeRO-3) or ddp")
@@ -152,7 +152,8 @@ def write_launch_files(dist: DistributedSection, precision: str, where: Path) ->
         deepspeed_file = (where / "deepspeed.json").resolve()
         deepspeed_file.write_text(json.dumps(deepspeed_config(dist), indent=2) + "\n")
     path = where / "accelerate.yaml"
-    header = "# Written by `finetune train`; reuse with: accelerate launch --config_file THIS -m finetune.cli train ...\n"
+    header = ("# Written by `finetune train`; reuse with: "
+              "accelerate launch --config_file THIS -m finetune.cli train ...\n")
     path.write_text(header + yaml.safe_dump(accelerate_config(dist, precision, deepspeed_file), sort_keys=False))
     return path
 

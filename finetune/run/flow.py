@@ -25,9 +25,10 @@ from __future__ import annotations
 import errno
 import os
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -41,10 +42,37 @@ from finetune.run.startup import StartupClock
 
 @dataclass
 class Hooks:
-    """Seams for tools that watch a run (benchmarks.measure's timings and memory, tests) instead of patching."""
+    """Seams for tools that watch a run (benchmarks/measure.py's timings and memory, tests) instead of patching."""
 
+    #: Loads the model in place of finetune.models.load.load_model, with its arguments (a benchmark's random
+    #: weights from a config, or a memory reading taken just before the weights load).
+    load_model: Callable[..., Any] | None = None
     #: Called with the built trainer and method before training starts (to add callbacks, wrap modules).
     on_trainer: Callable[[Any, Any], None] | None = None
+
+
+@dataclass
+class Run:
+    """What the phases of one process's run share."""
+
+    recipe: Recipe
+    run_dir: Path
+    checkpoint: str | None  # the complete checkpoint it resumes from
+    rank: int  # global rank: 0 writes the run dir
+    log: Callable
+    resume_command: str
+    hooks: Hooks
+    clock: StartupClock
+
+
+@dataclass
+class Tokens:
+    """The tokenizer side of the run: where the model is, its tokenizer and the chat template it trains with."""
+
+    model_path: str
+    tokenizer: Any
+    added_tokens: list[int]  # ids the template needed added (their embeddings train)
+    template: Any
 
 
 def run_training(recipe: Recipe, recipe_path: Path, output: Path | None = None, overwrite: bool = False,
@@ -69,7 +97,7 @@ def run_training(recipe: Recipe, recipe_path: Path, output: Path | None = None, 
                           "--output", str(run_dir), "--resume"])
     quiet = log if rank == 0 else lambda *args, **kwargs: None
     try:
-        return _train(recipe, run_dir, checkpoint, rank, quiet, command, hooks or Hooks(), clock)
+        return _train(Run(recipe, run_dir, checkpoint, rank, quiet, command, hooks or Hooks(), clock))
     except KeyboardInterrupt:  # before steps began, or a second Ctrl-C
         newest = rundir.last_complete_checkpoint(run_dir / "checkpoints", log=lambda *_: None)
         if rank == 0:
@@ -115,7 +143,8 @@ def _launch(recipe: Recipe, recipe_path: Path, run_dir: Path, overwrite: bool, r
         where = run_dir
     else:
         where = Path(tempfile.mkdtemp(prefix="finetune-launch-"))
-    precision = distributed.mixed_precision(dist, recipe.model.dtype, resolve_dtype(recipe.model.dtype) == torch.bfloat16)
+    precision = distributed.mixed_precision(dist, recipe.model.dtype,
+                                            resolve_dtype(recipe.model.dtype) == torch.bfloat16)
     config = distributed.write_launch_files(dist, precision, where)
     code = distributed.launch(config, recipe_path, run_dir, overrides, resume, log)
     if code == RunStopped.INTERRUPTED:
@@ -127,111 +156,98 @@ def _launch(recipe: Recipe, recipe_path: Path, run_dir: Path, overwrite: bool, r
     return run_dir
 
 
-def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log, resume_command: str,
-           hooks: Hooks, clock: StartupClock) -> Path:
+def _train(run: Run) -> Path:
+    """One process's run, in phases: tokenizer, data, model, trainer; fit; finish."""
     from transformers import set_seed
 
-    from finetune.data.prepare import build_datasets
-    from finetune.data.rows import save_conversations
     from finetune.methods import build_method
-    from finetune.models.load import (
-        load_model,
-        load_tokenizer,
-        resolve_attention,
-        resolve_dtype,
-        resolve_model_path,
-        template_for,
-        write_generation_config,
-    )
-    from finetune.models.registry import resolvable_base
-    from finetune.objectives import OBJECTIVES
-    from finetune.run.card import name_adapter_base, write_model_card
-    from finetune.run.console import (
-        quiet_internal_passes,
-        quiet_weight_bars,
-        replace_progress,
-    )
-    from finetune.run.guards import (
-        DivergenceGuard,
-        MarkCheckpointsComplete,
-        StopOnSignal,
-        diverged_error,
-    )
-    from finetune.run.report import plot_loss, start_summary
-    from finetune.run.trackers import RecipeToTrackers
-    from finetune.run.trainer import CheckpointWriteError, ContinueSchedule
 
-    clock.mark("imports")
-    quiet_weight_bars()
-    t, d, m = recipe.train, recipe.data, recipe.model
-    set_seed(t.seed)
-
+    _load_libraries()
+    run.clock.mark("imports")
+    set_seed(run.recipe.train.seed)
     # The method first: its own checks (QLoRA without CUDA, ...) fail before anything heavy loads.
-    method = build_method(recipe.method)
+    method = build_method(run.recipe.method)
     load_kwargs = method.load_kwargs()
+    tokens = _setup_tokenizer(run)
+    data = _setup_data(run, tokens)
+    model, dtype, attention = _setup_model(run, method, tokens, load_kwargs)
+    trainer, guard, stop = _setup_trainer(run, method, model, dtype, attention, data, tokens.tokenizer)
+    stopped_early = _fit(run, trainer, method, guard, stop, has_eval=data.eval is not None)
+    return _finish(run, trainer, method, tokens, data, guard, stop, stopped_early)
 
-    model_path = resolve_model_path(m.name_or_path, log)
+
+#: What a run imports before its first phase (TRL and transformers underneath), loaded at once so that the start-up
+#: breakdown shows the imports as one phase instead of spreading them over the phases that first use them.
+_TRAINING_STACK = ("finetune.data.prepare", "finetune.models.load", "finetune.run.card", "finetune.run.console",
+                   "finetune.run.guards", "finetune.run.report", "finetune.run.trackers", "finetune.run.trainer")
+
+
+def _load_libraries() -> None:
+    import importlib
+
+    for name in _TRAINING_STACK:
+        importlib.import_module(name)
+    from finetune.run.console import quiet_weight_bars
+
+    quiet_weight_bars()
+
+
+def _setup_tokenizer(run: Run) -> Tokens:
+    from finetune.models.load import load_tokenizer, resolve_model_path, template_for
+
+    m, d = run.recipe.model, run.recipe.data
+    model_path = resolve_model_path(m.name_or_path, run.log)
     tokenizer, added_tokens = load_tokenizer(model_path, m.trust_remote_code, d.chat_template)
     template = template_for(tokenizer, d.chat_template, d.fold_system, m.name_or_path)
-    log(f"chat template: {template.name}, end of turn {template.end_of_turn}")
-    objective = OBJECTIVES[recipe.objective.name]
-    if recipe.objective.data_kind in ("preference", "unpaired"):
-        from finetune.data.preference.prepare import build_pairs, save_pairs
+    run.log(f"chat template: {template.name}, end of turn {template.end_of_turn}")
+    return Tokens(model_path, tokenizer, added_tokens, template)
 
-        [source] = d.train_sources()  # one source: the preference objectives refuse mixtures
-        data = build_pairs(tokenizer, template, source.path, source.split, d.eval, d.eval_split, d.eval_fraction,
-                           d.max_length, d.max_bad_fraction, t.seed, log,
-                           unpaired=recipe.objective.data_kind == "unpaired", cache=d.cache, columns=source.columns)
-        held_out, save_held_out = data.held_out, save_pairs
-    else:
-        data = build_datasets(
-            tokenizer, train=d.train_sources(), train_split=d.train_split, eval=d.eval, eval_split=d.eval_split,
-            eval_fraction=d.eval_fraction, format=d.format, max_length=d.max_length,
-            max_bad_fraction=d.max_bad_fraction, seed=t.seed, log=log, template=template, cache=d.cache,
-            num_proc=d.num_proc, streaming=d.streaming,
-        )
-        held_out, save_held_out = data.eval_conversations, save_conversations
+
+def _setup_data(run: Run, tokens: Tokens):
+    """The objective's prepared data; rank 0 records the resolved recipe and the held-out rows."""
+    data = run.recipe.objective.build_data(run.recipe, tokens.tokenizer, tokens.template, run.log)
     if data.cache_line:
-        log(data.cache_line)
+        run.log(data.cache_line)
     if len(data.mix) > 1:
-        log("training mix: " + "; ".join(data.mix_lines()))
-    if rank == 0:
-        _record_recipe(run_dir, recipe.model_dump(mode="json"), checkpoint, log)
-        save_held_out(held_out, run_dir / "held_out.jsonl")
-    clock.mark("data")
+        run.log("training mix: " + "; ".join(data.mix_lines()))
+    if run.rank == 0:
+        _record_recipe(run.run_dir, run.recipe.model_dump(mode="json"), run.checkpoint, run.log)
+        data.save_held_out(run.run_dir / "held_out.jsonl")
+    run.clock.mark("data")
+    return data
 
+
+def _setup_model(run: Run, method, tokens: Tokens, load_kwargs: dict):
+    from finetune.models.load import load_model, resolve_attention, resolve_dtype
+
+    m = run.recipe.model
     dtype, attention = resolve_dtype(m.dtype), resolve_attention(m.attn_implementation)
-    model = load_model(model_path, dtype, attention, m.trust_remote_code, vocab_size=len(tokenizer), **load_kwargs)
-    model = method.prepare(model, added_tokens)
-    clock.mark("model")
+    load = run.hooks.load_model or load_model
+    model = load(tokens.model_path, dtype, attention, m.trust_remote_code, vocab_size=len(tokens.tokenizer),
+                 **load_kwargs)
+    model = method.prepare(model, tokens.added_tokens)
+    run.clock.mark("model")
+    return model, dtype, attention
 
-    args = _trainer_args(recipe, run_dir, dtype)
-    for label, value in start_summary(
-        model=model, method=method.name, dtype=dtype, attention=attention, batch_size=t.batch_size,
-        accumulation=t.gradient_accumulation_steps, world_size=args.world_size,
-        max_length=d.max_length * recipe.objective.sequences_per_row,  # a pair is two sequences
-        mean_tokens=data.mean_train_tokens, train_rows="streamed" if data.streaming else len(data.train),
-        eval_rows=len(data.eval) if data.eval is not None else 0, run_dir=run_dir,
-    ):
-        log(f"[bold]{label:>26}[/bold]  {value}")
-    log(f"[bold]{'start-up so far':>26}[/bold]  {clock.line()}")
-    if data.truncated:
-        log(f"[yellow]warning: {data.truncated} of {len(data.train)} training samples are cut at data.max_length="
-            f"{d.max_length}; what lies past it (an answer's end, its end-of-turn token) is not trained. `finetune "
-            "data` shows them[/yellow]")
 
-    if recipe.objective.name != "sft":
-        log(f"[bold]{'objective':>26}[/bold]  {recipe.objective.summary(recipe.method)}")
-    if recipe.objective.reference_for(recipe.method) == "precomputed":
-        log(f"reference: computing the log-probabilities of {len(data.train)} training rows (one no-grad pass)")
+def _setup_trainer(run: Run, method, model, dtype, attention, data, tokenizer):
+    """The objective's trainer with finetune's callbacks (checkpoint marks, schedule, divergence, signals)."""
+    from finetune.run.console import quiet_internal_passes, replace_progress
+    from finetune.run.guards import DivergenceGuard, MarkCheckpointsComplete, StopOnSignal
+    from finetune.run.trackers import RecipeToTrackers
+    from finetune.run.trainer import ContinueSchedule
+
+    recipe, t = run.recipe, run.recipe.train
+    args = _trainer_args(recipe, run.run_dir, dtype)
+    _start_summary(run, model, method, dtype, attention, args, data)
     with quiet_internal_passes():
-        trainer = _make_trainer(objective, recipe.objective, model, args, data, tokenizer, method,
-                                run_dir / "metrics.jsonl", t.token_metrics)
-    replace_progress(trainer, log)
+        trainer = _make_trainer(recipe.objective, model, args, data, tokenizer, method, run.run_dir / "metrics.jsonl",
+                                t.token_metrics)
+    replace_progress(trainer, run.log)
     engaged = {"fsdp": trainer.is_fsdp_enabled, "deepspeed": trainer.is_deepspeed_enabled}
     if not engaged.get(recipe.distributed.strategy, True):  # never a silent fallback to another strategy
         raise UserError(f"distributed.strategy {recipe.distributed.strategy} did not engage in accelerate here")
-    guard, stop = DivergenceGuard(log), StopOnSignal(log)
+    guard, stop = DivergenceGuard(run.log), StopOnSignal(run.log)
     if t.report_to:
         trainer.add_callback(RecipeToTrackers(recipe.model_dump(mode="json"), trainer))
     if t.early_stopping_patience:
@@ -240,65 +256,116 @@ def _train(recipe: Recipe, run_dir: Path, checkpoint: str | None, rank: int, log
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     for callback in (MarkCheckpointsComplete(), ContinueSchedule(), guard, stop):
         trainer.add_callback(callback)
-    clock.mark("trainer")
-    trainer.add_callback(clock.callback(log, run_dir if rank == 0 else None))
-    if hooks.on_trainer is not None:
-        hooks.on_trainer(trainer, method)
-    final = run_dir / method.artifact
+    run.clock.mark("trainer")
+    trainer.add_callback(run.clock.callback(run.log, run.run_dir if run.rank == 0 else None))
+    if run.hooks.on_trainer is not None:
+        run.hooks.on_trainer(trainer, method)
+    return trainer, guard, stop
+
+
+def _start_summary(run: Run, model, method, dtype, attention, args, data) -> None:
+    """What a user needs to trust the run, printed before the trainer is built (derived quantities included)."""
+    from finetune.run.report import start_summary
+
+    recipe, t, d, log = run.recipe, run.recipe.train, run.recipe.data, run.log
+    for label, value in start_summary(
+        model=model, method=method.name, dtype=dtype, attention=attention, batch_size=t.batch_size,
+        accumulation=t.gradient_accumulation_steps, world_size=args.world_size,
+        max_length=d.max_length * recipe.objective.sequences_per_row,  # a pair is two sequences
+        mean_tokens=data.mean_train_tokens, train_rows="streamed" if data.streaming else len(data.train),
+        eval_rows=len(data.eval) if data.eval is not None else 0, run_dir=run.run_dir,
+    ):
+        log(f"[bold]{label:>26}[/bold]  {value}")
+    log(f"[bold]{'start-up so far':>26}[/bold]  {run.clock.line()}")
+    if data.truncated:
+        log(f"[yellow]warning: {data.truncated} of {len(data.train)} training samples are cut at data.max_length="
+            f"{d.max_length}; what lies past it (an answer's end, its end-of-turn token) is not trained. `finetune "
+            "data` shows them[/yellow]")
+    train_rows = 0 if data.streaming else len(data.train)
+    for line in recipe.objective.start_lines(recipe.method, train_rows):
+        log(line)
+
+
+def _fit(run: Run, trainer, method, guard, stop, has_eval: bool) -> bool:
+    """Train (or finish from a checkpoint at the last step), evaluate and save the final weights; whether the run
+    stopped early (diverged, or a signal before the last step)."""
+    from finetune.run.trainer import CheckpointWriteError
+
+    max_steps = run.recipe.train.max_steps
     try:
-        if checkpoint is not None and t.max_steps and rundir.checkpoint_step(checkpoint) >= t.max_steps:
-            _finish_from(trainer, checkpoint)
+        if run.checkpoint is not None and max_steps and rundir.checkpoint_step(run.checkpoint) >= max_steps:
+            _finish_from(trainer, run.checkpoint)
         else:
-            trainer.train(resume_from_checkpoint=checkpoint)
+            trainer.train(resume_from_checkpoint=run.checkpoint)
         stopped_early = guard.diverged or (stop.requested and trainer.state.global_step < trainer.state.max_steps)
         if not stopped_early:
-            if data.eval is not None:
+            if has_eval:
                 trainer.evaluate()
             if trainer.is_fsdp_enabled:  # checkpoints may be sharded; the final weights are one standard checkpoint
                 trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-            _save_final(trainer, method, final)  # every rank takes part (sharded weights are gathered); rank 0 writes
+            # every rank takes part (sharded weights are gathered); rank 0 writes
+            _save_final(trainer, method, run.run_dir / method.artifact)
     except CheckpointWriteError as err:
-        raise rundir.write_failure(err.path, err.cause, run_dir, resume_command, rank) from None
+        raise rundir.write_failure(err.path, err.cause, run.run_dir, run.resume_command, run.rank) from None
     finally:
         stop.restore()
-    step = trainer.state.global_step
-    if t.early_stopping_patience and trainer.state.best_model_checkpoint and rank == 0:
-        log(f"early stopping: the best held-out loss, {trainer.state.best_metric:.4f}, was at "
-            f"{Path(trainer.state.best_model_checkpoint).name}; the final weights are that checkpoint's")
-    if rank == 0:
-        plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    return stopped_early
+
+
+def _finish(run: Run, trainer, method, tokens: Tokens, data, guard, stop, stopped_early: bool) -> Path:
+    """The loss plot, and either the finished run's files or the message that says how it stopped."""
+    from finetune.run.guards import diverged_error
+    from finetune.run.report import plot_loss
+
+    t, step = run.recipe.train, trainer.state.global_step
+    if t.early_stopping_patience and trainer.state.best_model_checkpoint and run.rank == 0:
+        run.log(f"early stopping: the best held-out loss, {trainer.state.best_metric:.4f}, was at "
+                f"{Path(trainer.state.best_model_checkpoint).name}; the final weights are that checkpoint's")
+    if run.rank == 0:
+        plot_loss(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
     stopped = None
     if guard.diverged:
-        stopped = diverged_error(run_dir, guard.diverged, t.learning_rate, recipe.method.name, rank)
+        stopped = diverged_error(run.run_dir, guard.diverged, t.learning_rate, run.recipe.method.name, run.rank)
     elif stopped_early:
-        if rank == 0:
-            rundir.write_run_info(run_dir, status="interrupted", stopped_at_step=step, resume_command=resume_command)
+        if run.rank == 0:
+            rundir.write_run_info(run.run_dir, status="interrupted", stopped_at_step=step,
+                                  resume_command=run.resume_command)
         stopped = RunStopped(f"{stop.requested}: stopped after step {step} with a checkpoint at "
-                             f"{run_dir / 'checkpoints' / f'checkpoint-{step}'}; continue with: {resume_command}",
-                             exit_code=RunStopped.INTERRUPTED)
-    elif rank == 0:
-        tokenizer.save_pretrained(final)  # with the chat template that was trained
-        write_generation_config(final, tokenizer, model_path)  # generate() stops on the trained end of turn
-        rundir.write_run_info(
-            run_dir, drop=("stopped_at_step", "resume_command", "diverged_at_step", "reason"), status="complete",
-            base_model=m.name_or_path,
-            base_model_path=str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
-            base_weights_sha256=weights_hash(model_path), method=method.name, objective=recipe.objective.name,
-            artifact=method.artifact, steps=step, data=[{"source": mix["source"], "rows": mix["rows"]} for mix in data.mix],
-            finetune_version=__version__, warnings=guard.warnings,
-        )
-        if method.artifact == "adapter":  # a base others can resolve; run.json keeps this machine's path
-            name_adapter_base(final, resolvable_base(m.name_or_path))
-        write_model_card(run_dir, final)
-        for warning in guard.warnings:
-            log(f"[yellow]warning: {warning}[/yellow]")
-        log(f"[green]done:[/green] {final} ({step} steps); metrics in {run_dir / 'metrics.jsonl'}")
-    if args.world_size > 1:  # rank 0 has written everything before any rank exits (a launcher ends the rest then)
+                             f"{run.run_dir / 'checkpoints' / f'checkpoint-{step}'}; continue with: "
+                             f"{run.resume_command}", exit_code=RunStopped.INTERRUPTED)
+    elif run.rank == 0:
+        _write_finished(run, method, tokens, data, guard.warnings, step)
+    if trainer.args.world_size > 1:  # rank 0 has written everything before any rank exits (a launcher ends the rest)
         trainer.accelerator.wait_for_everyone()
         distributed.close_process_group(trainer.model_wrapped)
     if stopped is not None:
         raise stopped
-    return run_dir
+    return run.run_dir
+
+
+def _write_finished(run: Run, method, tokens: Tokens, data, warnings: list[str], step: int) -> None:
+    """Beside the final weights: the trained tokenizer and generation config, run.json, the model card."""
+    from finetune.models.load import write_generation_config
+    from finetune.models.registry import resolvable_base
+    from finetune.run.card import name_adapter_base, write_model_card
+
+    final, m, model_path = run.run_dir / method.artifact, run.recipe.model, tokens.model_path
+    tokens.tokenizer.save_pretrained(final)  # with the chat template that was trained
+    write_generation_config(final, tokens.tokenizer, model_path)  # generate() stops on the trained end of turn
+    rundir.write_run_info(
+        run.run_dir, drop=("stopped_at_step", "resume_command", "diverged_at_step", "reason"), status="complete",
+        base_model=m.name_or_path,
+        base_model_path=str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
+        base_weights_sha256=weights_hash(model_path), method=method.name, objective=run.recipe.objective.name,
+        artifact=method.artifact, steps=step, data=[{"source": mix["source"], "rows": mix["rows"]} for mix in data.mix],
+        finetune_version=__version__, warnings=warnings,
+    )
+    if method.artifact == "adapter":  # a base others can resolve; run.json keeps this machine's path
+        name_adapter_base(final, resolvable_base(m.name_or_path))
+    write_model_card(run.run_dir, final)
+    for warning in warnings:
+        run.log(f"[yellow]warning: {warning}[/yellow]")
+    run.log(f"[green]done:[/green] {final} ({step} steps); metrics in {run.run_dir / 'metrics.jsonl'}")
 
 
 def _finish_from(trainer, checkpoint: str) -> None:
@@ -306,7 +373,7 @@ def _finish_from(trainer, checkpoint: str) -> None:
     load its weights and state instead of training, which would take one step past max_steps."""
     from transformers import TrainerState
 
-    trainer._load_from_checkpoint(checkpoint)  # pinned in tests/test_trainer.py
+    trainer._load_from_checkpoint(checkpoint)  # pinned in tests/run/test_trainer.py
     trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
 
 
@@ -344,7 +411,8 @@ def _save_final(trainer, method, final: Path) -> None:
 
 
 def _trainer_args(recipe: Recipe, run_dir: Path, dtype):
-    """The objective's trainer config (TRL's SFTConfig, DPOConfig): the arguments every objective shares, and its own."""
+    """The objective's trainer config (TRL's SFTConfig, DPOConfig): the arguments every objective shares,
+    and its own."""
     from finetune.objectives import OBJECTIVES
 
     return OBJECTIVES[recipe.objective.name].trainer_args(
@@ -403,11 +471,12 @@ def _common_args(recipe: Recipe, run_dir: Path, dtype) -> dict:
     )
 
 
-def _make_trainer(objective, options, model, args, data, tokenizer, method, metrics_path: Path, token_metrics: bool):
+def _make_trainer(options, model, args, data, tokenizer, method, metrics_path: Path, token_metrics: bool):
+    from finetune.objectives import OBJECTIVES
     from finetune.run.report import MetricsLogger
 
     optimizers = method.optimizers(model, args.learning_rate, args.weight_decay, args.max_grad_norm) or (None, None)
-    return objective.build_trainer(
+    return OBJECTIVES[options.name].build_trainer(
         options, model=model, args=args, train=data.train, eval=data.eval, tokenizer=tokenizer,
         optimizers=optimizers,
         callbacks=[*method.callbacks(), MetricsLogger(metrics_path)],  # methods may add to the logs first

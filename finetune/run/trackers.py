@@ -9,7 +9,6 @@ from pathlib import Path
 import yaml
 from transformers import TrainerCallback
 
-TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 #: The variables finetune set for an earlier run in this process: replaced for the next run, where a user's own
 #: value is kept.
 _SET: dict[str, str] = {}

@@ -2,7 +2,7 @@
 finetune.objectives build them), with every override of a library internal in one place.
 
 Written against transformers 5.23 and TRL 1.16 (constraints.txt pins them); each override names the private
-method it replaces, so an upgrade that renames one fails in tests/test_trainer.py instead of quietly changing
+method it replaces, so an upgrade that renames one fails in tests/run/test_trainer.py instead of quietly changing
 behaviour.
 """
 
@@ -15,14 +15,14 @@ from transformers import Trainer as PlainTrainer
 from transformers import TrainerCallback
 from trl import DPOTrainer, KTOTrainer, SFTTrainer
 
-#: The private Trainer methods overridden below; tests/test_trainer.py checks that each still exists.
+#: The private Trainer methods overridden below; tests/run/test_trainer.py checks that each still exists.
 OVERRIDDEN = ("_clip_grad_norm", "_get_grad_norm", "_prepare_for_training", "_save_checkpoint")
 #: TRL's DPOTrainer methods overridden by PreferenceTrainer, checked the same way.
 OVERRIDDEN_DPO = ("_prepare_dataset", "_precompute_ref_logps", "_compute_loss")
 #: TRL's KTOTrainer methods overridden by UnpairedPreferenceTrainer, checked the same way.
 OVERRIDDEN_KTO = ("_prepare_dataset",)
 #: What TRL 1.16's SFTTrainer asks its fused LM head for; finetune asks for the first alone unless the recipe wants
-#: TRL's per-step token metrics (tests/test_trainer.py pins that TRL still patches the head with these).
+#: TRL's per-step token metrics (tests/run/test_trainer.py pins that TRL still patches the head with these).
 TOKEN_METRIC_OUTPUTS = ("log_probs", "entropy", "is_top1")
 #: Devices where TRL's fused LM head runs its Triton kernel (trl.kernels.chunked_logprob._use_triton).
 FUSED_HEAD_DEVICES = ("cuda", "xpu")
@@ -220,8 +220,8 @@ class UnpairedPreferenceTrainer(TrainerFixes, KTOTrainer):
         drop_reference_adapter(self)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        # Tokenised already (finetune.data.preference.labelled), for the reason PreferenceTrainer gives. What TRL's pass adds
-        # beyond tokenising is kept: each answer's KL counterpart is its batch neighbour's answer, rotated by one
+        # Tokenised already (finetune.data.preference.labelled), for the reason PreferenceTrainer gives. What TRL's pass
+        # adds beyond tokenising is kept: each answer's KL counterpart is its batch neighbour's answer, rotated by one
         # within each batch of the (sequentially read, seeded-shuffled) set, as TRL builds it.
         if not self.calculate_KL:
             return dataset

@@ -62,13 +62,13 @@ def normalise_pair(record: dict) -> tuple[list[dict], dict, dict, set[str]]:
     if whole:  # both answers are whole conversations (TRL's implicit prompt, UltraFeedback, HH as messages)
         rest = _redundant_prompt_fields(record, rest)
         fmt, key = ("sharegpt", "conversations") if "from" in record["chosen"][0] else ("messages", "messages")
-        shape = lambda a: a  # noqa: E731
+        shape = _as_given
     elif "conversations" in record:
         fmt, key, shape = "sharegpt", "conversations", lambda a: _turns(a, "from", "value", "gpt")
     elif "messages" in record:
         fmt, key, shape = "messages", "messages", lambda a: _turns(a, "role", "content", "assistant")
     elif "instruction" in record:  # LLaMA-Factory's Alpaca pairs: instruction (input, system, history), answers
-        fmt, key, shape = "alpaca", "output", lambda a: a
+        fmt, key, shape = "alpaca", "output", _as_given
         if "output" in record:
             raise ValueError("both `output` and `chosen`/`rejected`: say which answers the row compares")
     elif "prompt" in record:
@@ -129,6 +129,11 @@ def _redundant_prompt_fields(record: dict, rest: dict) -> dict:
     elif prompt not in (None, ""):
         raise ValueError("`prompt` beside two whole conversations must be the text of their prompt")
     return rest
+
+
+def _as_given(answer: Any) -> Any:
+    """The answer needs no reshaping: it is already in the row's own format."""
+    return answer
 
 
 def _turn(answer: Any, role_key: str, content_key: str, role: str) -> dict:

@@ -35,6 +35,10 @@ class PreparedPairs:
     cache_line: str | None = None
     streaming: bool = False
 
+    def save_held_out(self, path: Path) -> None:
+        """The held-out pairs (or labelled answers) as the run keeps them (held_out.jsonl), for `finetune eval`."""
+        save_pairs(self.held_out, path)
+
 
 def build_pairs(tokenizer, template: ChatTemplate, train: str, train_split: str, eval: str | None, eval_split: str,
                 eval_fraction: float, max_length: int, max_bad_fraction: float, seed: int, log=print,
@@ -43,8 +47,9 @@ def build_pairs(tokenizer, template: ChatTemplate, train: str, train_split: str,
     data (finetune.data.cache: one process prepares, DDP ranks and later runs read); raise UserError when too many
     rows are bad. On disk, the datasets are one set of files for every rank, where TRL's reference pass writes the
     log-probabilities it computed (an in-memory dataset would leave each rank its own temporary copy).
-    `unpaired`: KTO's rows, one answer each with its label (finetune.data.preference.labelled), shuffled with the seed here
-    because TRL's KTO reads them in order (its KL estimate pairs each answer with its batch neighbours' prompts)."""
+    `unpaired`: KTO's rows, one answer each with its label (finetune.data.preference.labelled), shuffled with the seed
+    here because TRL's KTO reads them in order (its KL estimate pairs each answer with its batch neighbours'
+    prompts)."""
     options = {"kind": "unpaired" if unpaired else "pairs", "train_split": train_split, "eval_split": eval_split,
                "eval_fraction": eval_fraction, "max_length": max_length, "seed": seed, "columns": columns or {},
                "names": [train, eval]}  # as for SFT: refusal lines and the held-out rows name the files
@@ -134,7 +139,8 @@ def _load_pairs(directory: Path) -> PreparedPairs:
     def load(name):
         return datasets.load_from_disk(str(directory / name)) if (directory / name).is_dir() else None
 
-    return PreparedPairs(train=load("train"), eval=load("eval"), held_out=read_saved_pairs(directory / "held_out.jsonl"),
+    return PreparedPairs(train=load("train"), eval=load("eval"),
+                         held_out=read_saved_pairs(directory / "held_out.jsonl"),
                          mean_train_tokens=meta["mean_train_tokens"], truncated=meta["truncated"],
                          problems=meta["problems"], rows_read=meta["rows_read"], ignored_lines=meta["ignored_lines"],
                          mix=meta["mix"])
