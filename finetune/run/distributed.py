@@ -20,8 +20,9 @@ from pathlib import Path
 import yaml
 
 from finetune.deps import installed
-from finetune.errors import UserError
+from finetune.errors import RunStopped, UserError
 from finetune.recipe.distributed import DistributedSection
+from finetune.run import rundir
 
 #: Set by the launcher for the processes it starts: the run dir it has already claimed for them.
 LAUNCHED_RUN_DIR = "FINETUNE_LAUNCHED_RUN_DIR"
@@ -190,6 +191,35 @@ def launch(config_file: Path, recipe_path: Path, run_dir: Path, overrides: list[
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def launch_run(recipe, recipe_path: Path, run_dir: Path, overwrite: bool, resume: bool, overrides: list[str], log,
+               inputs: tuple[str, ...]) -> Path:
+    """Claim the run dir here (never deleting `inputs`, the run's own model and data), write the launch config into
+    it, and start the processes through accelerate."""
+    import tempfile
+
+    import torch
+
+    from finetune.models.load import resolve_dtype
+
+    dist = recipe.distributed
+    if dist.machine_rank == 0:  # other machines write nothing: their config goes to a temporary directory
+        rundir.claim(run_dir, recipe.model_dump(mode="json"), overwrite, resume, log, inputs)
+        where = run_dir
+    else:
+        where = Path(tempfile.mkdtemp(prefix="finetune-launch-"))
+    precision = mixed_precision(dist, recipe.model.dtype,
+                                            resolve_dtype(recipe.model.dtype) == torch.bfloat16)
+    config = write_launch_files(dist, precision, where)
+    code = launch(config, recipe_path, run_dir, overrides, resume, log)
+    if code == RunStopped.INTERRUPTED:
+        raise RunStopped(f"interrupted; the processes' messages above say where to continue from ({run_dir})",
+                         exit_code=code)
+    if code != 0:
+        raise UserError(f"the distributed run stopped: its processes' errors are above (exit status {code}). It was "
+                        f"launched with {config}")
+    return run_dir
 
 
 def _pass_on(signum, frame) -> None:

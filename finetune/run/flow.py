@@ -1,4 +1,5 @@
-"""The training flow, top to bottom: recipe -> data -> model -> method -> SFTTrainer -> run dir.
+"""The training flow, in phases: tokenizer -> data (the objective's) -> model (the method's) -> trainer -> fit
+-> finish.
 
 A run directory holds:
   recipe.yaml       the resolved recipe (defaults and --set overrides filled in)
@@ -36,6 +37,7 @@ from finetune import __version__
 from finetune.errors import RunStopped, UserError
 from finetune.recipe.schema import Recipe
 from finetune.run import distributed, rundir
+from finetune.run.arguments import trainer_args
 from finetune.run.rundir import weights_hash
 from finetune.run.startup import StartupClock
 
@@ -82,7 +84,8 @@ def run_training(recipe: Recipe, recipe_path: Path, output: Path | None = None, 
     dist = recipe.distributed
     distributed.check_runtime(dist)
     if dist.strategy != "none" and not distributed.launched():
-        return _launch(recipe, recipe_path, run_dir, overwrite, resume, list(overrides), log)
+        return distributed.launch_run(recipe, recipe_path, run_dir, overwrite, resume, list(overrides), log,
+                                      _inputs(recipe))
 
     rank, world = distributed.world_rank()
     if world > 1 and dist.strategy == "none":
@@ -126,34 +129,6 @@ def _inputs(recipe: Recipe) -> tuple[str, ...]:
     """The local paths a run reads (its base model and data), which `--overwrite` must never delete."""
     paths = (recipe.model.name_or_path, recipe.data.eval, *(s.path for s in recipe.data.train_sources()))
     return tuple(p for p in paths if p and Path(p).expanduser().exists())
-
-
-def _launch(recipe: Recipe, recipe_path: Path, run_dir: Path, overwrite: bool, resume: bool, overrides: list[str],
-            log) -> Path:
-    """Claim the run dir here, write the launch config into it, and start the processes through accelerate."""
-    import tempfile
-
-    import torch
-
-    from finetune.models.load import resolve_dtype
-
-    dist = recipe.distributed
-    if dist.machine_rank == 0:  # other machines write nothing: their config goes to a temporary directory
-        rundir.claim(run_dir, recipe.model_dump(mode="json"), overwrite, resume, log, _inputs(recipe))
-        where = run_dir
-    else:
-        where = Path(tempfile.mkdtemp(prefix="finetune-launch-"))
-    precision = distributed.mixed_precision(dist, recipe.model.dtype,
-                                            resolve_dtype(recipe.model.dtype) == torch.bfloat16)
-    config = distributed.write_launch_files(dist, precision, where)
-    code = distributed.launch(config, recipe_path, run_dir, overrides, resume, log)
-    if code == RunStopped.INTERRUPTED:
-        raise RunStopped(f"interrupted; the processes' messages above say where to continue from ({run_dir})",
-                         exit_code=code)
-    if code != 0:
-        raise UserError(f"the distributed run stopped: its processes' errors are above (exit status {code}). It was "
-                        f"launched with {config}")
-    return run_dir
 
 
 def _train(run: Run) -> Path:
@@ -238,7 +213,7 @@ def _setup_trainer(run: Run, method, model, dtype, attention, data, tokenizer):
     from finetune.run.trainer import ContinueSchedule
 
     recipe, t = run.recipe, run.recipe.train
-    args = _trainer_args(recipe, run.run_dir, dtype)
+    args = trainer_args(recipe, run.run_dir, dtype)
     _start_summary(run, model, method, dtype, attention, args, data)
     with quiet_internal_passes():
         trainer = _make_trainer(recipe.objective, model, args, data, tokenizer, method, run.run_dir / "metrics.jsonl",
@@ -408,67 +383,6 @@ def _save_final(trainer, method, final: Path) -> None:
         method.save(trainer, final)
     except (OSError, RuntimeError, SafetensorError) as err:
         raise CheckpointWriteError(final, err) from err
-
-
-def _trainer_args(recipe: Recipe, run_dir: Path, dtype):
-    """The objective's trainer config (TRL's SFTConfig, DPOConfig): the arguments every objective shares,
-    and its own."""
-    from finetune.objectives import OBJECTIVES
-
-    return OBJECTIVES[recipe.objective.name].trainer_args(
-        recipe.objective, recipe.method, _common_args(recipe, run_dir, dtype), max_length=recipe.data.max_length,
-        packing=recipe.train.packing)
-
-
-def _common_args(recipe: Recipe, run_dir: Path, dtype) -> dict:
-    """The trainer arguments every objective shares; the objective's module adds its own and builds its config."""
-    import torch
-
-    from finetune.run.trackers import tracker_args
-
-    t, dist = recipe.train, recipe.distributed
-    precision = distributed.mixed_precision(dist, recipe.model.dtype, dtype == torch.bfloat16)
-    strategy = {
-        "activation_checkpointing": recipe.model.gradient_checkpointing,
-        **distributed.trainer_kwargs(dist, recipe.method, recipe.model.gradient_checkpointing),
-    }
-    return dict(
-        output_dir=str(run_dir / "checkpoints"),
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the total steps
-        weight_decay=t.weight_decay,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        max_grad_norm=t.max_grad_norm,
-        seed=t.seed,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=not torch.cuda.is_available(),  # also makes multi-process CPU runs use gloo
-        # Non-reentrant checkpointing works with frozen inputs (LoRA) and is the one PyTorch recommends.
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        logging_steps=t.logging_steps,
-        # transformers replaces a NaN/inf step loss by the running mean before logging it, which hides a diverged
-        # run from the log and from finetune.run.guards; off, the logged loss is the true one.
-        logging_nan_inf_filter=False,
-        eval_strategy="steps" if t.eval_steps else "no",
-        eval_steps=t.eval_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        include_num_input_tokens_seen="non_padding",
-        dataloader_pin_memory=torch.cuda.is_available(),
-        neftune_noise_alpha=t.neftune_noise_alpha,
-        eval_on_start=t.eval_on_start,
-        # Early stopping ends on the best evaluation's checkpoint (transformers' EarlyStoppingCallback needs this).
-        **({"load_best_model_at_end": True, "metric_for_best_model": "eval_loss", "greater_is_better": False}
-           if t.early_stopping_patience else {}),
-        **tracker_args(t.report_to, run_dir),
-        **strategy,
-    )
 
 
 def _make_trainer(options, model, args, data, tokenizer, method, metrics_path: Path, token_metrics: bool):

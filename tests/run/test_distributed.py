@@ -261,13 +261,13 @@ def test_fsdp_section_becomes_transformers_fsdp2_plugin(tmp_path):
     from pathlib import Path
 
     from finetune.recipe.load import load_recipe
-    from finetune.run.flow import _trainer_args
+    from finetune.run.arguments import trainer_args
 
     root = Path(__file__).resolve().parents[2]
     recipe = load_recipe(root / "recipes" / "llama7b-fsdp.yaml",
                          ["distributed.fsdp_wrap_layers=[LlamaDecoderLayer]", "distributed.cpu_offload=true",
                           "distributed.fsdp_reshard_after_forward=false"])
-    args = _trainer_args(recipe, tmp_path, torch.bfloat16)
+    args = trainer_args(recipe, tmp_path, torch.bfloat16)
     plugin = args.fsdp_plugin_args
     assert plugin["fsdp_version"] == 2 and plugin["cpu_offload"] is True
     assert plugin["reshard_after_forward"] is False and plugin["state_dict_type"] == "SHARDED_STATE_DICT"
