@@ -22,6 +22,7 @@ def inspect_data(recipe, show: int = 0, dump: Path | None = None, console=None) 
     from finetune.data.prepare import build_datasets
     from finetune.models.load import load_tokenizer, resolve_model_path, template_for
 
+    recipe.data.require_rows("finetune data")
     console = console or Console()
     log = console.print
 

@@ -30,6 +30,24 @@ def unsupported_suffix(path: Path) -> str | None:
             "files, dataset directories and hub dataset ids")
 
 
+#: Bytes read at a time when looking for a file's first non-blank byte: a file with rows answers in the first read.
+_PROBE_BYTES = 1 << 16
+
+
+def empty_file(source: str) -> str | None:
+    """Why a local text data file (JSON Lines, JSON, CSV, TSV) has no rows: empty, or only blank lines; None otherwise
+    (and for directories, hub names and binary formats, which their readers check). Reads only up to the first
+    non-blank byte, so it costs nothing on a file with rows."""
+    path = Path(source).expanduser()
+    if not path.is_file() or path.suffix not in (".jsonl", ".json", ".csv", ".tsv"):
+        return None
+    with path.open("rb") as handle:
+        while chunk := handle.read(_PROBE_BYTES):
+            if chunk.strip(b" \t\r\n\f\v\xef\xbb\xbf"):  # a UTF-8 BOM alone is no row either
+                return None
+    return f"{source}: no rows ({'an empty data file' if path.stat().st_size == 0 else 'only blank lines'})"
+
+
 def read_records(source: str, split: str, streaming: bool = False) -> Iterator[tuple[int, Any]]:
     """(row number, row) pairs; a row that cannot be parsed comes as the exception, so it is reported, not fatal.
     `streaming`: hub datasets are read as they download (`load_dataset(streaming=True)`), never stored whole."""

@@ -15,8 +15,9 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from finetune.data.sources import PATH_SUFFIXES, unsupported_suffix
+from finetune.data.sources import PATH_SUFFIXES, empty_file, unsupported_suffix
 from finetune.deps import missing
+from finetune.errors import UserError
 from finetune.methods import METHODS
 from finetune.models.registry import DEFAULT_ALIAS
 from finetune.objectives import OBJECTIVES
@@ -188,6 +189,19 @@ class DataSection(Section):
         if self.sources is None:
             return [Source(self.train, self.train_split, self.format)]
         return [Source(s.path, s.split, s.format, dict(s.columns), s.weight, s.rows) for s in self.sources]
+
+    def empty_files(self) -> list[str]:
+        """`data.train`/`data.sources`/`data.eval` files that hold no row (empty or blank), each with its field."""
+        named = [("data.train" if self.sources is None else "data.sources", s.path) for s in self.train_sources()]
+        named += [("data.eval", self.eval)] if self.eval else []
+        return [f"{field}: {why}" for field, path in named if (why := empty_file(path))]
+
+    def require_rows(self, command: str) -> None:
+        """Refuse an empty or blank data file before `command` prepares anything or claims a run dir."""
+        empty = self.empty_files()
+        if empty:
+            raise UserError(f"{'; '.join(empty)}. `{command}` needs rows to work on: fill the file or point the recipe "
+                            "at another one (nothing was written)")
 
 
 class TrainSection(Section):

@@ -81,6 +81,7 @@ def run_training(recipe: Recipe, recipe_path: Path, output: Path | None = None, 
                  resume: bool = False, log=print, overrides: list[str] = (), hooks: Hooks | None = None) -> Path:
     clock = StartupClock()
     run_dir = Path(output or recipe.train.output_dir or Path("runs") / recipe_path.stem)
+    recipe.data.require_rows("finetune train")
     dist = recipe.distributed
     distributed.check_runtime(dist)
     if dist.strategy != "none" and not distributed.launched():

@@ -275,7 +275,8 @@ def test_a_longer_resumed_run_follows_the_schedule_of_a_run_of_that_length(write
 
 
 def test_overwrite_refuses_to_delete_the_runs_own_inputs(write_recipe, tmp_path):
-    recipe = write_recipe(train={"max_steps": 2})
+    # held-out rows, so that held_out.jsonl holds rows (an empty data file is refused before any run-dir check)
+    recipe = write_recipe(train={"max_steps": 2}, data={"eval_fraction": 0.25})
     assert train(recipe).exit_code == 0
     run = tmp_path / "run"
     before = sorted(p.name for p in run.iterdir())
