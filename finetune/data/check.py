@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from finetune.data.rows import SourceRows, read_source
+from finetune.data.sources import NO_ROWS
 from finetune.errors import UserError
 
 _SHOWN = 5
@@ -46,7 +47,7 @@ def _check_source(label: str, source: str, split: str, format: str, limit: float
 def _report(label: str, read: SourceRows, limit: float, log) -> list[str]:
     source = read.source
     if read.total == 0:
-        return [f"{label}: {source}: no rows (an empty data file)"]
+        return [f"{label}: {source}: {NO_ROWS}"]
     rows = f"{read.total} row" + ("s" if read.total > 1 else "")
     log(f"  {label}: {escape(source)}: {read.format or 'unknown'} format, {rows} (every row checked)")
     if read.ignored:

@@ -30,6 +30,8 @@ def unsupported_suffix(path: Path) -> str | None:
             "files, dataset directories and hub dataset ids")
 
 
+#: What `validate`, `train` and `data` say of a data file without a row (empty, or blank lines only).
+NO_ROWS = "no rows (an empty data file)"
 #: Bytes read at a time when looking for a file's first non-blank byte: a file with rows answers in the first read.
 _PROBE_BYTES = 1 << 16
 
@@ -45,7 +47,7 @@ def empty_file(source: str) -> str | None:
         while chunk := handle.read(_PROBE_BYTES):
             if chunk.strip(b" \t\r\n\f\v\xef\xbb\xbf"):  # a UTF-8 BOM alone is no row either
                 return None
-    return f"{source}: no rows ({'an empty data file' if path.stat().st_size == 0 else 'only blank lines'})"
+    return f"{source}: {NO_ROWS}"
 
 
 def read_records(source: str, split: str, streaming: bool = False) -> Iterator[tuple[int, Any]]:

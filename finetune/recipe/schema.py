@@ -25,7 +25,6 @@ from finetune.objectives.sft import Options as SftOptions
 from finetune.recipe.distributed import DistributedSection, compatibility_problems
 from finetune.recipe.section import Section
 
-#: Names `model.name_or_path` accepts besides paths and hub ids; resolved by `finetune.models.load`.
 #: Joins the cross-section problems pydantic must carry as one error; `load_recipe` splits them again.
 CROSS_CHECK_SEPARATOR = "\n\x1f"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
