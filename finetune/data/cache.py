@@ -1,6 +1,11 @@
 """Prepared data on disk: a key from everything that decides the token ids, a lock so that one process prepares
 while the others (DDP ranks, a second run) wait, and the prepared Arrow datasets memory-mapped back.
 
+An entry is complete when its manifest (every file's size, and a hash of the small ones) is there: it is written
+last, and checked before each use, so an entry damaged on disk (truncated, a file lost or edited) is named and
+prepared again instead of failing deep inside `datasets`. Nothing is written into a complete entry: the trainers'
+own `map` caches go to a temporary folder removed at exit (see `read_only_entries`).
+
 The key covers the data files' bytes, the tokenizer (vocabulary, added tokens), the chat template(s), the format
 options, max_length, the held-out split and finetune's own data code, so a changed row, template or max_length
 prepares again and nothing else does. Hub datasets have no content to hash before they are downloaded and may change
@@ -9,11 +14,13 @@ under the same id: they are prepared every time.
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,17 +47,21 @@ def file_digest(path: Path) -> str:
 
 
 def source_digest(source: str | None) -> str | None:
-    """The content digest of a local file or directory (every file under it, by relative path), None for a hub id
-    (not cacheable) and "" for no source."""
+    """The content digest of a local file, or of a folder's or glob's data files (by name), None for a hub id (not
+    cacheable) and "" for no source. A folder's card or hidden files do not count: they are not read."""
+    from finetune.data.sources import folder_listing
+
     if source is None:
         return ""
     path = Path(source).expanduser()
     if path.is_file():
         return file_digest(path)
-    if path.is_dir():
+    files = folder_listing(source)
+    if files is not None or path.is_dir():  # a saved dataset: every file under it
+        names = files.files if files is not None else sorted(p for p in path.rglob("*") if p.is_file())
         digest = hashlib.sha1()
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
-            digest.update(f"{file.relative_to(path)}\0{file_digest(file)}\0".encode())
+        for file in names:
+            digest.update(f"{file.relative_to(path) if path.is_dir() else file}\0{file_digest(file)}\0".encode())
         return digest.hexdigest()
     return None
 
@@ -65,8 +76,9 @@ def tokenizer_digest(tokenizer, template) -> str:
 
 def _code_digest() -> str:
     digest = hashlib.sha1(str(LAYOUT).encode())
-    for file in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(file.read_bytes())
+    package = Path(__file__).parent
+    for file in sorted(package.rglob("*.py")):  # the preference readers too
+        digest.update(str(file.relative_to(package)).encode() + b"\0" + file.read_bytes())
     return digest.hexdigest()
 
 
@@ -94,21 +106,94 @@ def claimed(key: str) -> Iterator[Path]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def is_complete(directory: Path) -> bool:
-    return (directory / "meta.json").is_file()
+#: The file that marks an entry complete and lists what it holds (written last).
+MANIFEST = "manifest.json"
+#: Files up to this size are hashed in the manifest (metadata, held-out rows); larger ones (Arrow data) are checked by
+#: size, which a truncation or a lost write changes, so checking costs milliseconds whatever the entry's size.
+_HASHED_BYTES = 1 << 20
+
+
+def _contents(directory: Path) -> dict[str, list]:
+    """Each file of the entry: [size, sha1 of its bytes or None when larger than _HASHED_BYTES]."""
+    out = {}
+    for file in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+        size = file.stat().st_size
+        out[str(file.relative_to(directory))] = [size, file_digest(file) if size <= _HASHED_BYTES else None]
+    return out
+
+
+def entry_problem(directory: Path) -> str | None:
+    """Why a cache entry cannot be used ("absent" when there is none), or None when its files match its manifest.
+    Files beyond the manifest (a `datasets` cache from an older finetune) are left alone."""
+    if not directory.exists():
+        return "absent"
+    try:
+        listed = json.loads((directory / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {MANIFEST} (written last, so the preparation did not finish)"
+    for name, (size, digest) in listed.items():
+        file = directory / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+        if digest is not None and file_digest(file) != digest:
+            return f"{name} was changed after it was written"
+    return None
 
 
 def write_complete(directory: Path, build) -> None:
-    """Run `build(tmp_dir)` and move the result into place; a failure leaves no half-written entry."""
+    """Run `build(tmp_dir)`, list what it wrote in the manifest and move the result into place; a failure leaves no
+    half-written entry."""
     tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         build(tmp)
+        (tmp / MANIFEST).write_text(json.dumps({"files": _contents(tmp)}, indent=1) + "\n")
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    # Which process prepared the entry, and when: a second line means it was prepared again (a deleted entry, or
-    # processes that did not share the lock).
+    # Which process prepared the entry, and when: a second line means it was prepared again (a deleted or damaged
+    # entry, or processes that did not share the lock).
     with open(directory.with_name(directory.name + ".prepared"), "a") as record:
         record.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()} rank {os.environ.get('RANK', '-')}\n")
+
+
+def prepared(key: str | None, build, load, log, prefix: str = "finetune-data-"):
+    """(what `load(directory)` makes of the entry, the directory, whether it was read from the cache). The entry is
+    checked against its manifest and prepared again, with one line, when damaged; a load that fails on an entry the
+    manifest passed (bytes flipped inside an Arrow file) is taken as damage too. `key` None (a hub dataset, or the
+    cache off): a temporary entry, removed at exit."""
+    if key is None:
+        directory = Path(tempfile.mkdtemp(prefix=prefix))
+        atexit.register(shutil.rmtree, directory, True)
+        build(directory)
+        return load(directory), directory, False
+    with claimed(key) as directory:
+        problem = entry_problem(directory)
+        if problem is None:
+            try:
+                return load(directory), directory, True
+            except (OSError, ValueError, KeyError, TypeError) as err:  # pyarrow's ArrowInvalid is a ValueError
+                problem = f"it could not be read ({type(err).__name__}: {err})"
+        if problem != "absent":
+            log(f"data: the cache entry {directory} is damaged ({problem}); preparing it again")
+        write_complete(directory, build)
+        return load(directory), directory, False
+
+
+@contextmanager
+def read_only_entries():
+    """While a trainer runs: `datasets` writes the results of the trainers' own `map` calls into a temporary folder
+    (removed at exit) instead of beside the prepared Arrow files, so that a complete entry shared by several runs
+    never changes under them."""
+    import datasets
+
+    was_on = datasets.is_caching_enabled()
+    datasets.disable_caching()
+    try:
+        yield
+    finally:
+        if was_on:
+            datasets.enable_caching()

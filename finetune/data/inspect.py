@@ -13,6 +13,8 @@ from pathlib import Path
 from rich.markup import escape
 from rich.text import Text
 
+from finetune.data.sources import folder_listing, row_name, row_origin
+
 _REASONS_SHOWN = 8
 
 
@@ -48,13 +50,17 @@ def inspect_data(recipe, show: int = 0, dump: Path | None = None, console=None) 
         say("training mix:")
         for line in data.mix_lines():
             say(f"  {escape(line)}")
+    for source, split in [(s.path, s.split) for s in d.train_sources()] + ([(d.eval, d.eval_split)] if d.eval else []):
+        files = folder_listing(source, split)  # a folder or glob: the files read, and those passed over
+        for line in files.lines() if files else []:
+            say(escape(line))
     if data.cache_line:
         say(escape(data.cache_line))
     for number in range(min(show, len(data.train))):
         source, row = data.origin(number)
         sample = data.train[number]
         legend = "[bold green]trained[/bold green], [dim]not trained[/dim]" if console.color_system else "⟦trained⟧"
-        where = f"{source}, streamed" if data.streaming else f"{source}:{row}"
+        where = f"{source}, streamed" if data.streaming else row_name(source, row)
         say(f"\n[bold]sample {number + 1}[/bold] ({escape(where)}, {len(sample['input_ids'])} tokens; "
             f"{legend}):")
         marks = ("", "") if console.color_system else ("⟦", "⟧")  # piped or NO_COLOR: trained text in brackets
@@ -141,5 +147,6 @@ def write_dump(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as handle:
         for origin, sample in zip(data.train_rows, data.train):
-            handle.write(json.dumps({"source": data.sources[origin["source"]], "row": origin["row"],
+            source, row = row_origin(data.sources[origin["source"]], origin["row"])
+            handle.write(json.dumps({"source": source, "row": row,
                                      "input_ids": sample["input_ids"], "labels": sample["labels"]}) + "\n")

@@ -17,7 +17,7 @@ from typing import Any
 
 from finetune.data.formats import first_row_format, object_row, row_messages
 from finetune.data.mixture import rename
-from finetune.data.sources import read_records, text_lines
+from finetune.data.sources import local_bytes, row_name, text_rows
 from finetune.data.template import ChatTemplate, fit_messages, trained_samples
 from finetune.errors import UserError
 
@@ -56,7 +56,7 @@ def progress_bars(paths: list[str]):
     """datasets' progress bars on for sources that take a while (large files, hub datasets), off for small files."""
     import datasets
 
-    small = all(Path(p).expanduser().is_file() and Path(p).expanduser().stat().st_size < QUIET_BYTES for p in paths)
+    small = all((size := local_bytes(p)) is not None and size < QUIET_BYTES for p in paths)
     was_on = datasets.is_progress_bar_enabled()
     if small:
         datasets.disable_progress_bars()
@@ -117,7 +117,7 @@ def encode_source(source: str, split: str, format: str, tokenizer, template: Cha
     stage = table.column("stage").to_numpy()
     rows = table.column("row").to_numpy()
     reasons = encoded.select_columns(["row", "problem"]).select(np.flatnonzero(stage != SAMPLE)).to_dict()
-    problems = [f"{source}:{row}: {reason}" for row, reason in zip(reasons["row"], reasons["problem"])]
+    problems = [f"{row_name(source, row)}: {reason}" for row, reason in zip(reasons["row"], reasons["problem"])]
     counts = pc.value_counts(pc.list_flatten(table.column("ignored"))).to_pylist()
     ignored = {entry["values"]: entry["counts"] for entry in counts}
     normalised = rows[stage != REFUSED_FORMAT]
@@ -131,17 +131,13 @@ def _raw_rows(source: str, split: str, tag: str):
     """Every row as JSON text; a row that cannot be decoded carries its error. JSON Lines files pass their lines
     through unparsed (the workers parse them), other sources are read and written as JSON text. `tag` (the
     preparation's key) only makes `datasets`' own generator cache tell different inputs apart."""
-    lines = text_lines(source)
-    if lines is not None:
-        for number, line in lines:
-            error = isinstance(line, Exception)
-            yield {"row": number, "text": "" if error else line, "error": f"not valid JSON: {line}" if error else ""}
-        return
-    for number, record in read_records(source, split):
-        if isinstance(record, Exception):
-            yield {"row": number, "text": "", "error": f"not valid JSON: {record}"}
+    for number, value in text_rows(source, split):
+        if isinstance(value, Exception):
+            yield {"row": number, "text": "", "error": f"not valid JSON: {value}"}
+        elif isinstance(value, str):
+            yield {"row": number, "text": value, "error": ""}
         else:
-            yield {"row": number, "text": json.dumps(record, ensure_ascii=False, default=str), "error": ""}
+            yield {"row": number, "text": json.dumps(value, ensure_ascii=False, default=str), "error": ""}
 
 
 def _detect(raw, source: str, format: str | None, columns: dict) -> str:
@@ -150,7 +146,7 @@ def _detect(raw, source: str, format: str | None, columns: dict) -> str:
     for row, text, error in zip(head["row"], head["text"], head["error"]):
         record = _parse(text, error, raise_errors=False)
         if isinstance(record, dict):
-            return first_row_format(rename(record, columns), format, f"{source}:{row}")
+            return first_row_format(rename(record, columns), format, row_name(source, row))
     if format is not None:
         return format
     raise UserError(f"{source}: no row of the first 1000 is a JSON object, so its format cannot be detected")

@@ -11,10 +11,8 @@ training: TRL would silently drop rows whose assistant tokens all fall past `max
 
 from __future__ import annotations
 
-import atexit
 import json
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +20,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from finetune.data.cache import cache_key, claimed, is_complete, write_complete
+from finetune.data.cache import cache_key, prepared
 from finetune.data.mixture import Source, draw, planned_rows
 from finetune.data.pipeline import (
     conversations,
@@ -118,17 +116,7 @@ def build_datasets(
             _prepare(tokenizer, template, sources, eval, eval_split, eval_fraction, format, max_length, seed,
                      num_proc, directory, key or "uncached")
 
-    if key is None:  # a hub dataset (or data.cache off): prepared in a temporary entry, removed at exit
-        directory = Path(tempfile.mkdtemp(prefix="finetune-data-"))
-        atexit.register(shutil.rmtree, directory, True)
-        prepare(directory)
-        data = _load(directory, template)
-    else:
-        with claimed(key) as directory:
-            hit = is_complete(directory)
-            if not hit:
-                write_complete(directory, prepare)
-            data = _load(directory, template)
+    data, directory, hit = prepared(key, prepare, lambda entry: _load(entry, template), log)
     for line in data.ignored_lines:
         log(escape(line))
     check_bad_fraction(data.problems, data.rows_read, max_bad_fraction, log)
@@ -142,7 +130,7 @@ def build_datasets(
 def _prepare(tokenizer, template, sources: list[Source], eval, eval_split, eval_fraction, format, max_length, seed,
              num_proc, directory: Path, key: str) -> None:
     """Encode the sources, split off the held-out rows, draw the mixture and write the entry: train/ and eval/
-    datasets, held_out.jsonl and meta.json (written last: its presence marks the entry complete)."""
+    datasets, held_out.jsonl and meta.json (cache.write_complete adds the manifest that marks it complete)."""
     import datasets
     import numpy as np
 
@@ -171,7 +159,7 @@ def _prepare(tokenizer, template, sources: list[Source], eval, eval_split, eval_
     train_parts, mix = [], []
     for index, (source, rows, wanted) in enumerate(zip(encoded, candidates, planned)):
         chosen = np.asarray(draw(rows, wanted, seed + index), dtype=np.int64)
-        times = np.bincount(chosen, minlength=int(source.sample_rows.max(initial=0)) + 1)[source.sample_rows]
+        times = _times(chosen, source.sample_rows)
         part = select_samples(source, times)
         train_parts.append(part)
         mix.append({"source": source.source, "rows": len(chosen), "samples": len(part),
@@ -185,6 +173,17 @@ def _prepare(tokenizer, template, sources: list[Source], eval, eval_split, eval_
     meta = {"sources": [s.path for s in sources] + ([eval] if eval else []), "rows_read": rows_read,
             "problems": problems, "ignored_lines": [line for line in ignored if line], "mix": mix}
     (directory / "meta.json").write_text(json.dumps(meta) + "\n")
+
+
+def _times(chosen, sample_rows):
+    """How often each sample's row was drawn; by sorted lookup, as a folder's row numbers are too large to index by
+    (finetune.data.shards.STRIDE)."""
+    import numpy as np
+
+    drawn, counts = np.unique(chosen, return_counts=True)
+    at = np.clip(np.searchsorted(drawn, sample_rows), 0, max(len(drawn) - 1, 0))
+    hit = (drawn[at] == sample_rows) if len(drawn) else np.zeros(len(sample_rows), dtype=bool)
+    return np.where(hit, counts[at] if len(drawn) else 0, 0)
 
 
 def _load(directory: Path, template: ChatTemplate) -> PreparedData:

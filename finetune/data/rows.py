@@ -13,7 +13,7 @@ from typing import Any
 from rich.markup import escape
 
 from finetune.data.formats import first_row_format, object_row, row_messages
-from finetune.data.sources import read_records
+from finetune.data.sources import read_records, row_name
 from finetune.errors import UserError
 
 _SHOWN_PROBLEMS = 10
@@ -83,7 +83,7 @@ def read_source(source: str, split: str, format: str, keep: bool = True, columns
     for number, row, read.format in normalised_rows(source, split, format, columns):
         read.total += 1
         if isinstance(row, ValueError):
-            read.problems.append(f"{source}:{number}: {row}")
+            read.problems.append(f"{row_name(source, number)}: {row}")
             continue
         messages, ignored, tools = row
         if ignored:
@@ -102,7 +102,7 @@ def normalised_rows(source: str, split: str, format: str, columns: dict | None =
         try:
             record = object_row(value, columns)
             if not detected:
-                fmt, detected = first_row_format(record, fmt, f"{source}:{number}"), True
+                fmt, detected = first_row_format(record, fmt, row_name(source, number)), True
             yield number, row_messages(record, fmt), fmt
         except ValueError as err:
             yield number, err, fmt

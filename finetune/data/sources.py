@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.data.formats import flat_format_problem
+from finetune.data.shards import Listing, check_same_shape, is_glob, listing, locate, row_number, shape
 from finetune.errors import UserError
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
@@ -41,7 +42,12 @@ def empty_file(source: str) -> str | None:
     (and for directories, hub names and binary formats, which their readers check). Reads only up to the first
     non-blank byte, so it costs nothing on a file with rows."""
     path = Path(source).expanduser()
-    if not path.is_file() or path.suffix not in (".jsonl", ".json", ".csv", ".tsv"):
+    if not path.is_file():
+        files = folder_listing(source) if path.is_dir() or is_glob(source) else None
+        if files is None or not all(empty_file(str(file)) for file in files.files):
+            return None
+        return f"{source}: {NO_ROWS} in any of its {len(files.files)} file(s)"
+    if path.suffix.lower() not in (".jsonl", ".json", ".csv", ".tsv"):
         return None
     with path.open("rb") as handle:
         while chunk := handle.read(_PROBE_BYTES):
@@ -54,10 +60,10 @@ def read_records(source: str, split: str, streaming: bool = False) -> Iterator[t
     """(row number, row) pairs; a row that cannot be parsed comes as the exception, so it is reported, not fatal.
     `streaming`: hub datasets are read as they download (`load_dataset(streaming=True)`), never stored whole."""
     path = Path(source).expanduser()
-    if path.is_dir():
-        rows = _load_saved(path, split, source) if is_saved_dataset(path) else \
-            _load_dataset(str(path), split, f"dataset directory `{source}`")
-        yield from enumerate(rows, start=1)
+    if path.is_dir() and is_saved_dataset(path):
+        yield from enumerate(_load_saved(path, split, source), start=1)
+    elif (files := folder_listing(source, split)) is not None:
+        yield from _shard_rows(files, lambda file: READERS[file.suffix.lower()](file, str(file)))
     elif path.exists():
         problem = unsupported_suffix(path)
         if problem:
@@ -67,6 +73,60 @@ def read_records(source: str, split: str, streaming: bool = False) -> Iterator[t
         raise UserError(f"{source}: data file not found (relative paths are taken from the current directory)")
     else:
         yield from enumerate(_load_dataset(source, split, f"hub dataset `{source}`", streaming), start=1)
+
+
+def folder_listing(source: str, split: str | None = None) -> Listing | None:
+    """The data files of a folder (not a `save_to_disk` one) or glob source, of `split` (None: all of them); None
+    for a file, a saved dataset or a hub id."""
+    path = Path(source).expanduser()
+    if path.is_dir() and is_saved_dataset(path):
+        return None
+    return listing(source, split, DATA_SUFFIXES)
+
+
+def local_bytes(source: str) -> int | None:
+    """The bytes of a local file, folder or glob source's data files; None for a hub id or a saved dataset."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path.stat().st_size
+    files = folder_listing(source) if path.is_dir() or is_glob(source) else None
+    return sum(file.stat().st_size for file in files.files) if files else None
+
+
+def row_origin(source: str, row: int) -> tuple[str, int]:
+    """The file and its row for a row number of any source: a folder's rows are named by the file they are in."""
+    return locate(source, row, DATA_SUFFIXES)
+
+
+def row_name(source: str, row: int) -> str:
+    """`file:row` for a row number of any source (see row_origin)."""
+    file, local = row_origin(source, row)
+    return f"{file}:{local}"
+
+
+def _shard_rows(files: Listing, read) -> Iterator[tuple[int, Any]]:
+    """The rows of each file of a folder or glob in turn, numbered to name their file, each file's first object row
+    checked against the first file's shape; an empty file gives no rows (it loses none)."""
+    index = {file: number for number, file in enumerate(files.files)}
+    first = None
+    for file in files.chosen:
+        if empty_file(str(file)):
+            continue
+        checked = False
+        for number, value in read(file):
+            record = (_parsed(value) if isinstance(value, str) else value) if not checked else None
+            if isinstance(record, dict):  # the first row that parses to an object speaks for its file
+                first = first or (file, shape(record))
+                check_same_shape(files.source, first, file, shape(record))
+                checked = True
+            yield row_number(index[file], number), value
+
+
+def _parsed(line: str):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 def text_encoding(path: Path) -> str:
@@ -103,13 +163,19 @@ def _jsonl(path: Path, source: str) -> Iterator[tuple[int, Any]]:
         raise UserError(f"{source}: not valid {encoding.upper()} text ({err.reason}); save it as UTF-8") from None
 
 
-def text_lines(source: str) -> Iterator[tuple[int, str | Exception]] | None:
-    """A UTF-8 JSON Lines file's non-blank lines, unparsed (a line that is not UTF-8 comes as its error), for
-    preparation that parses rows in worker processes; None for any other source."""
+def text_rows(source: str, split: str) -> Iterator[tuple[int, Any]]:
+    """Every row of a source for preparation that parses rows in worker processes: the non-blank lines of UTF-8 JSON
+    Lines files unparsed (str; a line that is not UTF-8 comes as its error), other rows as read_records gives them."""
+    files = folder_listing(source, split)
+    if files is not None:
+        return _shard_rows(files, lambda file: _utf8_lines(file) if _is_utf8_jsonl(file) else
+                           READERS[file.suffix.lower()](file, str(file)))
     path = Path(source).expanduser()
-    if not (path.is_file() and path.suffix.lower() == ".jsonl" and text_encoding(path).startswith("utf-8")):
-        return None
-    return _utf8_lines(path)
+    return _utf8_lines(path) if path.is_file() and _is_utf8_jsonl(path) else read_records(source, split)
+
+
+def _is_utf8_jsonl(path: Path) -> bool:
+    return path.suffix.lower() == ".jsonl" and text_encoding(path).startswith("utf-8")
 
 
 def _utf8_lines(path: Path) -> Iterator[tuple[int, str | Exception]]:

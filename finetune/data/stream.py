@@ -17,6 +17,7 @@ from typing import Any
 from rich.markup import escape
 
 from finetune.data.mixture import Source
+from finetune.data.sources import row_name
 from finetune.data.template import ChatTemplate, trained_samples
 from finetune.errors import UserError
 
@@ -55,7 +56,7 @@ def stream_samples(source: Source, tokenizer, template: ChatTemplate, max_length
 
     for number, row, _ in normalised_rows(source.path, source.split, source.format, source.columns, streaming=True):
         tally.read += 1
-        where = f"{source.path}:{number}"
+        where = row_name(source.path, number)
         try:
             if isinstance(row, ValueError):
                 raise row

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from finetune.data.preference.pairs import Pair, encode_answer
 from finetune.data.rows import split_held_out
+from finetune.data.sources import row_name
 from finetune.data.template import ChatTemplate
 from finetune.errors import UserError
 from finetune.eval.targets import Target, eval_template, right_padded, score_candidates, write_report
@@ -38,7 +39,7 @@ def answer_logps(model, tokenizer, rows: list, template: ChatTemplate, max_lengt
             try:
                 prompt, ids, _ = encode_answer(tokenizer, row.prompt, answer, row.tools, max_length, template)
             except ValueError as err:
-                raise UserError(f"{row.source}:{row.row}: {err}") from None
+                raise UserError(f"{row_name(row.source, row.row)}: {err}") from None
             sequences.append((prompt + ids, len(prompt)))
     scores = []
     for start in range(0, len(sequences), batch_size):

@@ -17,6 +17,7 @@ from finetune.data.rows import (
     read_saved_conversations,
     split_held_out,
 )
+from finetune.data.sources import row_name
 from finetune.data.template import (
     ChatTemplate,
     encode_samples,
@@ -71,7 +72,7 @@ def assistant_loss(model, tokenizer, rows: list[Conversation], batch_size: int, 
             samples = encode_samples(tokenizer, row.messages, max_length, row.tools, template)
             encoded += [(s.input_ids, s.labels) for s in samples]
         except ValueError as err:
-            raise UserError(f"{row.source}:{row.row}: {err}") from None
+            raise UserError(f"{row_name(row.source, row.row)}: {err}") from None
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start:start + batch_size]
         ids, mask = right_padded([i for i, _ in batch], tokenizer.pad_token_id)
@@ -137,7 +138,7 @@ def _fitted_prompt(template: ChatTemplate, row: Conversation) -> list[dict]:
     try:
         return fit_messages(template, prompt_messages(row.messages))
     except ValueError as err:
-        raise UserError(f"{row.source}:{row.row}: {err}") from None
+        raise UserError(f"{row_name(row.source, row.row)}: {err}") from None
 
 
 def last_prompt_turn(messages: list[dict]) -> str:

@@ -15,7 +15,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from finetune.data.sources import PATH_SUFFIXES, empty_file, unsupported_suffix
+from finetune.data.shards import is_glob
+from finetune.data.sources import PATH_SUFFIXES, empty_file, folder_listing, unsupported_suffix
 from finetune.deps import missing
 from finetune.errors import UserError
 from finetune.methods import METHODS
@@ -43,6 +44,26 @@ def _check_local(value: str, what: str) -> str:
     if Path(value).expanduser().exists() or not _looks_like_path(value):
         return value
     raise ValueError(f"{what} `{value}` does not exist (relative paths are taken from the current directory)")
+
+
+def _data_path(value: str) -> str:
+    """A data source that names a local file, folder or glob must be readable as one (see finetune.data.shards)."""
+    path = Path(value).expanduser()
+    problem = unsupported_suffix(path) if path.exists() else None
+    if problem:
+        raise ValueError(f"data file `{value}`: {problem}")
+    if path.is_dir() or is_glob(value):
+        _folder_split(value, None)
+        return value
+    return _check_local(value, "data file")
+
+
+def _folder_split(source: str | None, split: str | None) -> None:
+    """A folder or glob source's files of `split` (all with None), or its refusal as a validation error."""
+    try:
+        folder_listing(source, split) if source else None
+    except UserError as err:
+        raise ValueError(str(err)) from None
 
 
 class ModelSection(Section):
@@ -88,16 +109,13 @@ class SourceSection(Section):
     @field_validator("path")
     @classmethod
     def _exists(cls, value: str) -> str:
-        path = Path(value).expanduser()
-        problem = unsupported_suffix(path) if path.exists() else None
-        if problem:
-            raise ValueError(f"data file `{value}`: {problem}")
-        return _check_local(value, "data file")
+        return _data_path(value)
 
     @model_validator(mode="after")
     def _one_share(self):
         if self.weight is not None and self.rows is not None:
             raise ValueError("set either `weight` or `rows` for a source, not both")
+        _folder_split(self.path, self.split)
         return self
 
 
@@ -105,18 +123,20 @@ class DataSection(Section):
     """Training and held-out data: local JSON/JSONL/Parquet/CSV/TSV files, dataset directories or hub dataset ids."""
 
     train: str | None = None
-    """A local .jsonl/.json/.parquet/.csv/.tsv file, a dataset directory, or a hub dataset id. A path that exists
-    is always read locally. CSV/TSV files need a header naming Alpaca (instruction, output, optional input,
-    system) or prompt/completion columns."""
+    """A local .jsonl/.json/.parquet/.csv/.tsv file, a folder (every data file in it, any of those types), a glob
+    (`data/*.jsonl`), a `save_to_disk` directory, or a hub dataset id. A path that exists is always read locally.
+    CSV/TSV files need a header naming Alpaca (instruction, output, optional input, system) or prompt/completion
+    columns."""
     sources: list[SourceSection] | None = None
     """Several training sources mixed into one run (instead of `train`), each with its own path, split, format,
     column names and share (`weight` or `rows`); the mix in rows and tokens is printed at the start."""
     train_split: str = "train"
-    """Split to read when `train` is a hub dataset id."""
+    """Split to read when `train` is a hub dataset id, a saved DatasetDict, or a folder whose every file is named
+    for a split (`train.jsonl`, `test-00000.parquet`)."""
     eval: str | None = None
     """Held-out data (same kinds of source as `train`); leave unset to split off `eval_fraction` instead."""
     eval_split: str = "test"
-    """Split to read when `eval` is a hub dataset id."""
+    """Split to read when `eval` is a hub dataset id, a saved DatasetDict or a folder of split-named files."""
     eval_fraction: float = Field(0.0, ge=0, le=0.5)
     """Fraction of training rows held out (seeded by `train.seed`; the rows are saved in the run dir)."""
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = "auto"
@@ -155,13 +175,7 @@ class DataSection(Section):
     @field_validator("train", "eval")
     @classmethod
     def _exists(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        path = Path(value).expanduser()
-        problem = unsupported_suffix(path) if path.exists() else None
-        if problem:
-            raise ValueError(f"data file `{value}`: {problem}")
-        return _check_local(value, "data file")
+        return None if value is None else _data_path(value)
 
     @field_validator("chat_template")
     @classmethod
@@ -179,6 +193,8 @@ class DataSection(Section):
                              if self.train is not None else "set `data.train` (one source) or `data.sources`")
         if self.sources is not None and not self.sources:
             raise ValueError("`data.sources` is empty")
+        _folder_split(self.train, self.train_split)
+        _folder_split(self.eval, self.eval_split)
         return self
 
     def train_sources(self) -> list:

@@ -136,6 +136,7 @@ def _train(run: Run) -> Path:
     """One process's run, in phases: tokenizer, data, model, trainer; fit; finish."""
     from transformers import set_seed
 
+    from finetune.data.cache import read_only_entries
     from finetune.methods import build_method
 
     _load_libraries()
@@ -147,9 +148,10 @@ def _train(run: Run) -> Path:
     tokens = _setup_tokenizer(run)
     data = _setup_data(run, tokens)
     model, dtype, attention = _setup_model(run, method, tokens, load_kwargs)
-    trainer, guard, stop = _setup_trainer(run, method, model, dtype, attention, data, tokens.tokenizer)
-    stopped_early = _fit(run, trainer, method, guard, stop, has_eval=data.eval is not None)
-    return _finish(run, trainer, method, tokens, data, guard, stop, stopped_early)
+    with read_only_entries():  # the trainers' own dataset caches stay out of the shared prepared-data entry
+        trainer, guard, stop = _setup_trainer(run, method, model, dtype, attention, data, tokens.tokenizer)
+        stopped_early = _fit(run, trainer, method, guard, stop, has_eval=data.eval is not None)
+        return _finish(run, trainer, method, tokens, data, guard, stop, stopped_early)
 
 
 #: What a run imports before its first phase (TRL and transformers underneath), loaded at once so that the start-up

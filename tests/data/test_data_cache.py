@@ -20,10 +20,10 @@ def write(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def prepare(tokenizer, path, max_length=256, eval_fraction=0.1, template=None, **kwargs):
+def prepare(tokenizer, path, max_length=256, eval_fraction=0.1, template=None, log=lambda *_: None, **kwargs):
     return build_datasets(tokenizer, train=str(path), train_split="train", eval=None, eval_split="test",
                           eval_fraction=eval_fraction, format="auto", max_length=max_length, max_bad_fraction=0.5,
-                          seed=0, log=lambda *_: None, template=template, **kwargs)
+                          seed=0, log=log, template=template, **kwargs)
 
 
 def samples(data) -> list[tuple]:
@@ -105,3 +105,66 @@ def test_processes_preparing_the_same_data_at_once_prepare_it_once(tmp_path, tin
     assert lines[0].split(" the cache ")[1] == lines[1].split(" the cache ")[1]
     [record] = (tmp_path / "cache" / "data").glob("*.prepared")
     assert len(record.read_text().splitlines()) == 1
+
+
+def _damage(entry: Path, kind: str, rng) -> str:
+    """Damage an entry the way disks and people do; returns the file hit."""
+    arrow = sorted(entry.rglob("*.arrow"))
+    if kind == "truncated arrow":
+        target = arrow[rng.randrange(len(arrow))]
+        size = target.stat().st_size
+        with target.open("r+b") as handle:
+            handle.truncate(rng.randrange(0, size))
+    elif kind == "empty eval shard":
+        target = next(f for f in arrow if f.parts[-2] == "eval")
+        target.write_bytes(b"")
+    elif kind == "missing state.json":
+        target = entry / "train" / "state.json"
+        target.unlink()
+    elif kind == "corrupt held_out.jsonl":
+        target = entry / "held_out.jsonl"
+        text = target.read_bytes()
+        cut = rng.randrange(1, len(text) - 1)
+        target.write_bytes(text[:cut] + b"}" + text[cut + 1:])  # one byte changed, the size kept
+    else:  # a kill before the manifest was written, or the manifest lost
+        target = entry / "manifest.json"
+        target.unlink()
+    return str(target.relative_to(entry))
+
+
+@pytest.mark.parametrize("kind", ["truncated arrow", "empty eval shard", "missing state.json",
+                                  "corrupt held_out.jsonl", "no manifest"])
+def test_a_damaged_entry_is_named_in_one_line_and_prepared_again(tmp_path, tokenizer, cache, kind):
+    import random
+
+    path = write(tmp_path / "rows.jsonl", counting_rows(40))
+    first = prepare(tokenizer, path)
+    rng = random.Random(kind)
+    for attempt in range(3):  # several random offsets / bytes
+        hit = _damage(Path(first.cache), kind, rng)
+        lines = []
+        again = prepare(tokenizer, path, log=lines.append)
+        damaged = [line for line in lines if "is damaged" in line]
+        assert len(damaged) == 1, (attempt, lines)
+        assert f"the cache entry {first.cache} is damaged" in damaged[0] and "preparing it again" in damaged[0]
+        assert hit in damaged[0] or "manifest.json" in damaged[0], damaged[0]
+        assert again.cache_line.startswith("data: prepared into") and again.cache == first.cache
+        assert samples(again) == samples(first)
+        assert [c.messages for c in again.eval_conversations] == [c.messages for c in first.eval_conversations]
+        assert prepare(tokenizer, path).cache_line.startswith("data: read from")  # whole again
+
+
+@pytest.mark.slow
+def test_training_writes_nothing_into_the_shared_entry(tmp_path, write_recipe, cache):
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+    from finetune.data.cache import MANIFEST, entry_problem
+
+    recipe = write_recipe(data={"eval_fraction": 0.1, "max_length": 64}, train={"max_steps": 2})
+    result = CliRunner().invoke(app, ["train", str(recipe)])
+    assert result.exit_code == 0, result.output
+    [entry] = [p for p in cache.iterdir() if p.is_dir()]
+    listed = set(json.loads((entry / MANIFEST).read_text())["files"]) | {MANIFEST}
+    assert {str(f.relative_to(entry)) for f in entry.rglob("*") if f.is_file()} == listed  # no cache-*.arrow
+    assert entry_problem(entry) is None

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from finetune.data.formats import normalise, object_row, present, row_tools
-from finetune.data.sources import read_records
+from finetune.data.sources import read_records, row_name
 from finetune.data.template import ChatTemplate, encode_samples
 from finetune.errors import UserError
 
@@ -185,14 +185,14 @@ def read_rows(source: str, split: str, accepts, wrong_kind, convert,
         try:
             record = object_row(value, columns)
             if not checked and not accepts(record):
-                raise UserError(f"{source}:{number}: {wrong_kind(', '.join(sorted(record)) or 'none')}")
+                raise UserError(f"{row_name(source, number)}: {wrong_kind(', '.join(sorted(record)) or 'none')}")
             checked = True
             item, extra = convert(record, source, number)
             rows.append(item)
             for name in extra:
                 ignored[name] = ignored.get(name, 0) + 1
         except ValueError as err:
-            problems.append(f"{source}:{number}: {err}")
+            problems.append(f"{row_name(source, number)}: {err}")
     if total == 0:
         raise UserError(f"{source}: no rows")
     return rows, problems, total, ignored

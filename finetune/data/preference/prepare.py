@@ -3,18 +3,16 @@ as SFT, tokenised into Arrow datasets and cached like SFT data; and the held-out
 
 from __future__ import annotations
 
-import atexit
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.data.cache import cache_key, claimed, is_complete, write_complete
+from finetune.data.cache import cache_key, prepared
 from finetune.data.preference.labelled import Labelled, encode_labelled, read_labelled
 from finetune.data.preference.pairs import Pair, encode_pair, read_pairs
 from finetune.data.rows import check_bad_fraction, ignored_line, split_held_out
+from finetune.data.sources import row_name
 from finetune.data.template import ChatTemplate
 from finetune.errors import UserError
 
@@ -59,17 +57,7 @@ def build_pairs(tokenizer, template: ChatTemplate, train: str, train_split: str,
         _prepare_pairs(tokenizer, template, train, train_split, eval, eval_split, eval_fraction, max_length, seed,
                        unpaired, directory, columns)
 
-    if key is None:  # a hub dataset (or data.cache off): a temporary entry, removed at exit
-        directory = Path(tempfile.mkdtemp(prefix="finetune-pairs-"))
-        atexit.register(shutil.rmtree, directory, True)
-        prepare(directory)
-        hit = False
-    else:
-        with claimed(key) as directory:
-            hit = is_complete(directory)
-            if not hit:
-                write_complete(directory, prepare)
-    data = _load_pairs(directory)
+    data, directory, hit = prepared(key, prepare, _load_pairs, log, prefix="finetune-pairs-")
     for line in data.ignored_lines:
         log(line)
     check_bad_fraction(data.problems, data.rows_read, max_bad_fraction, log)
@@ -82,8 +70,8 @@ def build_pairs(tokenizer, template: ChatTemplate, train: str, train_split: str,
 
 def _prepare_pairs(tokenizer, template, train, train_split, eval, eval_split, eval_fraction, max_length, seed,
                    unpaired, directory: Path, columns: dict | None = None) -> None:
-    """Write the entry: train/ and eval/ datasets, held_out.jsonl and meta.json (last: it marks the entry
-    complete)."""
+    """Write the entry: train/ and eval/ datasets, held_out.jsonl and meta.json (cache.write_complete adds the
+    manifest that marks it complete)."""
     import random
 
     import datasets
@@ -108,7 +96,7 @@ def _prepare_pairs(tokenizer, template, train, train_split, eval, eval_split, ev
             try:
                 ids, cut = encode(tokenizer, row, max_length, template)
             except ValueError as err:
-                problems.append(f"{first.source}:{first.row}: {err}")
+                problems.append(f"{row_name(first.source, first.row)}: {err}")
                 continue
             encoded[name] += ids if unpaired else [ids]
             kept += row if unpaired else [row]
