@@ -179,8 +179,18 @@ def prepared(key: str | None, build, load, log, prefix: str = "finetune-data-"):
                 problem = f"it could not be read ({type(err).__name__}: {err})"
         if problem != "absent":
             log(f"data: the cache entry {directory} is damaged ({problem}); preparing it again")
+        _remove_unfinished(directory, log)
         write_complete(directory, build)
         return load(directory), directory, False
+
+
+def _remove_unfinished(directory: Path, log) -> None:
+    """Remove what killed preparations of this entry left (`<key>.tmp<pid>`): under the entry's lock no live process
+    of finetune is writing one."""
+    for left in sorted(directory.parent.glob(directory.name + ".tmp*")):
+        size = sum(f.stat().st_size for f in left.rglob("*") if f.is_file())
+        shutil.rmtree(left, ignore_errors=True)
+        log(f"data: removed {left} ({size / 2**20:.1f} MiB), an unfinished preparation of an interrupted run")
 
 
 @contextmanager

@@ -4,6 +4,7 @@ and row, the seeded held-out split, and the held-out rows as a run saves them.""
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -129,10 +130,13 @@ def check_bad_fraction(problems: list[str], total: int, limit: float, log) -> No
 
 
 def save_conversations(rows: list[Conversation], path: Path) -> None:
-    with path.open("w", encoding="utf-8") as handle:
+    """One JSON object per row, written whole or not at all (a temporary beside it, renamed over it)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("w", encoding="utf-8") as handle:
         for conv in rows:
             saved = {"messages": conv.messages, "source": conv.source, "row": conv.row}
             handle.write(json.dumps({**saved, "tools": conv.tools} if conv.tools else saved) + "\n")
+    os.replace(temporary, path)
 
 
 def read_saved_conversations(path: Path) -> list[Conversation]:

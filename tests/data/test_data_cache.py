@@ -168,3 +168,29 @@ def test_training_writes_nothing_into_the_shared_entry(tmp_path, write_recipe, c
     listed = set(json.loads((entry / MANIFEST).read_text())["files"]) | {MANIFEST}
     assert {str(f.relative_to(entry)) for f in entry.rglob("*") if f.is_file()} == listed  # no cache-*.arrow
     assert entry_problem(entry) is None
+
+
+def test_a_killed_preparation_leaves_a_temporary_that_the_next_run_removes_and_names(tmp_path, tokenizer, cache):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = write(tmp_path / "rows.jsonl", counting_rows(4000))
+    script = (f"import sys; sys.path[:0] = {[str(Path.cwd()), str(Path(__file__).parents[1])]}\n"
+              "from transformers import AutoTokenizer\n"
+              f"from test_data_cache import prepare\n"
+              f"prepare(AutoTokenizer.from_pretrained({tokenizer.name_or_path!r}), {str(path)!r})\n")
+    child = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "FINETUNE_CACHE": str(cache.parent)},
+                             cwd=Path(__file__).parent)
+    deadline = time.monotonic() + 120
+    while not list(cache.glob("*.tmp*/work")) and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    [left] = list(cache.glob("*.tmp*"))
+    lines = []
+    data = prepare(tokenizer, path, log=lines.append)
+    assert any(f"data: removed {left}" in line and "unfinished preparation" in line for line in lines), lines
+    assert not left.exists() and len(data.train) + len(data.eval) == 4000

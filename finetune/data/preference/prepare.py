@@ -4,6 +4,7 @@ as SFT, tokenised into Arrow datasets and cached like SFT data; and the held-out
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,10 +136,13 @@ def _load_pairs(directory: Path) -> PreparedPairs:
 
 
 def save_pairs(rows: list, path: Path) -> None:
-    """A run's held-out pairs (or KTO's labelled answers) as JSON lines, for `finetune eval`."""
-    with path.open("w", encoding="utf-8") as handle:
+    """A run's held-out pairs (or KTO's labelled answers) as JSON lines, for `finetune eval`; written whole (a
+    temporary beside it, renamed over it)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row.to_json()) + "\n")
+    os.replace(temporary, path)
 
 
 def read_saved_pairs(path: Path) -> list:
