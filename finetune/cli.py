@@ -160,7 +160,10 @@ def data_(
     from finetune.recipe.load import load_recipe
 
     loaded = load_recipe(recipe, set_ or [])
+    from finetune.models.load import check_sources
+
     _quiet_libraries()
+    check_sources(loaded)
     from finetune.data.inspect import inspect_data
 
     if dump is not None and (dump.is_dir() or not dump.parent.is_dir()):
@@ -244,6 +247,9 @@ def merge(
     """Merge a LoRA run's adapter into its base model and save a standalone checkpoint."""
     if dtype not in ("bf16", "fp16", "fp32"):
         raise UserError(f"--dtype {dtype}: choose bf16, fp16 or fp32")
+    from finetune.models.inputs import RUN_DIR, expect
+
+    expect(run_dir, (RUN_DIR,), "`finetune merge`", "a LoRA run directory (run.json)")
     _quiet_libraries()
     from finetune.export.merge import merge_run
 
@@ -299,8 +305,10 @@ def import_gguf(
     debug: Debug = False,
 ):
     """Convert a GGUF file into a trainable safetensors checkpoint with its tokenizer and chat template."""
-    if not gguf_file.is_file():
-        raise UserError(f"{gguf_file}: file not found")
+    from finetune.models import inputs
+
+    wanted = ("`finetune import-gguf`", "a GGUF file (recognised by its content, whatever its name)")
+    gguf_file = inputs.gguf_file(inputs.expect(gguf_file, (inputs.GGUF, inputs.GGUF_DIR), *wanted), *wanted)
     _quiet_libraries()
     from finetune.models.gguf import import_gguf as convert
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+#: The file that makes a directory a finetune run directory (written when the run dir is claimed, before anything
+#: else): what every command recognises a run by, since the other files of a run may be missing or removed.
+RUN_INFO = "run.json"
+
 
 def cache_dir() -> Path:
     """`$FINETUNE_CACHE`, else ~/.cache/finetune (the XDG cache folder most ML tools share)."""

@@ -11,7 +11,7 @@ def chat_loop(target: str, max_new_tokens: int, system: str | None, read=input, 
     from finetune.data.template import fit_messages, stop_token_ids
     from finetune.eval.targets import eval_template, load_for_eval, resolve_target
 
-    where = resolve_target(target, None)
+    where = resolve_target(target, None, "chat")
     model, tokenizer = load_for_eval(where.model_path, where.adapter, where.tokenizer_source)
     template = eval_template(tokenizer, where.fold_system)  # a run that folded its system text: chat folds it too
     if system and not (template.accepts_system or template.fold_system):

@@ -55,7 +55,21 @@ def held_out_rows(target: str, recipe_path: Path | None, data: Path | None) -> l
         if rows:
             return rows
         raise UserError(f"{saved}: the run held out no rows; pass --data FILE")
-    raise UserError(f"{target}: not a run directory; pass --data FILE or --recipe RECIPE to say which rows to use")
+    raise UserError(no_held_out(target))
+
+
+def no_held_out(target: str) -> str:
+    """Why there are no saved held-out rows, and what to pass instead. A run is known by its run.json, so a run
+    whose held_out.jsonl was removed is still called a run."""
+    from finetune.models.inputs import RUN_DIR, identify
+
+    item = identify(target)
+    if item.kind == RUN_DIR:
+        return (f"{item.path / 'held_out.jsonl'}: missing, so the rows this run held out are gone (training writes "
+                f"them there). Pass --data FILE to evaluate on a data file, or --recipe {item.path / 'recipe.yaml'} "
+                "to draw the held-out rows again as training drew them (data.eval or data.eval_fraction)")
+    return (f"{target}: {item.describe()}, so it has no held-out rows of a run; pass --data FILE or --recipe RECIPE "
+            "to say which rows to use")
 
 
 def assistant_loss(model, tokenizer, rows: list[Conversation], batch_size: int, max_length: int = 2048,

@@ -39,7 +39,8 @@ def run_fold_system(run_dir: Path) -> bool:
     return bool((saved.get("data") or {}).get("fold_system", False))
 
 
-def resolve_target(target: str, output: Path | None) -> Target:
+def resolve_target(target: str, output: Path | None, command: str = "eval") -> Target:
+    from finetune.models.inputs import AS_TARGET
     from finetune.models.load import resolve_model_path
 
     path = Path(target)
@@ -50,9 +51,7 @@ def resolve_target(target: str, output: Path | None) -> Target:
             base = run_base_model(info)
             return Target(base, path / "adapter", base, output or path, fold)
         return Target(str(path / "model"), None, info.get("base_model_path"), output or path, fold)
-    model_path = resolve_model_path(target)
-    if not Path(model_path).exists():
-        raise UserError(f"{target}: neither a run directory (with run.json), a model directory, nor an alias")
+    model_path = resolve_model_path(target, role=f"`finetune {command}`", expected=AS_TARGET)
     return Target(model_path, None, None, output or Path("runs") / "eval" / Path(target).name)
 
 

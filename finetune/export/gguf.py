@@ -73,6 +73,7 @@ NEEDS_LLAMA_CPP = (
 def resolve_source(target: str, log=print) -> Source:
     """What `target` names; nothing is loaded or merged yet, so every refusal comes before minutes of work."""
     from finetune.eval.targets import run_base_model
+    from finetune.models.inputs import AS_TARGET
     from finetune.models.load import resolve_model_path
     from finetune.run import rundir
 
@@ -83,10 +84,7 @@ def resolve_source(target: str, log=print) -> Source:
         if info["artifact"] == "adapter":  # the adapter dir holds the tokenizer and template it was trained with
             return Source(Path(run_base_model(info)), name, path / "adapter", path, adapter=True)
         return Source(path / "model", name, path / "model", path)
-    resolved = Path(resolve_model_path(target, log))
-    if not (resolved / "config.json").is_file():
-        raise UserError(f"{target}: neither a finished run directory (run.json), a model directory (config.json), "
-                        "nor an alias")
+    resolved = Path(resolve_model_path(target, log, "`finetune export`", AS_TARGET))
     return Source(resolved, resolved.name, resolved)
 
 

@@ -9,25 +9,45 @@ from pathlib import Path
 from finetune.data.template import chat_template as template_of
 from finetune.data.template import choose_template, stop_token_ids
 from finetune.errors import UserError
+from finetune.models import hub, inputs
 from finetune.models.gguf import ensure_embedded, import_gguf
-from finetune.models.registry import EMBEDDED
+from finetune.models.registry import LOCAL_MODEL
 from finetune.models.weights import check_adapter_dir, check_model_dir, pickle_refused
 from finetune.paths import cache_dir
 
 
-def resolve_model_path(name_or_path: str, log=print) -> str:
-    """A local directory for aliases and .gguf files (converting once, cached); hub ids pass through."""
-    if name_or_path in EMBEDDED:
+def resolve_model_path(name_or_path: str, log=print, role: str = "model.name_or_path",
+                       expected: str = inputs.AS_MODEL) -> str:
+    """A local model directory for what names a model: an alias or a GGUF file (by content, whatever its name;
+    converted once, cached) becomes one; hub ids pass through. Anything else is refused by what it is."""
+    item = inputs.identify(name_or_path)
+    if item.kind == inputs.ALIAS:
         return str(ensure_embedded(name_or_path, log))
-    path = Path(name_or_path).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise UserError(f"model.name_or_path: GGUF file `{name_or_path}` not found")
-        target = cache_dir() / "gguf" / f"{path.stem}-{path.stat().st_size}"
+    if item.kind in (inputs.GGUF, inputs.GGUF_DIR):
+        gguf = inputs.gguf_file(item, role, expected)
+        target = cache_dir() / "gguf" / f"{gguf.stem}-{gguf.stat().st_size}"
         if not (target / "config.json").exists():
-            import_gguf(path, target, log)
+            import_gguf(gguf, target, log)
         return str(target)
-    return str(path) if path.exists() else name_or_path
+    if item.kind not in (inputs.MODEL_DIR, inputs.HUB):
+        raise inputs.refusal(item, role, expected)
+    return str(item.path) if item.kind == inputs.MODEL_DIR else name_or_path
+
+
+def check_sources(recipe) -> None:
+    """What a recipe reads, checked before a run dir is claimed or a library loads: the model by what it is, and
+    each name only the hub resolves (model or data) against a hub that cannot be reached."""
+    model, d = recipe.model.name_or_path, recipe.data
+    item = inputs.identify(model)
+    if item.kind not in inputs.MODEL_KINDS:
+        raise inputs.refusal(item, "model.name_or_path", inputs.AS_MODEL)
+    if item.kind == inputs.GGUF_DIR:
+        inputs.gguf_file(item, "model.name_or_path", inputs.AS_MODEL)
+    if item.kind == inputs.HUB:
+        hub.require_hub(model, "model.name_or_path", LOCAL_MODEL)
+    for name in (d.eval, *(source.path for source in d.train_sources())):
+        if name and inputs.identify(name).kind == inputs.HUB:
+            hub.require_hub(name, "data", hub.LOCAL_DATA, "dataset")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: str = "auto"):
@@ -35,6 +55,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: st
     .jinja path). Returns (tokenizer, ids of tokens added for ChatML)."""
     from transformers import AutoTokenizer
 
+    if inputs.identify(path).kind == inputs.HUB:
+        hub.require_hub(path, "model", LOCAL_MODEL)
+    elif Path(path).is_dir() and inputs.tokenizer_missing(Path(path)):  # else transformers blames sentencepiece
+        raise UserError(f"{path}: no tokenizer files ({', '.join(inputs.TOKENIZER_FILES)}); the model directory is "
+                        "incomplete (a copy or save cut short?). Copy it again from its source")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:
@@ -114,6 +139,8 @@ def load_model(path: str, dtype, attn_implementation: str, trust_remote_code: bo
     from transformers import AutoModelForCausalLM
 
     check_model_dir(path)
+    if inputs.identify(path).kind == inputs.HUB:
+        hub.require_hub(path, "model", LOCAL_MODEL)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,

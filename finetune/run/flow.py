@@ -35,6 +35,7 @@ import yaml
 
 from finetune import __version__
 from finetune.errors import RunStopped, UserError
+from finetune.models.load import check_sources
 from finetune.recipe.schema import Recipe
 from finetune.run import distributed, rundir
 from finetune.run.arguments import trainer_args
@@ -82,6 +83,7 @@ def run_training(recipe: Recipe, recipe_path: Path, output: Path | None = None, 
     clock = StartupClock()
     run_dir = Path(output or recipe.train.output_dir or Path("runs") / recipe_path.stem)
     recipe.data.require_rows("finetune train")
+    check_sources(recipe)  # the model and hub names, before a run dir is claimed
     dist = recipe.distributed
     distributed.check_runtime(dist)
     if dist.strategy != "none" and not distributed.launched():

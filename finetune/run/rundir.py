@@ -24,8 +24,8 @@ from typing import Any
 
 from finetune import __version__
 from finetune.errors import RunStopped, UserError
+from finetune.paths import RUN_INFO
 
-RUN_INFO = "run.json"
 LOCK = ".finetune.lock"
 COMPLETE = "finetune-complete.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")

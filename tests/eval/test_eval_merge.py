@@ -126,9 +126,12 @@ def test_merge_refusals_exit_2(lora_run, tmp_path, write_recipe):
 
 def test_import_gguf_refuses_what_it_cannot_read(tmp_path):
     result = runner.invoke(app, ["import-gguf", str(tmp_path / "none.gguf"), "--output", str(tmp_path / "o")])
-    assert result.exit_code == 2 and "file not found" in result.output
+    assert result.exit_code == 2 and "none.gguf: not found" in result.output
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"not a gguf file at all")
+    result = runner.invoke(app, ["import-gguf", str(fake), "--output", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "a file finetune does not read" in result.output  # a name is not content
+    fake.write_bytes(b"GGUF\x03\x00\x00\x00 cut short")
     result = runner.invoke(app, ["import-gguf", str(fake), "--output", str(tmp_path / "o")])
     assert result.exit_code == 2 and "transformers cannot read this GGUF file" in result.output
     assert not (tmp_path / "o").exists()

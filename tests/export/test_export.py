@@ -141,7 +141,7 @@ def test_refusals_exit_2_with_one_message(tmp_path, monkeypatch):
     result = runner.invoke(app, ["export", str(tmp_path), "--format", "onnx"])
     assert result.exit_code == 2 and "GGUF only" in result.output
     result = runner.invoke(app, ["export", str(tmp_path / "nothing")])
-    assert result.exit_code == 2 and "neither a finished run directory" in result.output
+    assert result.exit_code == 2 and f"{tmp_path / 'nothing'}: not found" in result.output
 
 
 def test_unsupported_architecture_is_refused_before_converting(tmp_path):
