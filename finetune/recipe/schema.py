@@ -343,3 +343,8 @@ class Recipe(Section):
         if problems:
             raise ValueError(CROSS_CHECK_SEPARATOR.join(problems))  # load_recipe lists each on its own
         return self
+
+    def local_inputs(self) -> tuple[str, ...]:
+        """The local paths a run reads (its base model and data), which `--overwrite` must never delete."""
+        paths = (self.model.name_or_path, self.data.eval, *(s.path for s in self.data.train_sources()))
+        return tuple(p for p in paths if p and Path(p).expanduser().exists())

@@ -88,14 +88,14 @@ def run_training(recipe: Recipe, recipe_path: Path, output: Path | None = None, 
     distributed.check_runtime(dist)
     if dist.strategy != "none" and not distributed.launched():
         return distributed.launch_run(recipe, recipe_path, run_dir, overwrite, resume, list(overrides), log,
-                                      _inputs(recipe))
+                                      recipe.local_inputs())
 
     rank, world = distributed.world_rank()
     if world > 1 and dist.strategy == "none":
         raise UserError(f"running as one of {world} processes but `distributed.strategy` is none; set it to ddp, fsdp "
                         "or deepspeed so the recipe says how the processes share the work")
     if rank == 0 and os.environ.get(distributed.LAUNCHED_RUN_DIR) != str(run_dir.resolve()):
-        rundir.claim(run_dir, recipe.model_dump(mode="json"), overwrite, resume, log, _inputs(recipe))
+        rundir.claim(run_dir, recipe.model_dump(mode="json"), overwrite, resume, log, recipe.local_inputs())
     if world > 1:
         distributed.process_state().wait_for_everyone()  # nobody reads the run dir before rank 0 has claimed it
     checkpoint = rundir.last_complete_checkpoint(run_dir / "checkpoints", log=lambda *_: None) if resume else None
@@ -126,12 +126,6 @@ def run_training(recipe: Recipe, recipe_path: Path, output: Path | None = None, 
 #: errno values that mean the disk, not finetune, refused a write.
 _WRITE_ERRORS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EIO", "EACCES", "EPERM")
                  if hasattr(errno, name)}
-
-
-def _inputs(recipe: Recipe) -> tuple[str, ...]:
-    """The local paths a run reads (its base model and data), which `--overwrite` must never delete."""
-    paths = (recipe.model.name_or_path, recipe.data.eval, *(s.path for s in recipe.data.train_sources()))
-    return tuple(p for p in paths if p and Path(p).expanduser().exists())
 
 
 def _train(run: Run) -> Path:
