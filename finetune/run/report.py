@@ -71,7 +71,7 @@ def truncate_metrics(path: Path, last_step: int) -> int:
     kept = [line for line in lines if (record := json.loads(line))["step"] < last_step or
             (record["step"] == last_step and "train_loss" not in record)]
     if len(kept) < len(lines):
-        from finetune.run.rundir import write_atomic
+        from finetune.paths import write_atomic
 
         write_atomic(path, "".join(f"{line}\n" for line in kept))
     return len(lines) - len(kept)

@@ -24,7 +24,7 @@ from typing import Any
 
 from finetune import __version__
 from finetune.errors import RunStopped, UserError
-from finetune.paths import RUN_INFO
+from finetune.paths import RUN_INFO, directory_bytes, human_size, write_atomic
 
 LOCK = ".finetune.lock"
 COMPLETE = "finetune-complete.json"
@@ -207,13 +207,6 @@ def write_run_info(run_dir: Path, drop: tuple[str, ...] = (), **fields) -> dict:
     return info
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file whole or not at all: a temporary file beside it, renamed over it."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def weights_hash(model_dir: str) -> str | None:
     """sha256 over a local checkpoint's weight files, so `merge` can prove it found the same base."""
     files = sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.bin"))
@@ -283,30 +276,18 @@ def write_failure(path: Path, cause: BaseException, run_dir: Path, resume_comman
         write_run_info(run_dir, status="failed")
     free = shutil.disk_usage(run_dir).free
     needed = directory_bytes(Path(newest)) if newest else written
-    size = (f"about {_size(needed)} (the size of {Path(newest).name})" if newest
-            else f"more than the {_size(written)} written before the failure")
+    size = (f"about {human_size(needed)} (the size of {Path(newest).name})" if newest
+            else f"more than the {human_size(written)} written before the failure")
     # torch's zip writer reports a full disk as "unexpected pos ..." or "file write failed", with no errno.
     why = "the disk is full" if free < needed else "the write failed"
     then = (f"{Path(newest).name} is complete and untouched: make room, then continue with: {resume_command}"
             if newest else "no complete checkpoint exists yet: make room and start the run again with --overwrite")
     return RunStopped(f"could not write {path}: {why} ({cause}). A checkpoint of this run needs {size}; "
-                      f"{_size(free)} is free on that disk now. The partial {path.name} was removed; {then}")
-
-
-def _size(count: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if count < 1000 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
-        count /= 1000
-    return ""
+                      f"{human_size(free)} is free on that disk now. The partial {path.name} was removed; {then}")
 
 
 def checkpoint_step(checkpoint: str) -> int:
     return int(CHECKPOINT.match(Path(checkpoint).name).group(1))
-
-
-def directory_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
 # --- resuming against a changed recipe ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from finetune.data.rows import Conversation, save_conversations
 from finetune.data.template import encode
 from finetune.eval.sft import assistant_loss, generate, match_scores
 from finetune.eval.targets import load_for_eval
+from finetune.paths import PARTIAL_MARKER
 
 runner = CliRunner()
 ROWS = [
@@ -122,6 +123,19 @@ def test_merge_refusals_exit_2(lora_run, tmp_path, write_recipe):
     result = merge(tmp_path / "full", "c")
     assert result.exit_code == 2 and "only LoRA runs have an adapter to merge" in result.output
     assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_merge_names_an_output_left_partial_and_the_command_that_replaces_it(lora_run, tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()  # as a merge killed while saving leaves it, written by a finetune that wrote in place
+    (out / PARTIAL_MARKER).write_text(json.dumps({"started": 1.7e9, "pid": 4242}))
+    (out / "model.safetensors").write_bytes(b"half")
+    result = runner.invoke(app, ["merge", str(lora_run), "--output", str(out), "--dtype", "fp32"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    said = " ".join(result.output.split())
+    assert f"{out} is a partial output of `finetune merge`" in said and "pid 4242" in said
+    assert f"rm -r {out} && finetune merge {lora_run} --output {out} --dtype fp32" in said
+    assert (out / "model.safetensors").read_bytes() == b"half"  # refused, not replaced
 
 
 def test_import_gguf_refuses_what_it_cannot_read(tmp_path):
