@@ -22,6 +22,7 @@ def cache_dir() -> Path:
     """`$FINETUNE_CACHE`, else ~/.cache/finetune (the XDG cache folder most ML tools share)."""
     return Path(os.environ.get("FINETUNE_CACHE", "~/.cache/finetune")).expanduser()
 
+
 #: The file inside an output directory that finetune is still writing (a merged model, an export's scratch): its
 #: presence marks the directory partial, and it names the command that finishes or replaces it. Directories are
 #: written under a temporary sibling name and renamed into place when complete, so only a killed command leaves one.

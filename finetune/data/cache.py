@@ -187,10 +187,10 @@ def prepared(key: str | None, build, load, log, prefix: str = "finetune-data-"):
 def _remove_unfinished(directory: Path, log) -> None:
     """Remove what killed preparations of this entry left (`<key>.tmp<pid>`): under the entry's lock no live process
     of finetune is writing one."""
+    from finetune.paths import remove_leftover
+
     for left in sorted(directory.parent.glob(directory.name + ".tmp*")):
-        size = sum(f.stat().st_size for f in left.rglob("*") if f.is_file())
-        shutil.rmtree(left, ignore_errors=True)
-        log(f"data: removed {left} ({size / 2**20:.1f} MiB), an unfinished preparation of an interrupted run")
+        remove_leftover(left, "the unfinished preparation of an interrupted run", log)
 
 
 @contextmanager

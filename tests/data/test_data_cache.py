@@ -192,5 +192,5 @@ def test_a_killed_preparation_leaves_a_temporary_that_the_next_run_removes_and_n
     [left] = list(cache.glob("*.tmp*"))
     lines = []
     data = prepare(tokenizer, path, log=lines.append)
-    assert any(f"data: removed {left}" in line and "unfinished preparation" in line for line in lines), lines
+    assert any(f"removed {left}" in line and "unfinished preparation" in line for line in lines), lines
     assert not left.exists() and len(data.train) + len(data.eval) == 4000
