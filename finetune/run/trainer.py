@@ -184,6 +184,12 @@ class PreferenceTrainer(TrainerFixes, DPOTrainer):
     def _precompute_ref_logps(self, dataset, name, batch_size):
         if self.pair_loss is not None:  # reference-free: the flag only kept TRL from loading a reference model
             return dataset
+        # TRL keeps the reference log-probabilities in a file beside the dataset's own, which every rank reads back:
+        # that would write into the shared prepared-data entry (or, with `datasets` caching off while training, into
+        # each process's own temporary folder). The run dir is shared by the ranks and is the run's own.
+        shared = Path(self.args.output_dir).parent / "reference-logps"
+        shared.mkdir(parents=True, exist_ok=True)
+        dataset._get_cache_file_path = lambda fingerprint: str(shared / f"{name}-{fingerprint}.arrow")
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
     def _compute_loss(self, model, inputs, return_outputs):

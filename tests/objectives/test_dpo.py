@@ -464,7 +464,7 @@ def test_kto_rows_in_each_shape_and_refused_ones(tmp_path):
 
 @pytest.mark.slow
 def test_dpo_under_ddp_equals_one_process_with_the_same_global_batch(write_recipe, tiny4_model_dir, tmp_path):
-    from test_distributed import launch, max_diff, single
+    from helpers.launch import launch, max_diff, single
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(32))
     recipe = write_recipe(model={"name_or_path": str(tiny4_model_dir)}, data={"train": str(pairs)},

@@ -1,46 +1,16 @@
 """Scaling out: compatibility rules, launch configs, and real 2-process DDP runs on CPU (gloo) of the tiny model."""
 
-import socket
-
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-from typer.testing import CliRunner
+from helpers.launch import free_port, launch, max_diff, runner, single
 
 from finetune.cli import app
 from finetune.recipe.distributed import DistributedSection
 from finetune.run.distributed import accelerate_config, deepspeed_config
 from finetune.run.report import read_metrics
 
-runner = CliRunner()
 LISA = {"name": "lisa", "activated_layers": 1, "interval_steps": 2}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(recipe, output, *args):
-    """`finetune train RECIPE --nproc 2` as a user types it."""
-    return runner.invoke(app, ["train", str(recipe), "--nproc", "2", "--main-process-port", str(free_port()),
-                               "--output", str(output), *map(str, args)])
-
-
-def single(recipe, output, *sets):
-    """The same recipe in one process, with the global batch of the 2-process run (batch 2 x 2 ranks = 4)."""
-    args = ["train", str(recipe), "--output", str(output), "--set", "distributed.strategy=none",
-            "--set", "train.batch_size=4"]
-    for s in sets:
-        args += ["--set", s]
-    return runner.invoke(app, args)
-
-
-def max_diff(a_dir, b_dir) -> float:
-    a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 @pytest.fixture
