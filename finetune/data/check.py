@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from finetune.data.rows import SourceRows, read_source
+from finetune.data.shards import is_glob
 from finetune.data.sources import NO_ROWS
 from finetune.errors import UserError
 
@@ -27,7 +28,7 @@ def check_data(data, log, kind: str = "conversations") -> list[str]:
     if data.eval is not None:
         listed.append(("data.eval", data.eval, data.eval_split, data.format, {}))
     for label, source, split, format, columns in listed:
-        if not Path(source).expanduser().exists():
+        if not Path(source).expanduser().exists() and not is_glob(source):
             log(f"  {label}: hub dataset `{escape(source)}` not checked (validate downloads nothing)")
             continue
         try:

@@ -47,13 +47,39 @@ def empty_file(source: str) -> str | None:
         if files is None or not all(empty_file(str(file)) for file in files.files):
             return None
         return f"{source}: {NO_ROWS} in any of its {len(files.files)} file(s)"
-    if path.suffix.lower() not in (".jsonl", ".json", ".csv", ".tsv"):
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return f"{source}: {NO_ROWS}" if _parquet_rows(path) == 0 else None
+    if suffix not in (".jsonl", ".json", ".csv", ".tsv"):
         return None
     with path.open("rb") as handle:
         while chunk := handle.read(_PROBE_BYTES):
             if chunk.strip(b" \t\r\n\f\v\xef\xbb\xbf"):  # a UTF-8 BOM alone is no row either
-                return None
+                return f"{source}: {NO_ROWS}" if suffix == ".json" and _empty_json(path) else None
     return f"{source}: {NO_ROWS}"
+
+
+def _parquet_rows(path: Path) -> int | None:
+    """Rows a Parquet file's footer declares (None when unreadable: its reader says why)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (pa.ArrowException, OSError):
+        return None
+
+
+def _empty_json(path: Path) -> bool:
+    """A .json file that is an empty list (`[]`, `{"data": []}`); only small files are parsed, as an empty list
+    cannot be large."""
+    if path.stat().st_size > _PROBE_BYTES:
+        return False
+    try:
+        data = json.loads(path.read_text(encoding=text_encoding(path)))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return data == [] or (isinstance(data, dict) and data.get("data") == [])
 
 
 def read_records(source: str, split: str, streaming: bool = False) -> Iterator[tuple[int, Any]]:

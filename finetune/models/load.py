@@ -6,14 +6,14 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+from finetune.data.shards import is_glob
 from finetune.data.template import chat_template as template_of
 from finetune.data.template import choose_template, stop_token_ids
 from finetune.errors import UserError
 from finetune.models import hub, inputs
-from finetune.models.gguf import ensure_embedded, import_gguf
+from finetune.models.gguf import converted_dir, ensure_embedded, import_gguf
 from finetune.models.registry import LOCAL_MODEL
 from finetune.models.weights import check_adapter_dir, check_model_dir, pickle_refused
-from finetune.paths import cache_dir
 
 
 def resolve_model_path(name_or_path: str, log=print, role: str = "model.name_or_path",
@@ -25,7 +25,7 @@ def resolve_model_path(name_or_path: str, log=print, role: str = "model.name_or_
         return str(ensure_embedded(name_or_path, log))
     if item.kind in (inputs.GGUF, inputs.GGUF_DIR):
         gguf = inputs.gguf_file(item, role, expected)
-        target = cache_dir() / "gguf" / f"{gguf.stem}-{gguf.stat().st_size}"
+        target = converted_dir(gguf)
         if not (target / "config.json").exists():
             import_gguf(gguf, target, log)
         return str(target)
@@ -46,7 +46,7 @@ def check_sources(recipe) -> None:
     if item.kind == inputs.HUB:
         hub.require_hub(model, "model.name_or_path", LOCAL_MODEL)
     for name in (d.eval, *(source.path for source in d.train_sources())):
-        if name and inputs.identify(name).kind == inputs.HUB:
+        if name and not is_glob(name) and inputs.identify(name).kind == inputs.HUB:
             hub.require_hub(name, "data", hub.LOCAL_DATA, "dataset")
 
 

@@ -4,6 +4,7 @@ a weights file or a data file where a model is expected), each refused by one me
 is, exit 2, no traceback; a GGUF accepted as a model whatever its name."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -199,3 +200,22 @@ def test_adapter_dir_points_at_its_run(tmp_path):
     (run / "adapter" / "adapter_config.json").write_text(yaml.safe_dump({"peft_type": "LORA"}))
     refused(runner.invoke(app, ["merge", str(run / "adapter"), "--output", str(tmp_path / "out")]),
             "a LoRA adapter directory", f"Name its run directory, {run}")
+
+
+def test_gguf_conversions_are_cached_by_content_not_name_and_size(tmp_path, monkeypatch):
+    from finetune.data import cache
+    from finetune.models.gguf import converted_dir
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    first, second = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf"
+    for path, fill in ((first, b"\x01"), (second, b"\x02")):  # two fine-tunes of one base: same name, same size
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF" + fill * 4096)
+    hashed = []
+    monkeypatch.setattr(cache, "file_digest", lambda path, real=cache.file_digest: hashed.append(path) or real(path))
+    assert converted_dir(first) != converted_dir(second)
+    assert converted_dir(first) == converted_dir(first) and hashed == [first, second]  # read once per version
+    before = first.stat().st_mtime_ns
+    first.write_bytes(b"GGUF" + b"\x03" * 4096)  # rewritten in place, same size (a second later, as people do)
+    os.utime(first, ns=(before + 10**9, before + 10**9))
+    assert converted_dir(first) != converted_dir(second) and len(hashed) == 3

@@ -209,3 +209,18 @@ def test_packing_and_a_dataset_directory_source(write_recipe, tmp_path, train_fi
     missing = write_recipe(name="m.yaml", data={"train": str(folder), "train_split": "nope"})
     result = train(missing, "--overwrite")
     assert result.exit_code == 2 and "split `nope`" in result.output
+
+
+@pytest.mark.parametrize("name", ["rows.json", "data.json", "rows.parquet"])
+def test_an_empty_list_or_a_parquet_of_no_rows_is_refused_before_a_run_dir_is_claimed(write_recipe, tmp_path, name):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = tmp_path / name
+    if name.endswith(".parquet"):
+        pq.write_table(pa.table({"messages": pa.array([], type=pa.string())}), rows)
+    else:
+        rows.write_text("[]\n" if name == "rows.json" else '{"data": []}\n')
+    result = train(write_recipe(data={"train": str(rows)}))
+    assert result.exit_code == 2 and f"data.train: {rows}: no rows" in " ".join(result.output.split())
+    assert not (tmp_path / "run").exists()
