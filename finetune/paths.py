@@ -176,3 +176,15 @@ def human_size(count: float) -> str:
             return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
         count /= 1000
     return ""
+
+
+def die_with_parent() -> None:
+    """For `subprocess`'s preexec_fn: the child gets SIGKILL when finetune dies (Linux's PR_SET_PDEATHSIG), so a
+    killed command leaves no converter still writing into the temporary that the next run removes."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the child outlives a killed parent, as before
+        pass

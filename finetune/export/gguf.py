@@ -20,14 +20,13 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import UserError
 from finetune.export import llama_runtime
-from finetune.paths import partial_output, remove_leftover, write_atomic
+from finetune.paths import die_with_parent, partial_output, remove_leftover, write_atomic
 
 QUANTS = ("f16", "bf16", "q8_0", "q4_k_m")
 CONVERTER_QUANTS = ("f16", "bf16", "q8_0")
@@ -152,12 +151,14 @@ def convert(source: Source, output: Path, quant: str, chat_template: str, eos_id
             "chat_template": chat_template, "eos_token_id": eos_id,
             "pre_tokenizer": pre_tokenizer_fallback(source.model_dir)}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(converter), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    with tempfile.NamedTemporaryFile("w", suffix=".json") as spec_file:
-        json.dump(spec, spec_file)
-        spec_file.flush()
-        log(f"converting {source.model_dir} to GGUF {quant} with llama.cpp's converter ({CONVERTER})")
-        done = subprocess.run([sys.executable, "-m", "finetune.export.convert", spec_file.name], env=env,
-                              capture_output=True, text=True)
+    spec_file = output.with_name(f"{output.name}.spec.json")  # beside the output, in the export's temporary
+    spec_file.write_text(json.dumps(spec))
+    log(f"converting {source.model_dir} to GGUF {quant} with llama.cpp's converter ({CONVERTER})")
+    try:
+        done = subprocess.run([sys.executable, "-m", "finetune.export.convert", str(spec_file)], env=env,
+                              capture_output=True, text=True, preexec_fn=die_with_parent)
+    finally:
+        spec_file.unlink(missing_ok=True)
     if done.returncode != 0:
         detail = done.stderr.strip().splitlines()
         reason = next((line for line in reversed(detail) if line.strip()), "no output")

@@ -50,6 +50,23 @@ class Command:
         assert self.process.wait() == -signal.SIGKILL
 
 
+def converters_in(scratch: Path, wait: float = 0.5) -> list[str]:
+    """Command lines of processes still converting into `scratch`, after giving a dying child `wait` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "finetune.export.convert" in text and f"{scratch}" in text:
+                found.append(text)
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
 def temporaries(parent: Path, name: str) -> list[Path]:
     return sorted(parent.glob(f".{name}.partial*"))
 
@@ -126,6 +143,12 @@ def test_export_killed_while_merging_and_while_checking_the_gguf_leaves_one_temp
     assert f"removed {earlier}" in killed.output()
     assert sorted(where.iterdir()) == temporaries(where, name)
     earlier = assert_one_temporary_of(where, name, "finetune export")
+
+    killed = Command(args, tmp_path / "3.log")
+    killed.kill_when(lambda: converters_in(where, wait=0) != converters_in(earlier, wait=0))  # converter running
+    assert f"removed {earlier}" in killed.output()
+    earlier = assert_one_temporary_of(where, name, "finetune export")
+    assert not converters_in(earlier), "the converter outlived the killed export, still writing its temporary"
 
     old = run / ".export-merge-k2j4x9q1"  # where finetune before the scratch directory merged, never cleaned
     (old / "merged").mkdir(parents=True)
