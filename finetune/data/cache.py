@@ -163,8 +163,8 @@ def write_complete(directory: Path, build) -> None:
 def prepared(key: str | None, build, load, log, prefix: str = "finetune-data-"):
     """(what `load(directory)` makes of the entry, the directory, whether it was read from the cache). The entry is
     checked against its manifest and prepared again, with one line, when damaged; a load that fails on an entry the
-    manifest passed (bytes flipped inside an Arrow file) is taken as damage too. `key` None (a hub dataset, or the
-    cache off): a temporary entry, removed at exit."""
+    manifest passed (bytes changed inside a large Arrow file, which only sizes cover) is taken as damage too. `key`
+    None (a hub dataset, or the cache off): a temporary entry, removed at exit."""
     if key is None:
         directory = Path(tempfile.mkdtemp(prefix=prefix))
         atexit.register(shutil.rmtree, directory, True)
@@ -176,12 +176,29 @@ def prepared(key: str | None, build, load, log, prefix: str = "finetune-data-"):
             try:
                 return load(directory), directory, True
             except (OSError, ValueError, KeyError, TypeError) as err:  # pyarrow's ArrowInvalid is a ValueError
-                problem = f"it could not be read ({type(err).__name__}: {err})"
+                problem = f"{type(err).__name__}: {err}"
         if problem != "absent":
             log(f"data: the cache entry {directory} is damaged ({problem}); preparing it again")
         _remove_unfinished(directory, log)
         write_complete(directory, build)
         return load(directory), directory, False
+
+
+def check_token_ids(dataset, vocabulary: int, name: str) -> None:
+    """Raise ValueError when a column of token ids holds one outside the vocabulary (-100 marks no loss): the sign of
+    bytes changed inside an Arrow file whose size the manifest still matches. One pass of Arrow compute per column."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for column in dataset.column_names:
+        values = dataset.data.column(column)
+        if not (pa.types.is_list(values.type) and pa.types.is_integer(values.type.value_type)):
+            continue
+        bounds = pc.min_max(pc.list_flatten(values)).as_py()
+        low, high = bounds["min"], bounds["max"]
+        if low is not None and (low < -100 or high >= vocabulary):
+            raise ValueError(f"{name}/ holds token id {high if high >= vocabulary else low} in `{column}`, outside "
+                             f"the tokenizer's {vocabulary} ids")
 
 
 def _remove_unfinished(directory: Path, log) -> None:

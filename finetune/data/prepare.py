@@ -20,7 +20,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from finetune.data.cache import cache_key, prepared
+from finetune.data.cache import cache_key, check_token_ids, prepared
 from finetune.data.mixture import Source, draw, planned_rows
 from finetune.data.pipeline import (
     conversations,
@@ -116,7 +116,7 @@ def build_datasets(
             _prepare(tokenizer, template, sources, eval, eval_split, eval_fraction, format, max_length, seed,
                      num_proc, directory, key or "uncached")
 
-    data, directory, hit = prepared(key, prepare, lambda entry: _load(entry, template), log)
+    data, directory, hit = prepared(key, prepare, lambda entry: _load(entry, template, len(tokenizer)), log)
     for line in data.ignored_lines:
         log(escape(line))
     check_bad_fraction(data.problems, data.rows_read, max_bad_fraction, log)
@@ -186,7 +186,7 @@ def _times(chosen, sample_rows):
     return np.where(hit, counts[at] if len(drawn) else 0, 0)
 
 
-def _load(directory: Path, template: ChatTemplate) -> PreparedData:
+def _load(directory: Path, template: ChatTemplate, vocabulary: int) -> PreparedData:
     import datasets
     import pyarrow.compute as pc
 
@@ -196,6 +196,9 @@ def _load(directory: Path, template: ChatTemplate) -> PreparedData:
     held = datasets.load_from_disk(str(directory / "eval")) if (directory / "eval").is_dir() else None
     samples = datasets.load_from_disk(str(directory / "train")) if (directory / "train").is_dir() else \
         datasets.Dataset.from_dict({name: [] for name in sample_features()}, features=sample_features())
+    for name, dataset in (("train", samples), ("eval", held)):
+        if dataset is not None:
+            check_token_ids(dataset, vocabulary, name)
     lengths = pc.list_value_length(samples.data.column("input_ids"))
     return PreparedData(
         train=samples.select_columns(["input_ids", "labels"]),

@@ -197,7 +197,7 @@ def export(target: str, fmt: str = "gguf", quant: str = "q8_0", output: Path | N
            max_samples: int | None = 64, max_new_tokens: int = 32, log=print) -> dict:
     from finetune.export.check import held_out_for
     from finetune.export.ollama import modelfile
-    from finetune.models.load import template_for
+    from finetune.models.load import saved_tokenizer, template_for
 
     check_request(fmt, quant)
     if output is not None and output.suffix != ".gguf":
@@ -207,9 +207,7 @@ def export(target: str, fmt: str = "gguf", quant: str = "q8_0", output: Path | N
     with ExitStack() as stack:
         source = resolve_source(target, log)
         check_architecture(source.model_dir)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir)
+        tokenizer = saved_tokenizer(str(source.tokenizer_dir))
         if not tokenizer.chat_template:
             raise UserError(f"{source.tokenizer_dir}: no chat template saved with the model; a GGUF without one makes "
                             "runtimes guess the prompt format. finetune's run dirs always save it")

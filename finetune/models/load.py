@@ -50,9 +50,8 @@ def check_sources(recipe) -> None:
             hub.require_hub(name, "data", hub.LOCAL_DATA, "dataset")
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: str = "auto"):
-    """The tokenizer with the chat template a run trains with (`data.chat_template`: auto, chatml, model or a
-    .jinja path). Returns (tokenizer, ids of tokens added for ChatML)."""
+def saved_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer as saved at `path` (no template chosen, no tokens added), or one UserError saying why not."""
     from transformers import AutoTokenizer
 
     if inputs.identify(path).kind == inputs.HUB:
@@ -61,9 +60,15 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: st
         raise UserError(f"{path}: no tokenizer files ({', '.join(inputs.TOKENIZER_FILES)}); the model directory is "
                         "incomplete (a copy or save cut short?). Copy it again from its source")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:
         raise UserError(f"could not load a tokenizer from `{path}`: {err}") from None
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: str = "auto"):
+    """The tokenizer with the chat template a run trains with (`data.chat_template`: auto, chatml, model or a
+    .jinja path). Returns (tokenizer, ids of tokens added for ChatML)."""
+    tokenizer = saved_tokenizer(path, trust_remote_code)
     try:
         text, _, missing = choose_template(tokenizer, chat_template)
     except ValueError as err:

@@ -75,8 +75,10 @@ def test_model_dir_without_tokenizer_is_not_blamed_on_sentencepiece(tiny_model_d
     model = model_copy(tiny_model_dir, tmp_path / "model")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (model / name).unlink()
-    line = refused(runner.invoke(app, ["chat", str(model)], input=""), str(model), "no tokenizer files", "incomplete")
-    assert "sentencepiece" not in line.lower()
+    for args in (["chat", str(model)], ["export", str(model), "--output", str(tmp_path / "out.gguf")]):
+        line = refused(runner.invoke(app, args, input=""), str(model), "no tokenizer files", "incomplete")
+        assert "sentencepiece" not in line.lower()
+    assert not (tmp_path / "out.gguf").exists()
 
 
 def test_a_killed_merge_output_names_the_command_that_replaces_it(tiny_model_dir, tmp_path):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.data.cache import cache_key, prepared
+from finetune.data.cache import cache_key, check_token_ids, prepared
 from finetune.data.preference.labelled import Labelled, encode_labelled, read_labelled
 from finetune.data.preference.pairs import Pair, encode_pair, read_pairs
 from finetune.data.rows import check_bad_fraction, ignored_line, split_held_out
@@ -58,7 +58,8 @@ def build_pairs(tokenizer, template: ChatTemplate, train: str, train_split: str,
         _prepare_pairs(tokenizer, template, train, train_split, eval, eval_split, eval_fraction, max_length, seed,
                        unpaired, directory, columns)
 
-    data, directory, hit = prepared(key, prepare, _load_pairs, log, prefix="finetune-pairs-")
+    data, directory, hit = prepared(key, prepare, lambda entry: _load_pairs(entry, len(tokenizer)), log,
+                                    prefix="finetune-pairs-")
     for line in data.ignored_lines:
         log(line)
     check_bad_fraction(data.problems, data.rows_read, max_bad_fraction, log)
@@ -120,13 +121,17 @@ def _prepare_pairs(tokenizer, template, train, train_split, eval, eval_split, ev
     (directory / "meta.json").write_text(json.dumps(meta) + "\n")
 
 
-def _load_pairs(directory: Path) -> PreparedPairs:
+def _load_pairs(directory: Path, vocabulary: int) -> PreparedPairs:
     import datasets
 
     meta = json.loads((directory / "meta.json").read_text())
 
     def load(name):
-        return datasets.load_from_disk(str(directory / name)) if (directory / name).is_dir() else None
+        if not (directory / name).is_dir():
+            return None
+        dataset = datasets.load_from_disk(str(directory / name))
+        check_token_ids(dataset, vocabulary, name)
+        return dataset
 
     return PreparedPairs(train=load("train"), eval=load("eval"),
                          held_out=read_saved_pairs(directory / "held_out.jsonl"),
