@@ -44,6 +44,9 @@ _held_locks: dict[Path, Any] = {}  # open lock files: a lock lives as long as it
 
 #: Files finetune itself may leave in a run dir before its run.json exists (a claim cut short): not the user's.
 OWN_FILES = (LOCK, f".{RUN_INFO}.tmp")
+#: What a run dir holds before the first training step (killed while preparing data or loading the model): a new run
+#: of the same dir writes all of it again, so it is started again without --overwrite.
+BEFORE_FIRST_STEP = {RUN_INFO, "recipe.yaml", "held_out.jsonl", ".held_out.jsonl.tmp", ".recipe.yaml.tmp"}
 
 
 def claim(run_dir: Path, recipe: dict, overwrite: bool, resume: bool, log=print,
@@ -88,7 +91,13 @@ def _claim(run_dir: Path, recipe: dict, overwrite: bool, resume: bool, log, inpu
         raise UserError(f"{run_dir} holds files finetune did not write ({shown}{more}) and no {RUN_INFO}, so it is "
                         "not a run directory; only a run directory finetune created is replaced. Nothing was "
                         "deleted; pick another --output")
-    if entries and not overwrite:
+    if entries and not overwrite and {e.name for e in entries} <= BEFORE_FIRST_STEP:
+        _refuse_if_locked(run_dir)  # a live run still preparing is refused like any other
+        info = read_run_info(run_dir)
+        log(f"{run_dir}: the run started there {info.get('started', '')} stopped before its first step (status "
+            f"{info.get('status', 'unknown')}: no checkpoint, weights or metrics), so there is nothing to keep; "
+            "starting it again")
+    elif entries and not overwrite:
         _refuse_if_locked(run_dir)
         raise UserError(f"run dir {run_dir} is not empty; pass --overwrite to replace it, --resume to continue it, "
                         "or --output to pick another directory")

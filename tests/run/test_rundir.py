@@ -195,6 +195,26 @@ def test_ctrl_c_before_the_first_step_exits_130_without_a_traceback(write_recipe
     assert process.returncode == 130, output
     assert "Traceback" not in output
     assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+    result = train(recipe, "--set", "train.max_steps=1")  # nothing to keep: started again without --overwrite
+    assert result.exit_code == 0, result.output
+    assert "stoppedbeforeitsfirststep(statusinterrupted" in said(result)
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_preparing_its_data_is_started_again_without_overwrite(write_recipe, tmp_path):
+    recipe = write_recipe(train={"max_steps": 1})
+    run = tmp_path / "run"
+    process = _start(recipe)
+    _wait_for(lambda: (run / "run.json").exists(), process)  # claimed; data and model still loading
+    process.kill()
+    process.communicate(timeout=60)
+    assert json.loads((run / "run.json").read_text())["status"] == "running"  # as SIGKILL leaves it
+    result = train(recipe)
+    assert result.exit_code == 0, result.output
+    assert "stoppedbeforeitsfirststep(statusrunning" in said(result)
+    (run / "metrics.jsonl").write_text("")  # a run that trained has something to keep: asked for, as before
+    (run / "model").rename(run / "kept")
+    assert "pass--overwrite" in said(train(recipe))
 
 
 def test_a_second_signal_stops_at_once_and_one_signal_delivered_twice_does_not():
