@@ -59,23 +59,57 @@ def partial_output(path: Path, command: str, log: Callable = print, publish: boo
     remove_leftovers(path, log)
     temporary = path.parent / f".{path.name}{PARTIAL_INFIX}-{os.getpid()}"
     temporary.mkdir(parents=True)
+    with _terminate_as_interrupt():
+        try:
+            marker = {"command": command, "started": time.time(), "pid": os.getpid()}
+            write_atomic(temporary / PARTIAL_MARKER, json.dumps(marker, indent=2) + "\n")
+            yield temporary
+            if publish:
+                (temporary / PARTIAL_MARKER).unlink()
+                _publish(temporary, path)
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (`kill`, a scheduler's stop) taken as Ctrl-C while an output is written: the command stops with its
+    interrupt message and removes its temporary, instead of dying at once and leaving it for the next run."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield  # signals go to the main thread; a handler someone installed (training's own) is theirs
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
     try:
-        marker = {"command": command, "started": time.time(), "pid": os.getpid()}
-        write_atomic(temporary / PARTIAL_MARKER, json.dumps(marker, indent=2) + "\n")
-        yield temporary
-        if publish:
-            (temporary / PARTIAL_MARKER).unlink()
-            _publish(temporary, path)
+        yield
     finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _publish(temporary: Path, path: Path) -> None:
+    _usual_modes(temporary)
     try:
         os.replace(temporary, path)  # over an empty directory too; never over a non-empty one
     except OSError as err:
         raise UserError(f"{path} was filled by another process while finetune wrote it ({err.strerror}); nothing "
                         "of this run was kept there. Choose another --output, or remove it and run again") from None
+
+
+def _usual_modes(directory: Path) -> None:
+    """Files some writers create owner-only (safetensors writes through a 0600 temporary) get the mode every other file
+    of the output has (0666 less the umask), so other users and containers can read a merged model."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in directory.rglob("*"):
+        if file.is_file() and not file.is_symlink() and not file.stat().st_mode & 0o077:
+            file.chmod(0o666 & ~umask)
 
 
 def check_output_dir(path: Path, command: str | None = None) -> None:

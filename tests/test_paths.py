@@ -36,9 +36,16 @@ def test_a_completed_block_renames_the_temporary_into_place_without_its_mark(tmp
         assert marker["command"] == "finetune merge run --output merged" and marker["pid"] == os.getpid()
         assert abs(marker["started"] - time.time()) < 60
         (temporary / "model.safetensors").write_bytes(b"weights")
+        (temporary / "model.safetensors").chmod(0o600)  # as safetensors leaves the file it writes
+        (temporary / "private.key").write_bytes(b"")
+        (temporary / "private.key").chmod(0o640)  # a mode someone chose is kept
         assert not out.exists()  # nothing at the final name until the block succeeds
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "private.key"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (out / "private.key").stat().st_mode & 0o777 == 0o640
 
 
 def test_an_exception_leaves_nothing_behind(tmp_path):
@@ -119,3 +126,20 @@ def test_a_file_write_that_fails_leaves_the_old_file_whole(tmp_path, monkeypatch
     with pytest.raises(OSError):
         write_atomic(path, "new " * 1000)
     assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
+
+
+def test_sigterm_while_writing_removes_the_temporary_like_ctrl_c(tmp_path):
+    import signal
+
+    out = tmp_path / "merged"
+    script = ("import time; from pathlib import Path; from finetune.paths import partial_output\n"
+              f"with partial_output(Path({str(out)!r}), 'finetune merge run --output merged', log=print) as t:\n"
+              "    (t / 'model.safetensors').write_bytes(b'weights'); print('writing', flush=True); time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    assert child.stdout.readline().strip() == "writing"
+    assert len(list(tmp_path.glob(".merged.partial-*"))) == 1
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=30)
+    assert "KeyboardInterrupt" in err  # the CLI turns it into its interrupt message and exit 130
+    assert list(tmp_path.iterdir()) == []  # no temporary, no output

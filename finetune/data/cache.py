@@ -150,14 +150,20 @@ def write_complete(directory: Path, build) -> None:
     try:
         build(tmp)
         (tmp / MANIFEST).write_text(json.dumps({"files": _contents(tmp)}, indent=1) + "\n")
+        if directory.is_symlink() or directory.is_file():  # something else under the entry's name
+            directory.unlink()
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     # Which process prepared the entry, and when: a second line means it was prepared again (a deleted or damaged
     # entry, or processes that did not share the lock).
-    with open(directory.with_name(directory.name + ".prepared"), "a") as record:
-        record.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()} rank {os.environ.get('RANK', '-')}\n")
+    try:
+        with open(directory.with_name(directory.name + ".prepared"), "a") as record:
+            record.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()} rank "
+                         f"{os.environ.get('RANK', '-')}\n")
+    except OSError:  # a diagnostic record only: the entry itself is complete
+        pass
 
 
 def prepared(key: str | None, build, load, log, prefix: str = "finetune-data-"):
@@ -165,6 +171,19 @@ def prepared(key: str | None, build, load, log, prefix: str = "finetune-data-"):
     checked against its manifest and prepared again, with one line, when damaged; a load that fails on an entry the
     manifest passed (bytes changed inside a large Arrow file, which only sizes cover) is taken as damage too. `key`
     None (a hub dataset, or the cache off): a temporary entry, removed at exit."""
+    from finetune.errors import UserError
+
+    try:
+        return _prepared(key, build, load, log, prefix)
+    except OSError as err:  # the cache's own paths: a file where a folder should be, no room, no permission
+        where = err.filename or cache_root()
+        raise UserError(f"the prepared-data cache could not be used: {err.strerror or err} ({where}). Fix or remove "
+                        f"that path (the cache is {cache_root()}, set by $FINETUNE_CACHE), or set data.cache: "
+                        "false") from None
+
+
+def _prepared(key: str | None, build, load, log, prefix: str):
+    """`prepared` without its error translation."""
     if key is None:
         directory = Path(tempfile.mkdtemp(prefix=prefix))
         atexit.register(shutil.rmtree, directory, True)

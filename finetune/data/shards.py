@@ -46,6 +46,9 @@ class Listing:
         """What `finetune data` says of the source: the files it reads and those it passed over."""
         names = [self._name(file) for file in self.chosen]
         lines = [f"{self.source}: {len(names)} file{'s' * (len(names) != 1)}: {', '.join(names)}"]
+        others = [self._name(file) for file in self.files if file not in self.chosen]
+        if others:
+            lines.append(f"{self.source}: files of other splits, not read for this one: {', '.join(others)}")
         if self.skipped:
             lines.append(f"{self.source}: not data, not read: {', '.join(self.skipped)}")
         return lines

@@ -68,6 +68,9 @@ def identify(given: str | Path) -> Input:
     if path.is_dir():
         return _directory(given, path)
     if path.is_file():
+        # A file inside a killed command's temporary (a GGUF an export was still writing) is as partial as it is.
+        if (path.parent / PARTIAL_MARKER).is_file() and path.name != PARTIAL_MARKER:
+            return Input(given, PARTIAL, command=_partial_command(path.parent / PARTIAL_MARKER))
         return Input(given, _file_kind(path))
     if given in EMBEDDED:
         return Input(given, ALIAS)

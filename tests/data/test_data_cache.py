@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import shutil
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,21 @@ def test_a_killed_preparation_leaves_a_temporary_that_the_next_run_removes_and_n
     data = prepare(tokenizer, path, log=lines.append)
     assert any(f"removed {left}" in line and "unfinished preparation" in line for line in lines), lines
     assert not left.exists() and len(data.train) + len(data.eval) == 4000
+
+
+def test_cache_paths_of_the_wrong_kind_are_prepared_again_or_named(tmp_path, tokenizer, cache, monkeypatch):
+    from finetune.errors import UserError
+
+    path = write(tmp_path / "rows.jsonl", counting_rows(20))
+    entry = Path(prepare(tokenizer, path).cache)
+    shutil.rmtree(entry)
+    entry.write_text("not an entry")  # a file where the entry's folder was
+    lines = []
+    assert len(prepare(tokenizer, path, log=lines.append).train) == 18 and entry.is_dir()
+    assert any("is damaged" in line for line in lines)
+    not_a_folder = tmp_path / "cache-file"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("FINETUNE_CACHE", str(not_a_folder))
+    with pytest.raises(UserError, match=r"the prepared-data cache could not be used: Not a directory .*set "
+                                        r"data.cache: false"):
+        prepare(tokenizer, path)

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from finetune.cli import app
 from finetune.data.prepare import build_datasets
 from finetune.data.rows import load_conversations
+from finetune.data.sources import folder_listing
 from finetune.errors import UserError
 
 runner = CliRunner()
@@ -83,6 +84,10 @@ def test_a_hub_style_shard_folder_reads_each_split_and_passes_over_its_card(tmp_
     data = prepare(tokenizer, folder, eval=folder)
     assert questions(tokenizer, data) == list(range(40))
     assert sorted(int(c.messages[0]["content"].split()[1]) for c in data.eval_conversations) == list(range(100, 105))
+    lines = folder_listing(str(folder), "train").lines()
+    assert lines[0] == f"{folder}: 2 files: data/train-00000-of-00002.parquet, data/train-00001-of-00002.parquet"
+    assert lines[1:] == [f"{folder}: files of other splits, not read for this one: data/test-00000-of-00001.parquet",
+                         f"{folder}: not data, not read: .gitattributes, README.md"]
     with pytest.raises(UserError, match=r"no file named for split `validation`; its files name the splits test, "
                                         r"train. Set data.train_split / data.eval_split"):
         prepare(tokenizer, folder, eval=folder, eval_split="validation")

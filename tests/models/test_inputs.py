@@ -88,8 +88,10 @@ def test_a_killed_merge_output_names_the_command_that_replaces_it(tiny_model_dir
         shutil.copy(tiny_model_dir / name, partial / name)
     command = f"finetune merge {tmp_path / 'run'} --output {partial}"
     (partial / PARTIAL_MARKER).write_text(json.dumps({"command": command}))
-    for args in (["chat", str(partial)], ["export", str(partial)]):
-        refused(runner.invoke(app, args, input=""), str(partial), f"an incomplete output of `{command}`",
+    (partial / "merged.gguf").write_bytes(b"GGUF" + b"\0" * 64)  # what an export was still writing
+    for args in (["chat", str(partial)], ["export", str(partial)],
+                 ["import-gguf", str(partial / "merged.gguf"), "--output", str(tmp_path / "imported")]):
+        refused(runner.invoke(app, args, input=""), f"an incomplete output of `{command}`",
                 "remove it and run the command again")
 
 
