@@ -34,6 +34,8 @@ def inspect_data(recipe, show: int = 0, dump: Path | None = None, console=None) 
     model_path = resolve_model_path(m.name_or_path, log)
     tokenizer, added = load_tokenizer(model_path, m.trust_remote_code, d.chat_template)
     template = template_for(tokenizer, d.chat_template, d.fold_system, m.name_or_path)
+    if recipe.objective.data_kind != "conversations":  # preference pairs or labelled answers: their own report
+        return _inspect_preference(recipe, tokenizer, template, show, dump, log, say)
     data = build_datasets(
         tokenizer, train=d.train_sources(), train_split=d.train_split, eval=d.eval, eval_split=d.eval_split,
         eval_fraction=d.eval_fraction, format=d.format, max_length=d.max_length,
@@ -68,6 +70,37 @@ def inspect_data(recipe, show: int = 0, dump: Path | None = None, console=None) 
     if dump is not None:
         write_dump(dump, data)
         say(f"wrote {len(data.train)} training samples to {escape(str(dump))}")
+    return report
+
+
+def _inspect_preference(recipe, tokenizer, template, show: int, dump: Path | None, log, say) -> dict:
+    """The report of a preference objective's data, prepared by the objective exactly as `train` prepares it."""
+    data = recipe.objective.build_data(recipe, tokenizer, template, log)
+    what = "labelled answers" if recipe.objective.data_kind == "unpaired" else "pairs"
+    held = len(data.eval) if data.eval is not None else 0
+    report = {"rows_read": data.rows_read, "rows_refused": len(data.problems), "train_samples": len(data.train),
+              "eval_samples": held, "tokens_mean": data.mean_train_tokens, "truncated": data.truncated,
+              "max_length": recipe.data.max_length, "template": template.name, "objective": recipe.objective.name}
+    say(f"chat template: {escape(template.name)}, end of turn {escape(template.end_of_turn)}")
+    say(f"objective {recipe.objective.name}: {data.rows_read} rows read, {len(data.problems)} refused; "
+        f"{len(data.train)} training {what}, {held} held out")
+    say(f"tokens per training row (as the model sees it): mean {data.mean_train_tokens:.1f}; {data.truncated} cut at "
+        f"max_length={recipe.data.max_length}")
+    for problem in data.problems[:_REASONS_SHOWN]:
+        say(f"  refused: {escape(problem)}")
+    if data.cache_line:
+        say(escape(data.cache_line))
+    for number in range(min(show, len(data.train))):
+        row = data.train[number]
+        say(f"\n[bold]row {number + 1}[/bold]:")
+        for column, ids in row.items():
+            if column.endswith("_ids"):
+                say(f"  [bold]{column.removesuffix('_ids')}[/bold]: {escape(tokenizer.decode(ids))}")
+    if dump is not None:
+        with dump.open("w", encoding="utf-8") as handle:
+            for row in data.train:
+                handle.write(json.dumps(row) + "\n")
+        say(f"wrote {len(data.train)} training {what} to {escape(str(dump))}")
     return report
 
 

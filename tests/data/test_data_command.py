@@ -61,3 +61,21 @@ def test_data_command_errors_are_one_message(tmp_path, write_recipe):
     assert result.exit_code == 2
     assert "data.chat_template is `model`, but this tokenizer has no chat template" in result.output
     assert "Traceback" not in result.output
+
+
+def test_preference_recipes_get_their_pairs_reported(tmp_path, write_recipe):
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Say {i}", "chosen": f"{i}", "rejected": f"not {i}"} for i in range(10)]
+    rows.append({"prompt": "Say nothing", "chosen": "ok"})  # no rejected answer: refused, named
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe = write_recipe(data={"train": str(pairs), "eval_fraction": 0.2, "max_bad_fraction": 0.5},
+                          objective={"name": "dpo"}, method={"name": "lora"})
+    dump = tmp_path / "pairs-dump.jsonl"
+    result = CliRunner().invoke(app, ["data", str(recipe), "--show", "1", "--dump", str(dump)])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "objective dpo: 11 rows read, 1 refused; 8 training pairs, 2 held out" in said
+    assert f"refused: {pairs}:11:" in said and "supervised fine-tuning" not in said
+    assert "chosen:" in said and "rejected:" in said
+    dumped = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert len(dumped) == 8 and {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dumped[0])
