@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from finetune.errors import UserError
 from finetune.eval.preference import held_out_pairs, run_preference_eval
-from finetune.eval.sft import held_out_rows, run_sft_eval
+from finetune.eval.sft import held_out_rows, no_held_out, run_sft_eval
 from finetune.eval.targets import resolve_target
 
 
@@ -14,6 +15,8 @@ def run_eval(target: str, recipe: Path | None = None, data: Path | None = None, 
              max_samples: int | None = None, max_new_tokens: int = 64, batch_size: int = 8,
              output: Path | None = None, log=print) -> dict:
     """Evaluate a run or model (and optionally its base) on the same rows; write eval.json and eval.md."""
+    if recipe is None and data is None and not (Path(target) / "held_out.jsonl").is_file():
+        raise UserError(no_held_out(target))  # before a GGUF is converted or a model loaded
     where = resolve_target(target, output)
     if recipe is not None:
         from finetune.recipe.load import load_recipe

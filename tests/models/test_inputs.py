@@ -223,3 +223,12 @@ def test_gguf_conversions_are_cached_by_content_not_name_and_size(tmp_path, monk
     first.write_bytes(b"GGUF" + b"\x03" * 4096)  # rewritten in place, same size (a second later, as people do)
     os.utime(first, ns=(before + 10**9, before + 10**9))
     assert converted_dir(first) != converted_dir(second) and len(hashed) == 3
+
+
+def test_eval_of_a_gguf_without_rows_is_refused_before_converting_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "model.bin"
+    gguf.write_bytes(b"GGUF" + b"\0" * 64)
+    refused(runner.invoke(app, ["eval", str(gguf)]), str(gguf), "a GGUF file, so it has no held-out rows",
+            "pass --data FILE")
+    assert not (tmp_path / "cache").exists()  # nothing converted
