@@ -101,6 +101,9 @@ def import_gguf(gguf_file: Path, output_dir: Path, log=print, command: str | Non
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
         model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
     except Exception as err:  # unsupported architecture or quantization, truncated file
+        short = _shortfall(gguf_file)
+        if short:
+            raise UserError(f"{gguf_file}: {short}: an interrupted download or copy? Fetch or copy it again") from None
         raise UserError(f"{gguf_file}: transformers cannot read this GGUF file: {err}") from None
     model.hf_quantizer = None
     model.is_quantized = False
@@ -120,6 +123,18 @@ def import_gguf(gguf_file: Path, output_dir: Path, log=print, command: str | Non
         (staging / "SOURCE").write_text(f"converted from {gguf_file.name}\nconversion {CONVERSION}\n")
     log(f"Saved {output_dir}")
     return output_dir
+
+
+def _shortfall(gguf_file: Path) -> str | None:
+    """How a GGUF file falls short of what its header declares (its tensors end past the file's end), or None."""
+    from gguf import GGUFReader
+
+    size = gguf_file.stat().st_size
+    try:
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in GGUFReader(gguf_file).tensors), default=0)
+    except ValueError:  # gguf-py maps each tensor onto the file: one cut short cannot be shaped
+        return f"the file ends ({size} bytes) before the header and tensors it declares: it is cut short"
+    return f"the file has {size} bytes but its header declares {end}: it is cut short" if end > size else None
 
 
 def _conversion(model_dir: Path) -> int:

@@ -232,3 +232,13 @@ def test_eval_of_a_gguf_without_rows_is_refused_before_converting_it(tmp_path, m
     refused(runner.invoke(app, ["eval", str(gguf)]), str(gguf), "a GGUF file, so it has no held-out rows",
             "pass --data FILE")
     assert not (tmp_path / "cache").exists()  # nothing converted
+
+
+@pytest.mark.slow
+def test_a_gguf_cut_short_is_named_as_such(gguf_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    cut = tmp_path / "downloading.gguf"
+    data = gguf_file.read_bytes()
+    cut.write_bytes(data[:len(data) * 7 // 10])  # an interrupted download
+    for args in (["import-gguf", str(cut), "--output", str(tmp_path / "o")], ["chat", str(cut)]):
+        refused(runner.invoke(app, args, input=""), str(cut), "it is cut short", "Fetch or copy it again")
