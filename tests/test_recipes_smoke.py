@@ -1,4 +1,5 @@
-"""Every shipped recipe that can run on this CPU trains for 2 steps as shipped (only length and output overridden;
+"""Every shipped recipe that can run on this CPU trains for 2 steps as shipped (only length, accumulation beyond 2
+micro-batches and output overridden;
 demo.yaml's run, 4 steps, is the one the embedded tests share), so a recipe that validates but cannot train (a
 method option, a data path, a strategy) fails here."""
 
@@ -44,6 +45,8 @@ def test_shipped_recipe_trains_two_steps(recipe, tmp_path, monkeypatch, request)
         run, steps = request.getfixturevalue("embedded_demo_run"), [1, 2, 3, 4]
     else:
         overrides = ["train.max_steps=2", "train.logging_steps=1"]
+        if raw.get("train", {}).get("gradient_accumulation_steps", 1) > 2:  # still accumulating, in an eighth the time
+            overrides.append("train.gradient_accumulation_steps=2")
         if raw["data"].get("eval_fraction"):
             overrides.append("data.eval_fraction=0.01")  # a short final evaluation
         run, steps = tmp_path / recipe.stem, [1, 2]
