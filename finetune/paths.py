@@ -37,7 +37,7 @@ def write_atomic(path: Path, text: str) -> None:
     so a killed write leaves at most one, which the next write of the same file replaces."""
     temporary = path.with_name(f".{path.name}.tmp")
     try:
-        with temporary.open("w") as handle:
+        with temporary.open("w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())

@@ -4,7 +4,6 @@ and row, the seeded held-out split, and the held-out rows as a run saves them.""
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from rich.markup import escape
 from finetune.data.formats import first_row_format, object_row, row_messages
 from finetune.data.sources import read_records, row_name
 from finetune.errors import UserError
+from finetune.paths import write_atomic
 
 _SHOWN_PROBLEMS = 10
 
@@ -130,13 +130,12 @@ def check_bad_fraction(problems: list[str], total: int, limit: float, log) -> No
 
 
 def save_conversations(rows: list[Conversation], path: Path) -> None:
-    """One JSON object per row, written whole or not at all (a temporary beside it, renamed over it)."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("w", encoding="utf-8") as handle:
-        for conv in rows:
-            saved = {"messages": conv.messages, "source": conv.source, "row": conv.row}
-            handle.write(json.dumps({**saved, "tools": conv.tools} if conv.tools else saved) + "\n")
-    os.replace(temporary, path)
+    """One JSON object per row, written whole or not at all (finetune.paths.write_atomic)."""
+    lines = []
+    for conv in rows:
+        saved = {"messages": conv.messages, "source": conv.source, "row": conv.row}
+        lines.append(json.dumps({**saved, "tools": conv.tools} if conv.tools else saved) + "\n")
+    write_atomic(path, "".join(lines))
 
 
 def read_saved_conversations(path: Path) -> list[Conversation]:

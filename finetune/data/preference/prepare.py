@@ -4,7 +4,6 @@ as SFT, tokenised into Arrow datasets and cached like SFT data; and the held-out
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from finetune.data.rows import check_bad_fraction, ignored_line, split_held_out
 from finetune.data.sources import row_name
 from finetune.data.template import ChatTemplate
 from finetune.errors import UserError
+from finetune.paths import write_atomic
 
 
 @dataclass
@@ -141,13 +141,9 @@ def _load_pairs(directory: Path, vocabulary: int) -> PreparedPairs:
 
 
 def save_pairs(rows: list, path: Path) -> None:
-    """A run's held-out pairs (or KTO's labelled answers) as JSON lines, for `finetune eval`; written whole (a
-    temporary beside it, renamed over it)."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row.to_json()) + "\n")
-    os.replace(temporary, path)
+    """A run's held-out pairs (or KTO's labelled answers) as JSON lines, for `finetune eval`; written whole
+    (finetune.paths.write_atomic)."""
+    write_atomic(path, "".join(json.dumps(row.to_json()) + "\n" for row in rows))
 
 
 def read_saved_pairs(path: Path) -> list:
