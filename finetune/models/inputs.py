@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune.data.sources import DATA_SUFFIXES
 from finetune.errors import UserError
 from finetune.models.registry import EMBEDDED
 from finetune.models.weights import ADAPTER_WEIGHTS, MODEL_WEIGHTS, looks_local
@@ -24,8 +25,8 @@ MISSING, ALIAS, HUB = "missing", "alias", "hub id"
 #: What a user would pass as a model: these load (a GGUF is converted once, see finetune.models.load).
 MODEL_KINDS = (MODEL_DIR, GGUF, GGUF_DIR, ALIAS, HUB)
 
-#: Suffixes of files finetune reads rows from (finetune.data.sources reads them; named here only to recognise them).
-_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".arrow")
+#: Suffixes of data files: those finetune reads rows from, and `datasets`' own Arrow files.
+_DATA_SUFFIXES = (*DATA_SUFFIXES, ".arrow")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
