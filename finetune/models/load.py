@@ -20,29 +20,31 @@ def resolve_model_path(name_or_path: str, log=print, role: str = "model.name_or_
                        expected: str = inputs.AS_MODEL) -> str:
     """A local model directory for what names a model: an alias or a GGUF file (by content, whatever its name;
     converted once, cached) becomes one; hub ids pass through. Anything else is refused by what it is."""
-    item = inputs.identify(name_or_path)
+    item, gguf = _model_input(name_or_path, role, expected)
     if item.kind == inputs.ALIAS:
         return str(ensure_embedded(name_or_path, log))
-    if item.kind in (inputs.GGUF, inputs.GGUF_DIR):
-        gguf = inputs.gguf_file(item, role, expected)
+    if gguf is not None:
         target = converted_dir(gguf)
         if not (target / "config.json").exists():
             import_gguf(gguf, target, log)
         return str(target)
-    if item.kind not in (inputs.MODEL_DIR, inputs.HUB):
-        raise inputs.refusal(item, role, expected)
     return str(item.path) if item.kind == inputs.MODEL_DIR else name_or_path
+
+
+def _model_input(name_or_path: str, role: str, expected: str):
+    """What names a model, and the GGUF file it is or holds (None for other kinds); anything that is no model is
+    refused by what it is, before anything is converted or loaded."""
+    item = inputs.identify(name_or_path)
+    if item.kind not in inputs.MODEL_KINDS:
+        raise inputs.refusal(item, role, expected)
+    return item, inputs.gguf_file(item, role, expected) if item.kind in (inputs.GGUF, inputs.GGUF_DIR) else None
 
 
 def check_sources(recipe) -> None:
     """What a recipe reads, checked before a run dir is claimed or a library loads: the model by what it is, and
     each name only the hub resolves (model or data) against a hub that cannot be reached."""
     model, d = recipe.model.name_or_path, recipe.data
-    item = inputs.identify(model)
-    if item.kind not in inputs.MODEL_KINDS:
-        raise inputs.refusal(item, "model.name_or_path", inputs.AS_MODEL)
-    if item.kind == inputs.GGUF_DIR:
-        inputs.gguf_file(item, "model.name_or_path", inputs.AS_MODEL)
+    item, _ = _model_input(model, "model.name_or_path", inputs.AS_MODEL)
     if item.kind == inputs.HUB:
         hub.require_hub(model, "model.name_or_path", LOCAL_MODEL)
     for name in (d.eval, *(source.path for source in d.train_sources())):
