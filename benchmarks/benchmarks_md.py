@@ -22,6 +22,9 @@ SECTIONS = [
      "profile-overhead-smollm2-cpu.md"),
     ("Padding-free packing on chat-length rows, CPU", "packing-smollm2-cpu.md"),
     ("Data preparation at scale (`benchmarks/data_bench.py`), CPU", "data-prep.md"),
+    ("GRPO: seconds per step (generation / reward / backward) and peak memory against the plan, CPU",
+     "grpo-smollm2-cpu.md"),
+    ("GRPO demo (`make grpo-demo`): the reward curve and held-out answer accuracy, CPU", "grpo-demo-cpu.md"),
     ("GPU acceptance check (`make gpu-check`): Llama-2-7B, every method, 24 GiB cap", "gpu-check-llama2-7b.md"),
 ]
 GPU = ("## GPU: `python -m benchmarks.bench --arch llama2-7b --seq-len 2048` (bf16, flash attention if available)\n\n"
@@ -31,8 +34,8 @@ GPU = ("## GPU: `python -m benchmarks.bench --arch llama2-7b --seq-len 2048` (bf
 
 def main() -> None:
     parts = ["# Benchmarks\n", "Every table below is the verbatim output of `benchmarks/bench.py`, "
-             "`benchmarks/plan_check.py`, `benchmarks/gpu_check.py`, `benchmarks/data_bench.py` or "
-             "`benchmarks/profile_overhead.py` (command, date, "
+             "`benchmarks/plan_check.py`, `benchmarks/gpu_check.py`, `benchmarks/data_bench.py`, "
+             "`benchmarks/grpo_bench.py`, `scripts/grpo_demo.py` or `benchmarks/profile_overhead.py` (command, date, "
              "machine and versions in its first line); `python -m benchmarks.benchmarks_md` rebuilds this file from "
              "`benchmarks/results/`. Tables made before the harness moved out of the package name it as it was then "
              "(`python scripts/<name>.py ... --out bench/...`): the same scripts, now `python -m benchmarks.<name>`, "

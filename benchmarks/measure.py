@@ -67,11 +67,13 @@ def planned_gb(spec: dict, measured: dict) -> float | None:
 
 
 def plan_check(model: str, method: dict, seq_len: int, batch: int, workdir: Path,
-               env: dict = MEMORY_CHECK_ENV) -> tuple[dict, float]:
-    """Three steps of one method measured (under MEMORY_CHECK_ENV unless told), and the plan's prediction."""
+               env: dict = MEMORY_CHECK_ENV, steps: int = 3) -> tuple[dict, float]:
+    """`steps` steps of one method measured (under MEMORY_CHECK_ENV unless told), and the plan's prediction. Two
+    steps hold every moment of the peak (the first optimizer step creates the states, the second backward runs
+    beside them); the third is the benchmarks' margin."""
     data = workdir / "rows.jsonl"
-    write_rows(data, batch * 3, seq_len)
-    spec = {"model": model, "data": str(data), "seq_len": seq_len, "batch": batch, "steps": 3, "galore_rank": 64,
+    write_rows(data, batch * steps, seq_len)
+    spec = {"model": model, "data": str(data), "seq_len": seq_len, "batch": batch, "steps": steps, "galore_rank": 64,
             "gap": 200, "checkpointing": True, "method": method, "out": str(workdir / method["name"])}
     measured = run_child(spec, env)
     if "error" in measured:

@@ -137,6 +137,7 @@ def validate(
             continue
         report = []  # format, row count, ignored and refused fields of each data file, under the recipe's line
         data_problems = check_data(loaded.data, report.append, loaded.objective.data_kind)
+        data_problems += loaded.objective.input_problems(loaded)
         console.print(f"[red]data problems[/red] {path}" if data_problems else f"[green]ok[/green] {path}")
         for line in report:
             console.print(line, highlight=False, soft_wrap=True, emoji=False)
@@ -199,6 +200,10 @@ def plan(
         return
     setup = result["setup"]
     pairs = f" pairs (x{setup.sequences} sequences: {loaded.objective.name})" if setup.sequences > 1 else ""
+    if setup.rollout is not None:
+        r = setup.rollout
+        pairs = (f" completions; grpo generates {r.sequences} at once, each <= {r.prompt_len} prompt + "
+                 f"{r.completion_len} completion tokens")
     title = (f"peak memory per GPU, {result['parameters'] / 1e9:.2f}B parameters, seq {setup.seq_len} x batch "
              f"{setup.batch}{pairs}, {setup.weight_bytes * 8}-bit weights, checkpointing "
              f"{'on' if setup.checkpointing else 'off'}" + (

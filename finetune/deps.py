@@ -14,6 +14,7 @@ INSTALL = {
     "wandb": "pip install wandb",
     "mlflow": "pip install mlflow",
     "trackio": "pip install trackio",
+    "vllm": "pip install 'finetune[vllm]' (CUDA machines only)",
 }
 
 

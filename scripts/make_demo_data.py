@@ -48,20 +48,21 @@ def make(n_train: int, n_test: int, seed: int) -> tuple[list[dict], list[dict]]:
     return [row(d, rng) for d in dates[:n_train]], [row(d, rng) for d in dates[n_train:]]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("data/demo"))
-    parser.add_argument("--train", type=int, default=2000)
-    parser.add_argument("--test", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
+def write_splits(make, description: str, out: str, train: int, test: int, seed: int) -> None:
+    """The command line every demo's data generator shares: `make(train, test, seed)` -> (train rows, test rows),
+    written as train.jsonl and test.jsonl under --out."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--train", type=int, default=train)
+    parser.add_argument("--test", type=int, default=test)
+    parser.add_argument("--seed", type=int, default=seed)
     args = parser.parse_args()
-    train, test = make(args.train, args.test, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", train), ("test", test)):
+    for name, rows in zip(("train", "test"), make(args.train, args.test, args.seed)):
         path = args.out / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"wrote {len(rows)} rows to {path}")
 
 
 if __name__ == "__main__":
-    main()
+    write_splits(make, __doc__.splitlines()[0], "data/demo", 2000, 200, 0)

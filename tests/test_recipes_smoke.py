@@ -1,7 +1,7 @@
-"""Every shipped recipe that can run on this CPU trains for 2 steps as shipped (only length, accumulation beyond 2
-micro-batches and output overridden;
-demo.yaml's run, 4 steps, is the one the embedded tests share), so a recipe that validates but cannot train (a
-method option, a data path, a strategy) fails here."""
+"""Every shipped recipe that can run on this CPU trains for 2 steps as shipped (only length, held-out rows, a batch
+beyond 4 rows, accumulation beyond 2 micro-batches, GRPO's completions per step and output overridden; demo.yaml's
+run, 4 steps, is the one the embedded tests share), so a recipe that validates but cannot train (a method option, a
+data path, a strategy) fails here."""
 
 import json
 from pathlib import Path
@@ -47,6 +47,12 @@ def test_shipped_recipe_trains_two_steps(recipe, tmp_path, monkeypatch, request)
         overrides = ["train.max_steps=2", "train.logging_steps=1"]
         if raw.get("train", {}).get("gradient_accumulation_steps", 1) > 2:  # still accumulating, in an eighth the time
             overrides.append("train.gradient_accumulation_steps=2")
+        objective = raw.get("objective", {})
+        if objective.get("name") == "grpo":  # one prompt's group per micro-batch, shorter: still whole groups
+            overrides += [f"train.batch_size={objective.get('num_generations', 8)}",
+                          "objective.max_completion_length=8"]
+        elif raw.get("train", {}).get("batch_size", 1) > 4:  # what trains is the same, in half the time or less
+            overrides.append("train.batch_size=4")
         if raw["data"].get("eval_fraction"):
             overrides.append("data.eval_fraction=0.01")  # a short final evaluation
         run, steps = tmp_path / recipe.stem, [1, 2]

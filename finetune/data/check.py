@@ -61,13 +61,16 @@ def _report(label: str, read: SourceRows, limit: float, log) -> list[str]:
 
 
 def _check_pairs(label: str, source: str, split: str, kind: str, limit: float, log, columns=None) -> list[str]:
-    """A source of preference pairs (dpo, simpo, orpo) or of labelled answers (kto), read as training reads it."""
+    """A source of preference pairs (dpo, simpo, orpo), labelled answers (kto) or prompts (grpo), read as training
+    reads it."""
     from finetune.data.preference.labelled import read_labelled
     from finetune.data.preference.pairs import read_pairs
+    from finetune.data.prompts import read_prompts
 
-    _, problems, total, ignored = (read_labelled if kind == "unpaired" else read_pairs)(source, split, columns)
-    read = SourceRows(source, "labelled answers" if kind == "unpaired" else "preference pairs", problems=problems,
-                      total=total)
+    reader, what = {"unpaired": (read_labelled, "labelled answers"), "prompts": (read_prompts, "prompts")}.get(
+        kind, (read_pairs, "preference pairs"))
+    _, problems, total, ignored = reader(source, split, columns)
+    read = SourceRows(source, what, problems=problems, total=total)
     read.ignored.update(ignored)
     return _report(label, read, limit, log)
 

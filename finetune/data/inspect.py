@@ -76,16 +76,20 @@ def inspect_data(recipe, show: int = 0, dump: Path | None = None, console=None) 
 def _inspect_preference(recipe, tokenizer, template, show: int, dump: Path | None, log, say) -> dict:
     """The report of a preference objective's data, prepared by the objective exactly as `train` prepares it."""
     data = recipe.objective.build_data(recipe, tokenizer, template, log)
-    what = "labelled answers" if recipe.objective.data_kind == "unpaired" else "pairs"
-    held = len(data.eval) if data.eval is not None else 0
+    what = {"unpaired": "labelled answers", "prompts": "prompts"}.get(recipe.objective.data_kind, "pairs")
+    held = len(data.held_out)
     report = {"rows_read": data.rows_read, "rows_refused": len(data.problems), "train_samples": len(data.train),
               "eval_samples": held, "tokens_mean": data.mean_train_tokens, "truncated": data.truncated,
               "max_length": recipe.data.max_length, "template": template.name, "objective": recipe.objective.name}
     say(f"chat template: {escape(template.name)}, end of turn {escape(template.end_of_turn)}")
     say(f"objective {recipe.objective.name}: {data.rows_read} rows read, {len(data.problems)} refused; "
         f"{len(data.train)} training {what}, {held} held out")
-    say(f"tokens per training row (as the model sees it): mean {data.mean_train_tokens:.1f}; {data.truncated} cut at "
-        f"max_length={recipe.data.max_length}")
+    if what == "prompts":  # the completions come at training time, up to the objective's limit
+        limit = recipe.objective.max_completion_length
+        say(f"prompt tokens (rendered): mean {data.mean_train_tokens - limit:.1f}; completions add up to {limit}")
+    else:
+        say(f"tokens per training row (as the model sees it): mean {data.mean_train_tokens:.1f}; {data.truncated} cut "
+            f"at max_length={recipe.data.max_length}")
     for problem in data.problems[:_REASONS_SHOWN]:
         say(f"  refused: {escape(problem)}")
     if data.cache_line:
@@ -93,9 +97,11 @@ def _inspect_preference(recipe, tokenizer, template, show: int, dump: Path | Non
     for number in range(min(show, len(data.train))):
         row = data.train[number]
         say(f"\n[bold]row {number + 1}[/bold]:")
-        for column, ids in row.items():
+        for column, value in row.items():
             if column.endswith("_ids"):
-                say(f"  [bold]{column.removesuffix('_ids')}[/bold]: {escape(tokenizer.decode(ids))}")
+                say(f"  [bold]{column.removesuffix('_ids')}[/bold]: {escape(tokenizer.decode(value))}")
+            elif what == "prompts":  # the rendered prompt the policy answers, and what its rewards receive
+                say(f"  [bold]{column}[/bold]: {escape(str(value))}")
     if dump is not None:
         with dump.open("w", encoding="utf-8") as handle:
             for row in data.train:

@@ -1,5 +1,6 @@
-"""`finetune eval`: which evaluation a target gets (preference scores for pairs and labelled answers, SFT scores
-for conversations), on the rows the run held out or the ones given."""
+"""`finetune eval`: which evaluation a target gets (rewards and answer accuracy for runs that learned from
+rewards, preference scores for pairs and labelled answers, SFT scores for conversations), on the rows the run held
+out or the ones given."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from finetune.errors import UserError
 from finetune.eval.preference import held_out_pairs, run_preference_eval
+from finetune.eval.rewards import held_out_prompts, reward_recipe, run_reward_eval
 from finetune.eval.sft import held_out_rows, no_held_out, run_sft_eval
 from finetune.eval.targets import resolve_target
 
@@ -22,6 +24,10 @@ def run_eval(target: str, recipe: Path | None = None, data: Path | None = None, 
         from finetune.recipe.load import load_recipe
 
         where.fold_system = load_recipe(recipe).data.fold_system
+    rewarded = reward_recipe(target, recipe)  # a run that learned from rewards is scored by them
+    if rewarded is not None:
+        rows = held_out_prompts(target, rewarded, recipe, data)[:max_samples]
+        return run_reward_eval(target, where, rewarded, rows, compare_base, batch_size, log)
     pairs = held_out_pairs(target, recipe, data)
     if pairs is not None:
         return run_preference_eval(target, where, pairs[:max_samples], batch_size, recipe, log)

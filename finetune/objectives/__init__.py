@@ -3,9 +3,9 @@
 Each module defines `Options` (its recipe section, discriminated on `objective.name`, with what it asks of the data
 and of a method) and the trainer it trains with. `sft` learns the assistant's answers; `dpo`, `simpo` and `orpo`
 learn to prefer a chosen answer over a rejected one (against a reference policy, or without one); `kto` learns from
-single answers labelled desirable or not."""
+single answers labelled desirable or not; `grpo` learns online from the rewards of its own sampled completions."""
 
-from finetune.objectives import dpo, kto, orpo, sft, simpo
+from finetune.objectives import dpo, grpo, kto, orpo, sft, simpo
 
 OBJECTIVES = {
     "sft": sft,
@@ -13,4 +13,5 @@ OBJECTIVES = {
     "simpo": simpo,
     "orpo": orpo,
     "kto": kto,
+    "grpo": grpo,
 }

@@ -14,6 +14,8 @@ class ObjectiveOptions(Section):
     data_kind: ClassVar[str] = "conversations"
     #: Sequences one row puts through the model per step (the plan's activations and loss scale with it).
     sequences_per_row: ClassVar[int] = 1
+    #: What train.batch_size counts, for the start summary.
+    batch_unit: ClassVar[str] = "rows"
 
     def method_problem(self, method) -> str | None:
         """Why this objective cannot train with the method (its options), with the alternative."""
@@ -26,6 +28,14 @@ class ObjectiveOptions(Section):
     def reference_for(self, method) -> str | None:
         """How the reference policy is obtained for the method: None when the objective needs none."""
         return None
+
+    def planned_rollout(self, recipe):
+        """What generating completions adds to the memory plan (finetune.plan.memory.Rollout); None: nothing."""
+        return None
+
+    def input_problems(self, recipe) -> list[str]:
+        """What `finetune validate` finds wrong with the objective's own inputs beyond the data (none by default)."""
+        return []
 
     def build_data(self, recipe, tokenizer, template, log):
         """The prepared training and held-out data (finetune.data.prepare.PreparedData): conversations, every
@@ -40,7 +50,7 @@ class ObjectiveOptions(Section):
             num_proc=d.num_proc, streaming=d.streaming,
         )
 
-    def start_lines(self, method, train_rows: int) -> list[str]:
+    def start_lines(self, recipe, train_rows: int) -> list[str]:
         """What the start summary says about the objective, after the run's own lines (nothing for SFT)."""
         return []
 
@@ -65,37 +75,44 @@ class PairedOptions(ObjectiveOptions):
                            d.max_length, d.max_bad_fraction, recipe.train.seed, log,
                            unpaired=self.data_kind == "unpaired", cache=d.cache, columns=source.columns)
 
-    def start_lines(self, method, train_rows: int) -> list[str]:
-        lines = [f"[bold]{'objective':>26}[/bold]  {self.summary(method)}"]
-        if self.reference_for(method) == "precomputed":
+    def start_lines(self, recipe, train_rows: int) -> list[str]:
+        lines = [f"[bold]{'objective':>26}[/bold]  {self.summary(recipe.method)}"]
+        if self.reference_for(recipe.method) == "precomputed":
             lines.append(f"reference: computing the log-probabilities of {train_rows} training rows (one no-grad "
                          "pass)")
         return lines
 
     def recipe_problems(self, recipe) -> list[str]:
-        name, problems = self.name, []
+        problems = []
         if recipe.train.packing:
-            problems.append(f"train.packing with objective {name}: not supported (each pair is one chosen and one "
+            problems.append(f"train.packing with objective {self.name}: not supported (each pair is one chosen and one "
                             "rejected sequence); turn packing off")
-        if recipe.data.streaming:
-            problems.append(f"data.streaming with objective {name}: not supported yet; prepare the data up front")
-        sources = recipe.data.sources or []
-        if len(sources) > 1 or any(s.weight is not None or s.rows is not None for s in sources):
-            problems.append(f"data.sources with objective {name}: mixtures are SFT-only for now; give one source "
-                            "(with its `columns`, if any) and no weight or rows")
-        if recipe.train.token_metrics:
-            problems.append(f"train.token_metrics is an SFT metric; {name} logs its own (rewards, margins, "
-                            "accuracies)")
-        if recipe.distributed.strategy in ("fsdp", "deepspeed"):
-            problems.append(f"objective {name} with distributed.strategy {recipe.distributed.strategy}: not "
-                            "supported yet; use `ddp`")
-        targets = getattr(recipe.method, "target_modules", "all-linear")
-        if recipe.method.name == "lora" and not isinstance(targets, str) and "lm_head" in targets:
-            problems.append(f"objective {name} with a LoRA adapter on `lm_head`: TRL's preference trainer computes "
-                            "log-probabilities from the head's weight directly, so that adapter would never train; "
-                            "drop lm_head from method.target_modules")
+        problems += beyond_sft_problems(recipe, self.name, "rewards, margins, accuracies")
         problem = self.method_problem(recipe.method)
         return problems + ([problem] if problem else [])
+
+
+def beyond_sft_problems(recipe, name: str, metrics: str) -> list[str]:
+    """What no objective but SFT can honour yet: streaming, mixtures, SFT's token metrics, sharded strategies, and a
+    LoRA adapter on the LM head (TRL's preference and RL trainers compute log-probabilities from its weight)."""
+    problems = []
+    if recipe.data.streaming:
+        problems.append(f"data.streaming with objective {name}: not supported yet; prepare the data up front")
+    sources = recipe.data.sources or []
+    if len(sources) > 1 or any(s.weight is not None or s.rows is not None for s in sources):
+        problems.append(f"data.sources with objective {name}: mixtures are SFT-only for now; give one source "
+                        "(with its `columns`, if any) and no weight or rows")
+    if recipe.train.token_metrics:
+        problems.append(f"train.token_metrics is an SFT metric; {name} logs its own ({metrics})")
+    if recipe.distributed.strategy in ("fsdp", "deepspeed"):
+        problems.append(f"objective {name} with distributed.strategy {recipe.distributed.strategy}: not "
+                        "supported yet; use `ddp`")
+    targets = getattr(recipe.method, "target_modules", "all-linear")
+    if recipe.method.name == "lora" and not isinstance(targets, str) and "lm_head" in targets:
+        problems.append(f"objective {name} with a LoRA adapter on `lm_head`: TRL's trainer computes "
+                        "log-probabilities from the head's weight directly, so that adapter would never train; "
+                        "drop lm_head from method.target_modules")
+    return problems
 
 
 class ReferenceOptions(PairedOptions):

@@ -21,7 +21,7 @@ def trainer_args(options: Options, method, common: dict, max_length: int, packin
                      packing=packing)
 
 
-def build_trainer(options: Options, model, args, train, eval, tokenizer, optimizers, callbacks, token_metrics):
+def build_trainer(options: Options, model, args, train, eval, tokenizer, optimizers, callbacks, token_metrics, **_):
     from finetune.run.trainer import Trainer
 
     return Trainer(model=model, args=args, train_dataset=train, eval_dataset=eval, processing_class=tokenizer,

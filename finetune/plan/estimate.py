@@ -19,7 +19,7 @@ from dataclasses import replace
 
 from finetune.errors import UserError
 from finetune.models.registry import load_config
-from finetune.plan.memory import GIB, SHARDED, Setup
+from finetune.plan.memory import GIB, SHARDED, Setup, fused_head_bytes
 
 
 def meta_model(config):
@@ -53,10 +53,8 @@ def activation_bytes(config, setup: Setup) -> dict[str, float]:
     return tokens * stored
 
 
-#: On CUDA the loss is TRL's fused LM head (trl.trainer.utils.add_fused_lm_head), which never materialises the
-#: (tokens, vocab) logits: it projects tiles of up to 4096 tokens x 32768 vocabulary entries, and a backward tile
-#: costs the tile itself and one fp32 working copy. On a CPU finetune uses the model's own loss (finetune.run.trainer).
-LM_HEAD_TOKENS, LM_HEAD_VOCAB = 4096, 32768
+#: On CUDA the loss is TRL's fused LM head (finetune.plan.memory.fused_head_bytes); on a CPU finetune uses the
+#: model's own loss (finetune.run.trainer).
 
 
 def loss_bytes(config, setup: Setup, head_trains: bool) -> float:
@@ -70,9 +68,7 @@ def loss_bytes(config, setup: Setup, head_trains: bool) -> float:
     if setup.device == "cpu":
         b = setup.weight_bytes
         return tokens * config.vocab_size * (b + (4 if b != 4 else 0) + 12)
-    tiles = min(tokens, LM_HEAD_TOKENS) * min(config.vocab_size, LM_HEAD_VOCAB) * 4 * 2
-    head = config.vocab_size * config.hidden_size * (4 + (setup.weight_bytes if setup.weight_bytes != 4 else 0))
-    return tiles + (head if head_trains else 0)
+    return fused_head_bytes(config, tokens, setup.weight_bytes, head_trains, tile_copies=2)
 
 
 def estimate(config, method, setup: Setup) -> dict[str, float]:
@@ -89,6 +85,13 @@ def estimate(config, method, setup: Setup) -> dict[str, float]:
     rows["activations"] = activation_bytes(config, setup)
     rows["loss (LM head)"] = loss_bytes(config, setup, method.head_trains)
     rows["framework overhead"] = setup.overhead_bytes
+    if setup.rollout is not None:  # online RL: the generation round, the reference, the loss over completions
+        from finetune.plan.rollout import completion_loss_bytes, rollout_rows
+
+        rows.update(rollout_rows(config, setup))
+        rows["loss (LM head)"] = completion_loss_bytes(config, setup, method.head_trains)
+        if setup.rollout.reference == "copy":
+            rows["reference copy"] = rows["weights"]
     if setup.processes > 1 and setup.sharded:
         for component in setup.sharded:
             rows[component] /= setup.processes
@@ -98,13 +101,14 @@ def estimate(config, method, setup: Setup) -> dict[str, float]:
             layer = decoder_layers(model)[1][0]
             rows["gathered layers"] = 2 * sum(p.numel() for p in layer.parameters()) * setup.weight_bytes
     resident = sum(rows.get(k, 0.0) for k in ("weights", "optimizer states", "galore projectors", "lora adapters",
-                                               "framework overhead", "gathered layers"))
+                                               "framework overhead", "gathered layers", "reference copy"))
     grads = rows["gradients"]
     in_backward = method.steps_in_backward  # no large optimizer step after backward
     moments = [
         rows["activations"] + rows["loss (LM head)"],
         rows["activations"] + grads + (rows["transient"] if in_backward else 0.0),
         grads + (0.0 if in_backward else rows["transient"]),
+        rows.get("generation", 0.0),  # gradients are freed by then (the optimizer step zeroes them to None)
     ]
     rows["total"] = resident + max(moments)
     return rows
@@ -155,7 +159,12 @@ def setup_for(recipe, seq_len: int | None, batch: int | None, on_gpu: bool = Tru
                  # A preference pair's two answers train in one batch. Its reference costs no training memory: a
                  # no-grad forward with the adapters off holds less than the training forward, and precomputed
                  # log-probabilities are one number per answer.
-                 sequences=recipe.objective.sequences_per_row)
+                 sequences=recipe.objective.sequences_per_row, rollout=_rollout(recipe))
+
+
+def _rollout(recipe):
+    """The objective's generation round (finetune.plan.rollout); None for the objectives that generate nothing."""
+    return recipe.objective.planned_rollout(recipe)
 
 
 def cheapest_fix(config, method, setup: Setup, budget: float) -> str | None:
@@ -163,6 +172,10 @@ def cheapest_fix(config, method, setup: Setup, budget: float) -> str | None:
     from finetune.methods import METHODS
 
     tries = []
+    if setup.rollout is not None:
+        from finetune.plan.rollout import rollout_tries
+
+        tries += [(label, method, trial) for label, trial in rollout_tries(setup)]
     if not setup.checkpointing:
         tries.append(("turn on gradient checkpointing (model.gradient_checkpointing: true)", method,
                       replace(setup, checkpointing=True)))

@@ -27,6 +27,19 @@ class Setup:
     processes: int = 1  # GPUs sharing the work
     sharded: tuple[str, ...] = ()  # components divided over them: "weights", "gradients", "optimizer states"
     sequences: int = 1  # sequences per row through the model at once (2 for a preference pair: chosen, rejected)
+    rollout: Rollout | None = None  # online RL (objective grpo): what generating the completions adds
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One generation round of objective grpo: `sequences` completions sampled at once (every prompt of the round
+    times num_generations), each up to prompt + completion tokens; the reference policy a KL term needs."""
+
+    sequences: int
+    generations: int  # completions per prompt (a micro-batch holds whole groups)
+    prompt_len: int
+    completion_len: int
+    reference: str | None  # None (beta 0), "adapters_off" (LoRA) or "copy"
 
 
 #: What each strategy splits over the processes (DDP: nothing, every GPU holds a replica).
@@ -49,3 +62,16 @@ def gradient_bytes(trainable, params, wb, layerwise, accumulation) -> float:
     if layerwise and accumulation == 1:
         return max(sizes, default=0) * wb
     return sum(sizes) * wb
+
+
+#: TRL's fused LM head (trl.trainer.utils.add_fused_lm_head) never materialises the (tokens, vocab) logits: it
+#: projects tiles of up to 4096 tokens x 32768 vocabulary entries.
+LM_HEAD_TOKENS, LM_HEAD_VOCAB = 4096, 32768
+
+
+def fused_head_bytes(config, tokens: int, weight_bytes: int, head_trains: bool, tile_copies: float) -> float:
+    """TRL's fused LM head: a tile of up to LM_HEAD_TOKENS x LM_HEAD_VOCAB logits held `tile_copies` times in fp32 at
+    its backward's peak, plus the fp32 head-gradient buffer (and its cast to the weight dtype) when the head trains."""
+    tiles = min(tokens, LM_HEAD_TOKENS) * min(config.vocab_size, LM_HEAD_VOCAB) * 4 * tile_copies
+    head = config.vocab_size * config.hidden_size * (4 + (weight_bytes if weight_bytes != 4 else 0))
+    return tiles + (head if head_trains else 0)

@@ -10,16 +10,18 @@ from finetune.plan.memory import GIB
 
 #: Table column -> the plan's components it adds up (each listed in the legend).
 COLUMNS = {
-    "weights": ("weights",),
+    "weights": ("weights", "reference copy"),
     "state": ("optimizer states", "galore projectors", "lora adapters"),
     "grads": ("gradients",),
     "activ": ("activations",),
     "loss": ("loss (LM head)",),
     "other": ("transient", "framework overhead", "gathered layers"),
+    "gen": ("generation",),
 }
-LEGEND = ("state: optimizer states, GaLore projectors and LoRA adapters; activ: saved activations; loss: the LM head's "
-          "loss; other: step temporaries, framework overhead and gathered layers. peak = weights + state + other "
-          "plus the largest moment of a step (loss backward, end of backward, optimizer step), not the row's sum.")
+LEGEND = ("weights: the model's (and a reference copy's); state: optimizer states, GaLore projectors and LoRA "
+          "adapters; activ: saved activations; loss: the LM head's loss; other: step temporaries, framework overhead "
+          "and gathered layers; gen: a GRPO generation round (KV cache). peak = weights + state + other plus the "
+          "largest moment of a step (generation, loss backward, end of backward, optimizer step), not the row's sum.")
 
 
 def method_label(key: str, recipe_method: str) -> str:
@@ -29,11 +31,14 @@ def method_label(key: str, recipe_method: str) -> str:
 def plan_table(result: dict, recipe_method: str, title: str) -> Table:
     table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), title_justify="left")
     table.add_column("method (GiB)", overflow="fold", ratio=1)
-    for name in (*COLUMNS, "peak"):
+    # A column no estimate has a part of (the generation round, but for objective grpo) is left out: width is scarce.
+    columns = {name: parts for name, parts in COLUMNS.items()
+               if any(part in estimate for estimate in result["estimates"].values() for part in parts)}
+    for name in (*columns, "peak"):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("fits", justify="center", no_wrap=True)
     for key, estimate in result["estimates"].items():
-        cells = [f"{sum(estimate.get(c, 0.0) for c in parts) / GIB:.2f}" for parts in COLUMNS.values()]
+        cells = [f"{sum(estimate.get(c, 0.0) for c in parts) / GIB:.2f}" for parts in columns.values()]
         fits = estimate["total"] <= result["budget"]
         table.add_row(method_label(key, recipe_method), *cells, f"{estimate['total'] / GIB:.2f}",
                       "[green]yes[/green]" if fits else "[red]no[/red]")

@@ -27,6 +27,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
             apply_override(raw, override)
         except UserError as err:
             problems.append(str(err))
+    _anchor_reward_files(raw, path.parent)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
@@ -39,6 +40,18 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         count = f"{len(problems)} problem" + ("s" if len(problems) > 1 else "")
         raise UserError(f"{path}: {count}:\n" + "\n".join(f"  - {p}" for p in problems))
     return recipe
+
+
+def _anchor_reward_files(raw: dict, folder: Path) -> None:
+    """Reward files (`objective.rewards[].fn: path/to/file.py:function`) are named relative to the recipe, so a recipe
+    and its rewards move together; made absolute here so the resolved recipe a run keeps reads the same anywhere."""
+    objective = raw.get("objective")
+    rewards = objective.get("rewards") if isinstance(objective, dict) else None
+    for reward in rewards if isinstance(rewards, list) else []:
+        fn = reward.get("fn") if isinstance(reward, dict) else None
+        if isinstance(fn, str) and ".py:" in fn and not Path(fn.rsplit(":", 1)[0]).expanduser().is_absolute():
+            file, name = fn.rsplit(":", 1)
+            reward["fn"] = f"{(folder / file).resolve()}:{name}"
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -69,7 +69,7 @@ class ProgressLine(TrainerCallback):
         self.log, self.console = log, get_console()
         self.live = self.console.is_terminal if live is None else live
         self.progress = self.task = None
-        self.fields = {"loss": "-", "lr": "-", "tokens": "-", "memory": "-"}
+        self.fields = {"loss": "-", "lr": "-", "tokens": "-", "memory": "-", "rl": ""}
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -86,7 +86,7 @@ class ProgressLine(TrainerCallback):
             self.progress = Progress(
                 TextColumn("step {task.completed}/{task.total}"), BarColumn(bar_width=20),
                 TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tokens]} tok/s  peak "
-                           "{task.fields[memory]}"), TextColumn("ETA"), TimeRemainingColumn(),
+                           "{task.fields[memory]}{task.fields[rl]}"), TextColumn("ETA"), TimeRemainingColumn(),
                 console=self.console, transient=False)
             self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
                                                **self.fields)
@@ -107,7 +107,7 @@ class ProgressLine(TrainerCallback):
             self.fields["tokens"] = f"{(seen - self.tokens_at[1]) / (now - self.tokens_at[0]):,.0f}"
         self.tokens_at = (now, seen)
         self.fields.update(loss=_format(logs["loss"]), lr=f"{logs.get('learning_rate', 0):.2e}",
-                           memory=f"{peak_memory_gb():.1f} GiB")
+                           memory=f"{peak_memory_gb():.1f} GiB", rl=rl_fields(logs))
         if self.progress is not None:
             self.progress.update(self.task, completed=state.global_step, **self.fields)
             return
@@ -115,7 +115,7 @@ class ProgressLine(TrainerCallback):
         left = (now - self.start) / done * (state.max_steps - state.global_step)
         self.log(f"step {state.global_step}/{state.max_steps}  loss {self.fields['loss']}  lr {self.fields['lr']}  "
                  f"{self.fields['tokens']} tok/s  ETA {time.strftime('%H:%M:%S', time.gmtime(left))}  peak "
-                 f"{self.fields['memory']}")
+                 f"{self.fields['memory']}{self.fields['rl']}")
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if not state.is_world_process_zero or not metrics:
@@ -139,6 +139,21 @@ class ProgressLine(TrainerCallback):
             self.progress = None
         if state.is_world_process_zero:
             self.log(f"trained {state.global_step - self.start_step} steps in {time.perf_counter() - self.start:.1f} s")
+
+
+def rl_fields(logs: dict) -> str:
+    """What an online-RL step adds to the line (objective grpo, TRL's metric names): the reward's mean and std,
+    each function's mean, the completions' mean length and the KL to the reference when there is one."""
+    if logs.get("reward") is None:
+        return ""
+    per_function = [f"{key[len('rewards/'):-len('/mean')]} {value:.2f}" for key, value in logs.items()
+                    if key.startswith("rewards/") and key.endswith("/mean") and value is not None]
+    line = f"  reward {logs['reward']:.3f} ± {logs.get('reward_std') or 0:.3f} ({', '.join(per_function)})"
+    if logs.get("completions/mean_length") is not None:
+        line += f"  length {logs['completions/mean_length']:.0f}"
+    if logs.get("kl") is not None:
+        line += f"  kl {logs['kl']:.4f}"
+    return line
 
 
 def replace_progress(trainer, log) -> None:

@@ -145,7 +145,7 @@ def _train(run: Run) -> Path:
     data = _setup_data(run, tokens)
     model, dtype, attention = _setup_model(run, method, tokens, load_kwargs)
     with read_only_entries():  # the trainers' own dataset caches stay out of the shared prepared-data entry
-        trainer, guard, stop = _setup_trainer(run, method, model, dtype, attention, data, tokens.tokenizer)
+        trainer, guard, stop = _setup_trainer(run, method, model, dtype, attention, data, tokens)
         stopped_early = _fit(run, trainer, method, guard, stop, has_eval=data.eval is not None)
         return _finish(run, trainer, method, tokens, data, guard, stop, stopped_early)
 
@@ -204,7 +204,7 @@ def _setup_model(run: Run, method, tokens: Tokens, load_kwargs: dict):
     return model, dtype, attention
 
 
-def _setup_trainer(run: Run, method, model, dtype, attention, data, tokenizer):
+def _setup_trainer(run: Run, method, model, dtype, attention, data, tokens: Tokens):
     """The objective's trainer with finetune's callbacks (checkpoint marks, schedule, divergence, signals)."""
     from finetune.run.console import quiet_internal_passes, replace_progress
     from finetune.run.guards import DivergenceGuard, MarkCheckpointsComplete, StopOnSignal
@@ -215,7 +215,7 @@ def _setup_trainer(run: Run, method, model, dtype, attention, data, tokenizer):
     args = trainer_args(recipe, run.run_dir, dtype)
     _start_summary(run, model, method, dtype, attention, args, data)
     with quiet_internal_passes():
-        trainer = _make_trainer(recipe.objective, model, args, data, tokenizer, method, run.run_dir / "metrics.jsonl",
+        trainer = _make_trainer(recipe.objective, model, args, data, tokens, method, run.run_dir / "metrics.jsonl",
                                 t.token_metrics)
     replace_progress(trainer, run.log)
     engaged = {"fsdp": trainer.is_fsdp_enabled, "deepspeed": trainer.is_deepspeed_enabled}
@@ -247,7 +247,8 @@ def _start_summary(run: Run, model, method, dtype, attention, args, data) -> Non
         accumulation=t.gradient_accumulation_steps, world_size=args.world_size,
         max_length=d.max_length * recipe.objective.sequences_per_row,  # a pair is two sequences
         mean_tokens=data.mean_train_tokens, train_rows="streamed" if data.streaming else len(data.train),
-        eval_rows=len(data.eval) if data.eval is not None else 0, run_dir=run.run_dir,
+        eval_rows=len(data.eval) if data.eval is not None else len(getattr(data, "held_out_prompts", ())),
+        run_dir=run.run_dir, unit=recipe.objective.batch_unit,
     ):
         log(f"[bold]{label:>26}[/bold]  {value}")
     log(f"[bold]{'start-up so far':>26}[/bold]  {run.clock.line()}")
@@ -256,7 +257,7 @@ def _start_summary(run: Run, model, method, dtype, attention, args, data) -> Non
             f"{d.max_length}; what lies past it (an answer's end, its end-of-turn token) is not trained. `finetune "
             "data` shows them[/yellow]")
     train_rows = 0 if data.streaming else len(data.train)
-    for line in recipe.objective.start_lines(recipe.method, train_rows):
+    for line in recipe.objective.start_lines(recipe, train_rows):
         log(line)
 
 
@@ -273,7 +274,7 @@ def _fit(run: Run, trainer, method, guard, stop, has_eval: bool) -> bool:
             trainer.train(resume_from_checkpoint=run.checkpoint)
         stopped_early = guard.diverged or (stop.requested and trainer.state.global_step < trainer.state.max_steps)
         if not stopped_early:
-            if has_eval:
+            if has_eval and not _evaluated_at_last_step(trainer):
                 trainer.evaluate()
             if trainer.is_fsdp_enabled:  # checkpoints may be sharded; the final weights are one standard checkpoint
                 trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
@@ -342,6 +343,13 @@ def _write_finished(run: Run, method, tokens: Tokens, data, warnings: list[str],
     run.log(f"[green]done:[/green] {final} ({step} steps); metrics in {run.run_dir / 'metrics.jsonl'}")
 
 
+def _evaluated_at_last_step(trainer) -> bool:
+    """Whether the trainer has evaluated the final weights already: with `train.eval_steps`, transformers evaluates
+    at the last step too (DefaultFlowCallback), and a second pass over the held-out rows would cost as much again."""
+    step = trainer.state.global_step
+    return any("eval_loss" in entry and entry.get("step") == step for entry in trainer.state.log_history)
+
+
 def _finish_from(trainer, checkpoint: str) -> None:
     """The checkpoint is the run's last step (a finished run whose final save failed, or one resumed as it was):
     load its weights and state instead of training, which would take one step past max_steps."""
@@ -365,6 +373,7 @@ def _record_recipe(run_dir: Path, resolved: dict, checkpoint: str | None, log) -
                         "changed": {key: {"was": old, "now": new} for key, (old, new) in changes.items()}})
         rundir.write_run_info(run_dir, status="running", resumes=resumes)
         dropped = truncate_metrics(run_dir / "metrics.jsonl", step)
+        truncate_metrics(run_dir / "completions.jsonl", step)  # objective grpo's sample, logged again likewise
         if dropped:
             log(f"resume: dropped {dropped} metric line(s) logged after step {step}; those steps run again")
         if {"train.max_steps", "train.epochs"} & changes.keys():
@@ -384,14 +393,14 @@ def _save_final(trainer, method, final: Path) -> None:
         raise CheckpointWriteError(final, err) from err
 
 
-def _make_trainer(options, model, args, data, tokenizer, method, metrics_path: Path, token_metrics: bool):
+def _make_trainer(options, model, args, data, tokens: Tokens, method, metrics_path: Path, token_metrics: bool):
     from finetune.objectives import OBJECTIVES
     from finetune.run.report import MetricsLogger
 
     optimizers = method.optimizers(model, args.learning_rate, args.weight_decay, args.max_grad_norm) or (None, None)
     return OBJECTIVES[options.name].build_trainer(
-        options, model=model, args=args, train=data.train, eval=data.eval, tokenizer=tokenizer,
-        optimizers=optimizers,
+        options, model=model, args=args, train=data.train, eval=data.eval, tokenizer=tokens.tokenizer,
+        optimizers=optimizers, template=tokens.template,
         callbacks=[*method.callbacks(), MetricsLogger(metrics_path)],  # methods may add to the logs first
         token_metrics=token_metrics,
     )

@@ -9,7 +9,7 @@ Divergence rule (documented in the README):
 - a gradient norm of exactly 0 for `FLAT_LOGS` logged steps in a row is a collapsed model (typically after a
   learning rate far too high: the loss sits near ln V, a uniform guess, and nothing flows back): reported as a
   warning (on screen and in run.json), the run goes on. A model that learns never has an exactly zero gradient
-  at a loss above zero.
+  at a loss above zero (online RL excepted: a step whose groups all earned equal rewards has none to follow).
 """
 
 from __future__ import annotations
@@ -150,7 +150,10 @@ class DivergenceGuard(TrainerCallback):
             return
         if self._first_loss is None:
             self._first_loss = loss
-        self._flat = self._flat + 1 if norm is not None and norm == 0 else 0
+        # Learning from rewards, a zero gradient is a step whose every group earned equal rewards (all right or all
+        # wrong: zero advantages), not a collapse.
+        rewarded = logs.get("reward") is not None
+        self._flat = self._flat + 1 if norm is not None and norm == 0 and not rewarded else 0
         if self._flat == FLAT_LOGS:
             warning = (f"step {state.global_step}: the gradient norm has been exactly 0 for {FLAT_LOGS} logged steps "
                        f"(loss {loss:.3g}, first logged {self._first_loss:.3g}); the model has collapsed and is not "

@@ -23,6 +23,9 @@ def peak_memory_gb() -> float:
 
 #: Prefixes of the metrics TRL's DPO and KTO trainers log for training and held-out rows (KTO adds `kl`).
 PREFERENCE_METRICS = ("rewards/", "logps/", "eval_rewards/", "eval_logps/")
+#: Online RL's (objective grpo, TRL's names and finetune's time split): the weighted reward, its spread, the
+#: completions' lengths, the clipped share of tokens and the seconds of each part of a step.
+RL_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "completions/", "clip_ratio/region_mean", "time/")
 
 
 class MetricsLogger(TrainerCallback):
@@ -50,6 +53,7 @@ class MetricsLogger(TrainerCallback):
                 record["lr" if key == "learning_rate" else key] = logs[key]
         # A preference objective's rewards (beta x log-ratio to the reference) and log-probabilities, TRL's names.
         record.update({k: v for k, v in logs.items() if k.startswith(PREFERENCE_METRICS) or k in ("kl", "eval_kl")})
+        record.update({k: v for k, v in logs.items() if k.startswith(RL_METRICS)})
         if "loss" in logs:
             tokens = state.num_input_tokens_seen - self._last_tokens
             elapsed = max(now - self._last_time, 1e-9)
@@ -84,28 +88,50 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_loss(metrics_path: Path, out: Path) -> None:
+    """The loss curve; runs that learn from rewards (objective grpo) get their reward curve beside it."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    rewarded = any(r.get("reward") is not None for r in records)
+    fig, axes = plt.subplots(1, 2 if rewarded else 1, figsize=(12 if rewarded else 7, 4), squeeze=False)
+    ax = axes[0][0]
     for key, label in (("loss", "train loss"), ("eval_loss", "held-out loss")):
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
             ax.plot(*zip(*points), marker="." if key == "loss" else "o", label=label)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_ylabel("loss (the policy objective)" if rewarded else "loss (assistant tokens)")
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no loss logged yet (fewer steps than train.logging_steps)", ha="center",
                 transform=ax.transAxes)
+    if rewarded:
+        _plot_rewards(axes[0][1], records)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+def _plot_rewards(ax, records: list[dict]) -> None:
+    """The weighted reward's mean (with its std as a band) and each reward function's mean, per logging step."""
+    points = [(r["step"], r["reward"], r.get("reward_std") or 0.0) for r in records if r.get("reward") is not None]
+    steps, means, stds = zip(*points)
+    ax.plot(steps, means, marker=".", label="reward (weighted sum)")
+    ax.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.2)
+    names = sorted({k for r in records for k in r if k.startswith("rewards/") and k.endswith("/mean")})
+    for key in names:
+        own = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if own:
+            ax.plot(*zip(*own), linestyle="--", label=key[len("rewards/"):-len("/mean")])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -115,7 +141,7 @@ def count_parameters(model) -> tuple[int, int]:
 
 def start_summary(*, model, method: str, dtype, attention: str, batch_size: int, accumulation: int,
                   world_size: int, max_length: int, mean_tokens: float, train_rows: int | str, eval_rows: int,
-                  run_dir: Path) -> list[tuple[str, str]]:
+                  run_dir: Path, unit: str = "rows") -> list[tuple[str, str]]:
     """The derived quantities a user needs to trust a run, as (label, value) rows."""
     trainable, total = count_parameters(model)
     effective = batch_size * accumulation * world_size
@@ -124,8 +150,8 @@ def start_summary(*, model, method: str, dtype, attention: str, batch_size: int,
         ("trainable / total params", f"{trainable:,} / {total:,} ({100 * trainable / total:.2f}%)"),
         ("precision / attention", f"{str(dtype).removeprefix('torch.')} / {attention}"),
         ("effective batch", f"{batch_size} per device x {accumulation} accumulation x {world_size} device(s)"
-                            f" = {effective} rows"),
-        ("tokens per optimizer step", f"~{effective * mean_tokens:,.0f} (mean row {mean_tokens:.0f} tokens, "
+                            f" = {effective} {unit}"),
+        ("tokens per optimizer step", f"~{effective * mean_tokens:,.0f} (mean {unit[:-1]} {mean_tokens:.0f} tokens, "
                                       f"at most {effective * max_length:,})"),
         ("rows train / held-out", f"{train_rows} / {eval_rows}"),
         ("run dir", str(run_dir)),

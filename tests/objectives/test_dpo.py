@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors.torch import load_file
+from helpers.runs import EVERY_METHOD, built_trainer
 from typer.testing import CliRunner
 
 from finetune.cli import app
@@ -17,7 +17,7 @@ from finetune.data.preference.prepare import build_pairs
 from finetune.data.template import chat_template
 from finetune.errors import UserError
 from finetune.recipe.load import load_recipe
-from finetune.run.flow import Hooks, run_training
+from finetune.run.flow import run_training
 from finetune.run.report import read_metrics
 
 runner = CliRunner()
@@ -51,19 +51,6 @@ def dpo_recipe(write_recipe, tmp_path):
 
     return write
 
-
-class Captured(Exception):
-    """Stops run_training once the trainer is built and inspected."""
-
-
-def built_trainer(path, inspect):
-    """Build the production trainer for a recipe, hand it to `inspect`, and stop before training."""
-    def on_trainer(trainer, method):
-        inspect(trainer)
-        raise Captured
-
-    with pytest.raises(Captured):
-        run_training(load_recipe(path), path, log=lambda *_: None, hooks=Hooks(on_trainer=on_trainer))
 
 
 def answer_logp(model, prompt_ids, answer_ids):
@@ -129,12 +116,7 @@ def test_full_fine_tuning_precomputes_the_reference_from_the_base(dpo_recipe, ti
             assert row[f"ref_{key}_logps"] == pytest.approx(expected, rel=1e-4)
 
 
-@pytest.mark.parametrize("method", [
-    {"name": "full"},
-    {"name": "lora", "r": 4},
-    {"name": "galore", "rank": 8, "update_proj_gap": 2},
-    {"name": "lisa", "activated_layers": 1, "interval_steps": 2},
-], ids=lambda m: m["name"])
+@pytest.mark.parametrize("method", EVERY_METHOD, ids=lambda m: m["name"])
 def test_each_method_trains_dpo_and_raises_the_chosen_reward(dpo_recipe, tmp_path, method):
     path = dpo_recipe(method=method, train={"max_steps": 8, "batch_size": 4, "learning_rate": 5e-3})
     run_dir = run_training(load_recipe(path), path, log=lambda *_: None)
@@ -151,20 +133,12 @@ def test_each_method_trains_dpo_and_raises_the_chosen_reward(dpo_recipe, tmp_pat
 
 
 def test_resume_mid_run_is_exact(dpo_recipe, tmp_path):
-    straight = dpo_recipe(train={"max_steps": 4, "save_steps": 2, "output_dir": str(tmp_path / "straight")})
-    run_training(load_recipe(straight), straight, log=lambda *_: None)
-    halves = dpo_recipe(name="halves.yaml", train={"max_steps": 2, "save_steps": 2,
-                                                   "output_dir": str(tmp_path / "halves")})
-    run_training(load_recipe(halves), halves, log=lambda *_: None)
-    run_training(load_recipe(halves, ["train.max_steps=4"]), halves, resume=True, log=lambda *_: None,
-                 overrides=["train.max_steps=4"])
-    a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
-    b = load_file(tmp_path / "halves" / "model" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
-    one = [r["loss"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "loss" in r]
-    two = [r["loss"] for r in read_metrics(tmp_path / "halves" / "metrics.jsonl") if "loss" in r]
+    from helpers.runs import assert_same_weights, straight_and_resumed
+
+    straight, resumed = straight_and_resumed(dpo_recipe, tmp_path)
+    assert_same_weights(straight / "model", resumed / "model")
+    one = [r["loss"] for r in read_metrics(straight / "metrics.jsonl") if "loss" in r]
+    two = [r["loss"] for r in read_metrics(resumed / "metrics.jsonl") if "loss" in r]
     assert one == two
 
 

@@ -5,8 +5,9 @@ import inspect
 
 import pytest
 from transformers import Trainer as HFTrainer
-from trl import DPOTrainer, KTOTrainer
+from trl import DPOTrainer, GRPOTrainer, KTOTrainer
 
+from finetune.run.rl import OVERRIDDEN_GRPO, RewardTrainer
 from finetune.run.trainer import (
     OVERRIDDEN,
     OVERRIDDEN_DPO,
@@ -30,6 +31,14 @@ SIGNATURES = {
 DPO_SIGNATURES = {"_prepare_dataset": ["self", "dataset", "processing_class", "args", "dataset_name"],
                   "_precompute_ref_logps": ["self", "dataset", "name", "batch_size"],
                   "_compute_loss": ["self", "model", "inputs", "return_outputs"]}
+#: TRL 1.16's GRPOTrainer methods finetune's RewardTrainer overrides, with their parameters.
+GRPO_SIGNATURES = {"_tokenize_prompts": ["self", "prompts"],
+                   "_generate_single_turn": ["self", "prompt_ids", "images", "multimodal_fields", "num_generations",
+                                             "has_tool_images"],
+                   "_calculate_rewards": ["self", "inputs", "prompts", "completions", "completion_ids_list"],
+                   "training_step": ["self", "model", "inputs", "num_items_in_batch"],
+                   "compute_loss": ["self", "model", "inputs", "return_outputs", "num_items_in_batch"],
+                   "log": ["self", "logs", "start_time"]}
 
 
 @pytest.mark.parametrize("library_class,ours,name,signatures", [
@@ -38,6 +47,8 @@ DPO_SIGNATURES = {"_prepare_dataset": ["self", "dataset", "processing_class", "a
     *[(DPOTrainer, PreferenceTrainer, name, DPO_SIGNATURES) for name in OVERRIDDEN_DPO],
     *[(HFTrainer, UnpairedPreferenceTrainer, name, SIGNATURES) for name in OVERRIDDEN],
     *[(KTOTrainer, UnpairedPreferenceTrainer, name, DPO_SIGNATURES) for name in OVERRIDDEN_KTO],
+    *[(HFTrainer, RewardTrainer, name, SIGNATURES) for name in OVERRIDDEN],
+    *[(GRPOTrainer, RewardTrainer, name, GRPO_SIGNATURES) for name in OVERRIDDEN_GRPO],
 ], ids=lambda value: value if isinstance(value, str) else value.__name__ if isinstance(value, type) else "")
 def test_each_overridden_internal_still_exists_with_the_same_parameters(library_class, ours, name, signatures):
     assert name in signatures, f"{name} is overridden in finetune/trainer.py but not pinned here"
