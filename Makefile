@@ -33,7 +33,7 @@ dpo-demo: install model
 	$(PY) scripts/dpo_demo.py
 
 # Learning from rewards (GRPO, full fine-tuning) on the embedded model: held-out strict/lenient answer accuracy base ->
-# tuned, about a quarter of an hour.
+# tuned, about 12 minutes on a 2-core CPU.
 grpo-demo: install model
 	$(PY) scripts/grpo_demo.py
 
