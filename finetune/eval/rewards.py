@@ -12,6 +12,7 @@ from pathlib import Path
 from finetune.data.prompts import ORIGIN, PromptRow, read_prompts, read_saved_prompts
 from finetune.data.rows import Conversation, held_out_indices
 from finetune.data.sources import row_name
+from finetune.data.template import fit_messages, render
 from finetune.errors import UserError
 from finetune.eval.sft import SAMPLES_SHOWN, generate
 from finetune.eval.targets import Target, eval_template, score_candidates, write_report
@@ -48,15 +49,16 @@ def held_out_prompts(target: str, recipe, recipe_path: Path | None, data: Path |
     return rows
 
 
-def score_completions(rewards, specs, rows: list[PromptRow], completions: list[str], tokenizer) -> dict:
-    """Each reward's mean (None values: not scored, left out), the weighted sum's mean and the answer accuracies."""
+def score_completions(rewards, specs, rows: list[PromptRow], prompts: list[str], completions: list[str],
+                      tokenizer) -> dict:
+    """Each reward's mean (None values: not scored, left out), the weighted sum's mean and the answer accuracies. The
+    rewards get what they got in training: the rendered prompts, the completions, the rows' columns."""
     from finetune.rewards import score_answer
 
     columns = sorted({k for r in rows for k in r.columns})
     kwargs = {k: [r.columns.get(k) for r in rows] for k in columns}
     kwargs[ORIGIN] = [row_name(r.source, r.row) for r in rows]
     ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
-    prompts = [r.prompt[-1]["content"] for r in rows]
     metrics, total = {}, [0.0] * len(rows)
     for reward in rewards:
         values = reward(prompts=prompts, completions=completions, completion_ids=ids, trainer_state=None,
@@ -101,7 +103,9 @@ def run_reward_eval(target: str, where: Target, recipe, rows: list[PromptRow], c
         template = eval_template(tokenizer, where.fold_system)
         completions = generate(model, tokenizer, pending, batch_size, max_new_tokens, partial(progress.advance, task),
                                template)
-        return score_completions(rewards, specs, rows, completions, tokenizer), completions
+        prompts = [render(tokenizer, template.text_for(r.tools), fit_messages(template, r.prompt), r.tools,
+                          generation_prompt=True) for r in rows]
+        return score_completions(rewards, specs, rows, prompts, completions, tokenizer), completions
 
     scored = score_candidates(where, compare_base, score)
     results = {name: metrics for name, (metrics, _) in scored.items()}

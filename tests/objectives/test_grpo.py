@@ -23,6 +23,10 @@ runner = CliRunner()
 REWARD_FILE = '''
 def variety(prompts, completions, answer, **kwargs):
     return [len(set(c)) / 10 + (a in c) for c, a in zip(completions, answer)]
+
+
+def rendered(prompts, completions, **kwargs):
+    return [float(p.endswith("<|im_start|>assistant\\n")) for p in prompts]
 '''
 
 
@@ -232,7 +236,8 @@ def test_plan_counts_the_generation_round_and_names_the_knob_that_fits(grpo_reci
 
 def test_eval_on_a_grpo_run_scores_rewards_and_answer_accuracy_base_vs_tuned(grpo_recipe, tmp_path):
     path = grpo_recipe(objective={"rewards": [{"fn": "exact_answer", "extract": "whole"},
-                                              {"fn": "rewards.py:variety", "weight": 0.5}]}, train={"max_steps": 1})
+                                              {"fn": "rewards.py:variety", "weight": 0.5},
+                                              {"fn": "rewards.py:rendered", "weight": 0.0}]}, train={"max_steps": 1})
     run_dir = run_training(load_recipe(path), path, log=lambda *_: None)
     result = runner.invoke(app, ["eval", str(run_dir), "--compare-base"])
     assert result.exit_code == 0, result.output
@@ -242,6 +247,7 @@ def test_eval_on_a_grpo_run_scores_rewards_and_answer_accuracy_base_vs_tuned(grp
         assert {"reward", "reward/exact_answer", "reward/rewards.py:variety", "strict_accuracy",
                 "lenient_accuracy"} <= metrics.keys()
         assert metrics["rows"] == 4 and metrics["strict_accuracy"] <= metrics["lenient_accuracy"]
+        assert metrics["reward/rewards.py:rendered"] == 1.0  # the prompt as training rendered it
     assert "strict_accuracy" in (run_dir / "eval.md").read_text()
     assert "strict_accuracy" in (run_dir / "model" / "README.md").read_text()  # the model card's evaluation
 
