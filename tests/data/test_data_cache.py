@@ -181,6 +181,7 @@ def test_training_writes_nothing_into_the_shared_entry(tmp_path, write_recipe, c
     assert entry_problem(entry) is None
 
 
+@pytest.mark.slow  # kills a preparing process
 def test_a_killed_preparation_leaves_a_temporary_that_the_next_run_removes_and_names(tmp_path, tokenizer, cache):
     import os
     import signal
