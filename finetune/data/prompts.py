@@ -21,7 +21,7 @@ from typing import Any
 from finetune.data.formats import MULTIMODAL, normalise, present, row_tools
 from finetune.data.preference.pairs import SavedRow, read_rows
 from finetune.data.preference.prepare import PreparedPairs
-from finetune.data.rows import check_bad_fraction, held_out_indices, ignored_line
+from finetune.data.rows import check_bad_fraction, ignored_line, split_held_out
 from finetune.data.sources import row_name
 from finetune.data.template import ChatTemplate, fit_messages, render
 from finetune.errors import UserError
@@ -71,8 +71,9 @@ def prompt_shape(record: dict) -> str | None:
     return next((shape for shape in PROMPT_FIELDS if present(record.get(shape))), None)
 
 
-def normalise_prompt(record: dict) -> tuple[list[dict], dict, set[str]]:
-    """(prompt messages, reward columns, ignored fields) of one row; ValueError says why it is refused."""
+def normalise_prompt(record: dict) -> tuple[list[dict], dict]:
+    """(prompt messages, reward columns) of one row (no field is ignored: the rewards get every one that is not the
+    prompt's); ValueError says why it is refused."""
     shape = prompt_shape(record)
     if shape is None:
         raise ValueError("no prompt: give `prompt`, `messages` (ending in a user turn) or `instruction`")
@@ -101,15 +102,15 @@ def normalise_prompt(record: dict) -> tuple[list[dict], dict, set[str]]:
         if fmt == "sharegpt":
             pending = {"from": "gpt", "value": _PENDING}
         messages, _ = normalise({**{k: v for k, v in rest.items() if k != shape}, key: turns + [pending]}, fmt)
-    return messages[:-1], columns, set()
+    return messages[:-1], columns
 
 
 def read_prompts(source: str, split: str, columns: dict | None = None) -> tuple[list[PromptRow], list[str], int,
                                                                                   dict]:
     """Every row of a source as a PromptRow (see finetune.data.preference.pairs.read_rows)."""
     def convert(record, source, number):
-        prompt, rest, ignored = normalise_prompt(record)
-        return PromptRow(prompt, rest, source, number, row_tools(record)), ignored
+        prompt, rest = normalise_prompt(record)
+        return PromptRow(prompt, rest, source, number, row_tools(record)), set()
 
     return read_rows(source, split, lambda record: prompt_shape(record) is not None, lambda keys: (
         "objective grpo trains on prompts (`prompt`, `messages` ending in a user turn, or `instruction`) and this "
@@ -130,14 +131,11 @@ def build_prompts(tokenizer, template: ChatTemplate, train: str, train_split: st
         held, held_problems, held_total, _ = read_prompts(eval, eval_split)
         problems, total = problems + held_problems, total + held_total
     else:
-        chosen = set(held_out_indices(list(range(len(rows))), eval_fraction, seed))
-        held = [r for i, r in enumerate(rows) if i in chosen]
-        rows = [r for i, r in enumerate(rows) if i not in chosen]
+        rows, held = split_held_out(rows, eval_fraction, seed)
     records, lengths = [], []
     for row in rows:
         try:
-            text = render(tokenizer, template.text_for(row.tools), fit_messages(template, row.prompt), row.tools,
-                          generation_prompt=True)
+            text = rendered_prompt(tokenizer, template, row)
         except ValueError as err:
             problems.append(f"{row_name(row.source, row.row)}: {err}")
             continue
@@ -166,6 +164,12 @@ def build_prompts(tokenizer, template: ChatTemplate, train: str, train_split: st
                            columns=names, first_rows=records[:4], problems=problems, rows_read=total,
                            ignored_lines=[line for line in lines if line],
                            mix=[{"source": train, "rows": len(records)}])
+
+
+def rendered_prompt(tokenizer, template: ChatTemplate, row: PromptRow) -> str:
+    """The prompt as the policy sees it: the run's template with its generation prompt (training and eval alike)."""
+    return render(tokenizer, template.text_for(row.tools), fit_messages(template, row.prompt), row.tools,
+                  generation_prompt=True)
 
 
 def save_prompts(rows: list[PromptRow], path: Path) -> None:

@@ -9,10 +9,9 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-from finetune.data.prompts import ORIGIN, PromptRow, read_prompts, read_saved_prompts
-from finetune.data.rows import Conversation, held_out_indices
+from finetune.data.prompts import ORIGIN, PromptRow, read_prompts, read_saved_prompts, rendered_prompt
+from finetune.data.rows import Conversation, split_held_out
 from finetune.data.sources import row_name
-from finetune.data.template import fit_messages, render
 from finetune.errors import UserError
 from finetune.eval.sft import SAMPLES_SHOWN, generate
 from finetune.eval.targets import Target, eval_template, score_candidates, write_report
@@ -42,7 +41,7 @@ def held_out_prompts(target: str, recipe, recipe_path: Path | None, data: Path |
         if d.eval is not None:
             return read_prompts(d.eval, d.eval_split)[0]
         rows = read_prompts(source.path, source.split, source.columns)[0]
-        return [rows[i] for i in held_out_indices(list(range(len(rows))), d.eval_fraction, recipe.train.seed)]
+        return split_held_out(rows, d.eval_fraction, recipe.train.seed)[1]  # the draw training made
     rows = read_saved_prompts(Path(target) / "held_out.jsonl")
     if not rows:
         raise UserError(f"{Path(target) / 'held_out.jsonl'}: the run held out no prompts; pass --data FILE")
@@ -103,8 +102,7 @@ def run_reward_eval(target: str, where: Target, recipe, rows: list[PromptRow], c
         template = eval_template(tokenizer, where.fold_system)
         completions = generate(model, tokenizer, pending, batch_size, max_new_tokens, partial(progress.advance, task),
                                template)
-        prompts = [render(tokenizer, template.text_for(r.tools), fit_messages(template, r.prompt), r.tools,
-                          generation_prompt=True) for r in rows]
+        prompts = [rendered_prompt(tokenizer, template, r) for r in rows]
         return score_completions(rewards, specs, rows, prompts, completions, tokenizer), completions
 
     scored = score_candidates(where, compare_base, score)

@@ -86,8 +86,11 @@ class Options(ObjectiveOptions):
                        prompt_len=recipe.data.max_length - self.max_completion_length,
                        completion_len=self.max_completion_length, reference=self.reference_for(recipe.method))
 
-    def prompts_per_round(self, batch_size: int, accumulation: int, processes: int) -> float:
-        return batch_size * processes * (self.steps_per_generation or accumulation) / self.num_generations
+    def completions_per_round(self, recipe) -> int:
+        """Completions one generation round samples over every process (TRL's generation batch)."""
+        t = recipe.train
+        return t.batch_size * recipe.distributed.world_size * (self.steps_per_generation or
+                                                               t.gradient_accumulation_steps)
 
     def recipe_problems(self, recipe) -> list[str]:
         t, d, problems = recipe.train, recipe.data, []
@@ -101,8 +104,7 @@ class Options(ObjectiveOptions):
         if self.max_completion_length >= d.max_length:
             problems.append(f"objective.max_completion_length ({self.max_completion_length}) must be below "
                             f"data.max_length ({d.max_length}), which bounds prompt and completion together")
-        per_round = t.batch_size * recipe.distributed.world_size * (self.steps_per_generation or
-                                                                    t.gradient_accumulation_steps)
+        per_round = self.completions_per_round(recipe)
         if per_round % self.num_generations:
             problems.append(f"objective grpo: each generation round holds train.batch_size x processes x "
                             f"steps_per_generation = {per_round} completions, not a multiple of num_generations "
@@ -111,8 +113,7 @@ class Options(ObjectiveOptions):
         return problems
 
     def summary(self, recipe) -> str:
-        t = recipe.train
-        prompts = self.prompts_per_round(t.batch_size, t.gradient_accumulation_steps, recipe.distributed.world_size)
+        prompts = self.completions_per_round(recipe) / self.num_generations
         reference = {None: "no reference (beta 0)", "adapters_off": f"beta {self.beta}, reference: the base with "
                      "adapters disabled", "copy": f"beta {self.beta}, reference: a frozen copy of the model"}
         return (f"grpo ({self.num_generations} completions of <= {self.max_completion_length} tokens per prompt, "

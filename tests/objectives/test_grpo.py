@@ -156,7 +156,7 @@ def test_resume_mid_run_samples_the_same_completions(grpo_recipe, tmp_path):
      {"output": "4"}),
 ], ids=["string", "message-list", "messages", "sharegpt", "alpaca"])
 def test_prompt_rows_in_each_shape_keep_their_other_columns_for_the_rewards(row, prompt, columns):
-    messages, rest, _ = normalise_prompt(row)
+    messages, rest = normalise_prompt(row)
     assert messages == prompt and rest == columns
 
 
