@@ -25,7 +25,10 @@ SECTIONS = [
     ("GRPO: seconds per step (generation / reward / backward) and peak memory against the plan, CPU",
      "grpo-smollm2-cpu.md"),
     ("GRPO demo (`make grpo-demo`): the reward curve and held-out answer accuracy, CPU", "grpo-demo-cpu.md"),
+    ("`finetune plan --fit`: the choice, every other setting that fits, run, for budgets tight to generous, CPU",
+     "fit-smollm2-cpu.md"),
     ("GPU acceptance check (`make gpu-check`): Llama-2-7B, every method, 24 GiB cap", "gpu-check-llama2-7b.md"),
+    ("`finetune plan --fit` on Llama-2-7B at 24 GiB (`make gpu-check-fit`)", "gpu-check-fit-llama2-7b.md"),
 ]
 GPU = ("## GPU: `python -m benchmarks.bench --arch llama2-7b --seq-len 2048` (bf16, flash attention if available)\n\n"
        "Not measured: no GPU machine was available to the sessions that wrote this file. No figures are estimated "
@@ -35,7 +38,8 @@ GPU = ("## GPU: `python -m benchmarks.bench --arch llama2-7b --seq-len 2048` (bf
 def main() -> None:
     parts = ["# Benchmarks\n", "Every table below is the verbatim output of `benchmarks/bench.py`, "
              "`benchmarks/plan_check.py`, `benchmarks/gpu_check.py`, `benchmarks/data_bench.py`, "
-             "`benchmarks/grpo_bench.py`, `scripts/grpo_demo.py` or `benchmarks/profile_overhead.py` (command, date, "
+             "`benchmarks/grpo_bench.py`, `benchmarks/fit_bench.py`, `scripts/grpo_demo.py` or "
+             "`benchmarks/profile_overhead.py` (command, date, "
              "machine and versions in its first line); `python -m benchmarks.benchmarks_md` rebuilds this file from "
              "`benchmarks/results/`. Tables made before the harness moved out of the package name it as it was then "
              "(`python scripts/<name>.py ... --out bench/...`): the same scripts, now `python -m benchmarks.<name>`, "

@@ -14,12 +14,18 @@ reservation (what the cap bounds), `finetune plan`'s prediction for the same run
 after the warm-up steps), and checks the acceptance targets at seq 256 x batch 16: GaLore 8-bit layer-wise fits
 in 24 GiB, its plan error is within 10 %, and it trains at >= 0.9x LoRA's tokens/s.
 
+Then the fit table (benchmarks/gpu_fit.py; --fit-table, on by default; --fit-only for it alone): `finetune plan
+--fit`'s choice and the next settings that fit, run the same way. --fit-budget-s (200 s) bounds it, so the whole
+command takes --budget-s plus that.
+
 Without CUDA the same flow runs as a smoke test on the tiny test Llama (seconds per method), and every GPU-only
-part (QLoRA, the memory cap, the 7B architecture, flash-attention) is listed as skipped in the table.
+part (QLoRA, the memory cap, the 7B architecture, flash-attention) is listed as skipped in the table; its fit table
+runs on the tiny model at a budget that about half the candidates fit, its targets not checked.
 
     python -m benchmarks.gpu_check --out benchmarks/results/gpu-check-llama2-7b.md      # or: make gpu-check
     python -m benchmarks.gpu_check --seq-len 2048 --batch 2 --methods galore lora \\
         --out benchmarks/results/gpu-check-2048.md
+    python -m benchmarks.gpu_check --fit-only --out benchmarks/results/gpu-check-fit.md  # the fit table alone
 
 Writes a markdown table (stdout and --out .md) and a JSON file beside it.
 """
@@ -60,8 +66,9 @@ NEEDS_CUDA = {"qlora": "bitsandbytes 4-bit quantization"}
 TARGET = {"seq_len": 256, "batch": 16, "galore_rank": 1024, "cap_gib": 24.0}
 MAX_PLAN_ERROR, MIN_VS_LORA = 10.0, 0.9
 #: Defaults per mode: the GPU check's are the targets'; the CPU smoke's take seconds on the tiny model.
-DEFAULTS = {"gpu": {"seq_len": 256, "batch": 16, "galore_rank": 1024},
-            "cpu": {"seq_len": 32, "batch": 2, "galore_rank": 8}}
+DEFAULTS = {"gpu": {"seq_len": 256, "batch": 16, "galore_rank": 1024, "fit_runs": 4,
+                    "fits": ["galore", "galore+method", "lora"]},
+            "cpu": {"seq_len": 32, "batch": 2, "galore_rank": 8, "fit_runs": 2, "fits": ["galore+method"]}}
 
 
 # --- the child: one method under the memory cap ------------------------------------------------------------------
@@ -72,11 +79,17 @@ def child(spec: dict) -> dict:
 
     import benchmarks.measure as measure
 
+    context = 0
     if torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(0).total_memory
+        free, total = torch.cuda.mem_get_info()  # creates the CUDA context: what the process holds before any tensor
+        context = total - free
+        # a fit run stands for a whole card of card_gib (what --fit's budget means): the context takes its share
+        cap = spec["card_gib"] * GIB - context if "card_gib" in spec else spec["cap_gib"] * GIB
         # a card smaller than the cap is simply used whole (the fraction must not exceed 1)
-        torch.cuda.set_per_process_memory_fraction(min(1.0, spec["cap_gib"] * GIB / total))
+        torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, cap / total)))
     loader = gpu_random_loader(spec["arch"]) if torch.cuda.is_available() and spec.get("arch") else None
+    if spec.get("set"):
+        set_in_recipe(spec["set"])
     try:
         result = measure.child(spec, loader)
     except Exception as err:  # OOM may surface as torch.OutOfMemoryError or a library's RuntimeError
@@ -87,8 +100,22 @@ def child(spec: dict) -> dict:
         return {"oom": str(err).splitlines()[0][:200], "weight_bytes": 2 if cuda and torch.cuda.is_bf16_supported()
                 else 4, "allocated_gb": torch.cuda.max_memory_allocated() / GIB if cuda else 0.0}
     if torch.cuda.is_available():  # reset with the allocated peak when training began (measure's callback)
-        result["reserved_gb"] = torch.cuda.max_memory_reserved() / GIB
+        result.update(reserved_gb=torch.cuda.max_memory_reserved() / GIB, context_gb=context / GIB)
     return result
+
+
+def set_in_recipe(changes: dict) -> None:
+    """Settings that benchmarks.measure's spec has no key for (gradient accumulation, the weights' dtype), applied to
+    the recipe its child builds on the way into run_training, validated as a recipe file's would be."""
+    import finetune.run.flow as flow
+    from finetune.plan.fit import candidate_recipe
+
+    train = flow.run_training
+
+    def run_training(recipe, *args, **kwargs):
+        return train(candidate_recipe(recipe, changes), *args, **kwargs)
+
+    flow.run_training = run_training  # measure.child imports it when it runs, after this
 
 
 def gpu_random_loader(arch: str, device: str = "cuda"):
@@ -313,6 +340,9 @@ def options(argv: list[str], cuda: bool) -> argparse.Namespace:
     parser.add_argument("--child-timeout", type=float, default=200, help="seconds one method may take")
     parser.add_argument("--budget-s", type=float, default=570, help="seconds for all methods (then: skipped)")
     parser.add_argument("--out", type=Path, default=None, help="write the table here (.md) and JSON beside it")
+    from benchmarks.gpu_fit import add_options
+
+    add_options(parser)
     args = parser.parse_args(argv)
     for name, value in DEFAULTS["gpu" if cuda else "cpu"].items():
         if getattr(args, name) is None:
@@ -320,15 +350,42 @@ def options(argv: list[str], cuda: bool) -> argparse.Namespace:
     return args
 
 
+def methods_report(rows: list[dict], args, cuda: bool, command: str) -> str:
+    """The header, and unless --fit-only the methods table, the GPU-only steps a CPU skips, and the verdict."""
+    attentions = {r["attention"] for r in rows if r.get("attention")}
+    if attentions and attentions != {args.attention}:  # what the runs used, if it differs from the resolution
+        args.attention = ", ".join(sorted(attentions))
+    text = header(args, cuda, command)
+    if args.fit_only:
+        return text
+    text += "\n" + markdown(rows, cuda)
+    if not cuda:
+        text += "\n\n" + skipped_steps(args)
+    return text + "\n\n" + verdict(rows, args, cuda)
+
+
+def save(text: str, args, cuda: bool, command: str, rows: list[dict], fit_tables: list[dict]) -> None:
+    if not args.out:
+        return
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"command": command, "machine": machine(), "mode": "gpu" if cuda else "cpu-smoke",
+         "cap_gib": args.cap_gib if cuda else None, "attention": args.attention, "rows": rows,
+         "fit_tables": fit_tables}, indent=2) + "\n")
+
+
 def main() -> None:
     import torch
 
+    from benchmarks.gpu_fit import fit_markdown, fit_section, throughput_child
     from finetune.models.load import resolve_attention
 
     cuda = torch.cuda.is_available()
     args = options(sys.argv[1:], cuda)
     if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+        spec = json.loads(args.child)
+        print(json.dumps(throughput_child(spec) if "throughput" in spec else child(spec)))
         return
     # what the runs' `attn_implementation: auto` resolves to; nothing here touches the GPU before the runs end (a
     # CUDA context in this process would take memory from the children's card)
@@ -338,21 +395,16 @@ def main() -> None:
         workdir = Path(tmp)
         if not cuda:
             args.model = str(make_tiny(workdir))
-        rows = run(args, workdir, cuda)
-    attentions = {r["attention"] for r in rows if r.get("attention")}
-    if attentions and attentions != {args.attention}:  # what the runs used, if it differs from the resolution
-        args.attention = ", ".join(sorted(attentions))
-    text = header(args, cuda, command) + "\n" + markdown(rows, cuda)
-    if not cuda:
-        text += "\n\n" + skipped_steps(args)
-    text += "\n\n" + verdict(rows, args, cuda)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(
-            {"command": command, "machine": machine(), "mode": "gpu" if cuda else "cpu-smoke",
-             "cap_gib": args.cap_gib if cuda else None, "attention": args.attention, "rows": rows}, indent=2) + "\n")
+        rows = [] if args.fit_only else run(args, workdir, cuda)
+        text = methods_report(rows, args, cuda, command)
+        print(text, flush=True)
+        save(text, args, cuda, command, rows, [])  # kept should the fit table not finish
+        fit_tables = fit_section(args, workdir, cuda) if args.fit_table or args.fit_only else []
+    if fit_tables:
+        fit_text = fit_markdown(fit_tables, args, cuda)
+        print("\n" + fit_text)
+        text += "\n\n" + fit_text
+    save(text, args, cuda, command, rows, fit_tables)
 
 
 if __name__ == "__main__":

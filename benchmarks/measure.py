@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from finetune.plan.probe import StepClock
+
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: bench paths are relative to it
 
 #: Timing runs: tensors of 4 MiB and more are mapped and unmapped, smaller ones reuse glibc's heap (a lower
@@ -215,34 +217,6 @@ def tensor_peak_for(spec: dict):
 
 class StepsDone(Exception):
     """Raised at the end of the measured steps: run_training stops there."""
-
-
-class StepClock:
-    """Seconds per optimizer step, the same way for finetune's runs and the peers': from one step's end to the
-    next (the first from the start of training), so each step counts everything a user waits for: loading the
-    batch, forward, backward, the optimizer, logging and every callback. Also the tokens each step trained on
-    (without padding), where the trainer counts them (finetune's runs)."""
-
-    def __init__(self):
-        self.seconds: list[float] = []
-        self.tokens: list[int] = []
-
-    def callback(self):
-        from transformers import TrainerCallback
-
-        clock = self
-
-        class Clock(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):
-                clock._last, clock._seen = time.perf_counter(), state.num_input_tokens_seen
-
-            def on_step_end(self, args, state, control, **kwargs):
-                now = time.perf_counter()
-                clock.seconds.append(now - clock._last)
-                clock.tokens.append(state.num_input_tokens_seen - clock._seen)
-                clock._last, clock._seen = now, state.num_input_tokens_seen
-
-        return Clock()
 
 
 class PhaseTimer:

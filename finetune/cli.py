@@ -34,6 +34,14 @@ console = Console()
 errors = Console(stderr=True)
 
 Debug = Annotated[bool, typer.Option("--debug", help="Show the Python traceback of errors.")]
+Fit = Annotated[str | None, typer.Option(
+    help="Choose the settings that fit this memory (the GPU's; on a CPU the process's), e.g. 24GiB, and train "
+         "fastest.")]
+Allow = Annotated[str | None, typer.Option(
+    help="With --fit: knobs it may turn besides batch and checkpointing (which leave the maths unchanged), "
+         "comma-separated: packing, 8bit, layerwise, method, seq; or all.")]
+Probe = Annotated[int, typer.Option(
+    min=0, help="With --fit: run N steps of the choice in a child process; above the budget, try the next one.")]
 Sets = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a recipe value: dotted.key=value (YAML value). Repeatable."),
@@ -97,9 +105,13 @@ def train(
         str | None, typer.Option(help="Address of machine 0: distributed.main_process_ip.")] = None,
     main_process_port: Annotated[
         int | None, typer.Option(help="Port on machine 0: distributed.main_process_port.")] = None,
+    fit: Fit = None,
+    allow: Allow = None,
+    probe: Probe = 0,
     debug: Debug = False,
 ):
-    """Train a model from a recipe; with a `distributed` strategy, launch its processes through accelerate."""
+    """Train a model from a recipe; with a `distributed` strategy, launch its processes through accelerate. With
+    --fit: first choose the settings that fit the memory budget and train fastest (as `finetune plan --fit`)."""
     from finetune.recipe.load import load_recipe
 
     if debug:  # the libraries' own progress bars too (finetune.run.console); launched processes inherit it
@@ -108,12 +120,62 @@ def train(
     flags = {"num_processes": nproc, "num_machines": num_machines, "machine_rank": machine_rank,
              "main_process_ip": main_process_ip, "main_process_port": main_process_port}
     overrides = [*(set_ or []), *(f"distributed.{k}={v}" for k, v in flags.items() if v is not None)]
+    if (allow or probe) and fit is None:
+        raise UserError("--allow and --probe go with --fit BUDGET (e.g. --fit 24GiB)")
     loaded = load_recipe(recipe, overrides)
     _quiet_libraries()
     from finetune.run.flow import run_training
 
-    run_training(loaded, recipe, output=output, overwrite=overwrite, resume=resume, log=console.print,
-                 overrides=overrides)
+    record = None
+    if fit is not None:
+        loaded, overrides, record = _fit_training(loaded, recipe, overrides, fit, allow, probe, output, resume)
+    run_dir = run_training(loaded, recipe, output=output, overwrite=overwrite, resume=resume, log=console.print,
+                           overrides=overrides, fit=record)
+    if record is not None and loaded.distributed.strategy == "none":
+        _record_fit_peak(run_dir, record)
+
+
+def _record_fit_peak(run_dir: Path, record: dict) -> None:
+    """The proof: this process's peak against the budget, in run.json beside the choice."""
+    from finetune.plan.memory import GIB
+    from finetune.plan.probe import process_peak_bytes
+    from finetune.run.rundir import write_run_info
+
+    peak = process_peak_bytes()
+    if peak is None:
+        return
+    write_run_info(run_dir, fit={**record, "measured_peak_gib": peak / GIB})
+    within = "within" if peak <= record["budget_gib"] * GIB else "[red]above[/red]"
+    console.print(f"fit: this run's peak {peak / GIB:.2f} GiB, {within} the --fit budget of "
+                  f"{record['budget_gib']:.2f} GiB")
+
+
+def _fit_training(loaded, recipe: Path, overrides: list[str], budget: str, allow, probe: int, output, resume: bool):
+    """`train --fit`: the fit's choice as recipe overrides (so the resolved recipe and the resume command carry it);
+    a resumed run takes the choice recorded in its run.json instead of choosing again."""
+    from finetune.plan.choose import device_kind, fit_for_run
+    from finetune.plan.estimate import parse_memory
+    from finetune.plan.fit import Candidate
+    from finetune.plan.probe import keep_heap_small
+    from finetune.plan.view import fit_table
+    from finetune.recipe.load import load_recipe
+    from finetune.run.flow import run_dir_for
+    from finetune.run.rundir import is_run_dir, read_run_info
+
+    run_dir = run_dir_for(loaded, recipe, output)
+    if resume and is_run_dir(run_dir) and read_run_info(run_dir).get("fit"):
+        record = read_run_info(run_dir)["fit"]
+        chosen = Candidate(record["chosen"]["changes"])
+        console.print(f"fit: resuming with the settings --fit chose when the run started: {chosen.label()}")
+    else:
+        fitted = fit_for_run(loaded, recipe, overrides, parse_memory(budget, "--fit"), allow, probe, console.print)
+        console.print(fit_table(fitted, limit=6))
+        chosen, record = fitted.chosen, fitted.record()
+    console.print(f"[bold]fit:[/bold] training with {chosen.label()}")
+    if device_kind() == "cpu":
+        keep_heap_small()  # on a CPU the budget is the process's memory: freed tensors go back to the system
+    overrides = [*overrides, *chosen.overrides()]
+    return load_recipe(recipe, overrides), overrides, record
 
 
 @app.command()
@@ -181,10 +243,16 @@ def plan(
     seq_len: Annotated[int | None, typer.Option(min=1, help="Tokens per row (default: data.max_length).")] = None,
     batch: Annotated[int | None, typer.Option(min=1, help="Rows per micro-batch (default: train.batch_size).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print every component of every method as JSON.")] = False,
+    fit: Fit = None,
+    allow: Allow = None,
+    probe: Probe = 0,
+    apply: Annotated[Path | None, typer.Option(
+        help="With --fit: write the recipe with the chosen settings here, each changed line commented.")] = None,
     set_: Sets = None,
     debug: Debug = False,
 ):
-    """Predict peak GPU memory per component for the recipe and the other methods; say if it fits."""
+    """Predict peak GPU memory per component for the recipe and the other methods; say if it fits. With --fit:
+    choose the settings that fit the budget and train fastest."""
     import json
 
     from finetune.plan.estimate import parse_memory, plan_recipe
@@ -192,8 +260,13 @@ def plan(
     from finetune.plan.view import LEGEND, plan_json, plan_table
     from finetune.recipe.load import load_recipe
 
+    if (allow or probe or apply) and fit is None:
+        raise UserError("--allow, --probe and --apply go with --fit BUDGET (e.g. --fit 24GiB)")
     loaded = load_recipe(recipe, set_ or [])
     _quiet_libraries()
+    if fit is not None:
+        _plan_fit(loaded, recipe, set_ or [], parse_memory(fit, "--fit"), allow, probe, apply, as_json)
+        return
     result = plan_recipe(loaded, parse_memory(gpu_memory), seq_len, batch)
     if as_json:
         print(json.dumps(plan_json(result, loaded.method.name), indent=2))
@@ -218,6 +291,32 @@ def plan(
         advice = result["fix"] or "nothing short of more GPUs (see the distributed section) makes it fit"
         console.print(f"[red]does not fit:[/red] {total:.1f} GiB > {result['budget'] / GIB:.1f} GiB; cheapest change: "
                       f"{advice}")
+
+
+def _plan_fit(loaded, recipe: Path, sets: list[str], budget: float, allow, probe: int, apply: Path | None,
+              as_json: bool) -> None:
+    import json
+
+    from finetune.plan.choose import fit_for_run, write_applied
+    from finetune.plan.view import fit_table
+
+    fitted = fit_for_run(loaded, recipe, sets, budget, allow, probe, log=console.print if not as_json else _silent)
+    if apply is not None:
+        write_applied(fitted, recipe, apply)
+    if as_json:
+        print(json.dumps(fitted.record(), indent=2))
+        return
+    console.print(fit_table(fitted))
+    console.print(f"[dim]{fitted.throughput.describe()}; {len(fitted.candidates)} candidates, `--json`: all[/dim]")
+    chosen = fitted.chosen
+    console.print(f"[green]chosen:[/green] {chosen.label()}" + (
+        f"; as --set: {' '.join(chosen.overrides())}" if chosen.changes else ""))
+    if apply is not None:
+        console.print(f"wrote {apply}: train it with `finetune train {apply}`")
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
 
 
 @app.command("eval")

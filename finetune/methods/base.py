@@ -64,6 +64,15 @@ class MethodOptions(Section):
                 "gradients": gradient_bytes(trainable, params, setup.weight_bytes, getattr(self, "layerwise", False),
                                             setup.accumulation)}
 
+    def planned_activation_bytes(self, model, setup) -> float:
+        """What the method's own modules save for backward in one forward, beyond the model's activations."""
+        return 0.0
+
+    def planned_step_flops(self, model) -> float:
+        """FLOPs the method adds to each optimizer step beyond forward and backward (`finetune plan --fit`'s cost
+        model); the AdamW update itself is counted as memory traffic there."""
+        return 0.0
+
     @classmethod
     def plan_alternatives(cls, like: MethodOptions) -> dict[str, MethodOptions]:
         """The variants `finetune plan` shows beside the recipe's method; `like` is the recipe's method (its

@@ -67,6 +67,13 @@ class Options(base.MethodOptions):
                 "gradients": gradient_bytes(trainable, params, wb, self.layerwise, setup.accumulation),
                 "transient": largest_proxy}  # the low-rank update being applied
 
+    def planned_step_flops(self, model):
+        """Each projected m x n gradient goes down to rank r and its update back up: two matmuls of 2rmn FLOPs (the
+        subspace refresh, every update_proj_gap steps, is left out: a fraction of one step over the gap)."""
+        params = dict(model.named_parameters())
+        return sum(4 * min(self.rank, *params[n].shape) * params[n].numel()
+                   for n in projected_weights(model, self.target_modules))
+
     @classmethod
     def plan_alternatives(cls, like):
         rank = getattr(like, "rank", 128)

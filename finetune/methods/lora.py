@@ -93,6 +93,18 @@ class Options(base.MethodOptions):
                 count * setup.weight_bytes
         return rows
 
+    def planned_activation_bytes(self, model, setup):
+        """peft casts each adapted layer's input to the adapter's fp32 and applies dropout to it, and the adapter's
+        backward keeps the result: a copy per adapted layer unless the input is fp32 already and dropout is 0 (an
+        identity). Under checkpointing only the recomputed layer's copies."""
+        if self.dropout == 0 and setup.weight_bytes == 4:
+            return 0.0
+        from finetune.methods.lisa import decoder_layers
+
+        inputs = sum(module.in_features for _, module in lora_targets(model, self))
+        kept = inputs / len(decoder_layers(model)[1]) if setup.checkpointing else inputs
+        return setup.seq_len * setup.batch * setup.sequences * kept * 4  # adapters and their inputs are fp32
+
     @classmethod
     def plan_alternatives(cls, like):
         r = getattr(like, "r", 8)

@@ -104,6 +104,8 @@ def beyond_sft_problems(recipe, name: str, metrics: str) -> list[str]:
                         "(with its `columns`, if any) and no weight or rows")
     if recipe.train.token_metrics:
         problems.append(f"train.token_metrics is an SFT metric; {name} logs its own ({metrics})")
+    if recipe.train.chunked_loss is not None:
+        problems.append(f"train.chunked_loss is SFT's loss path; objective {name} computes its own: leave it unset")
     if recipe.distributed.strategy in ("fsdp", "deepspeed"):
         problems.append(f"objective {name} with distributed.strategy {recipe.distributed.strategy}: not "
                         "supported yet; use `ddp`")

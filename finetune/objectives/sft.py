@@ -21,8 +21,9 @@ def trainer_args(options: Options, method, common: dict, max_length: int, packin
                      packing=packing)
 
 
-def build_trainer(options: Options, model, args, train, eval, tokenizer, optimizers, callbacks, token_metrics, **_):
+def build_trainer(options: Options, model, args, train, eval, tokenizer, optimizers, callbacks, token_metrics,
+                  chunked_loss=None, **_):
     from finetune.run.trainer import Trainer
 
     return Trainer(model=model, args=args, train_dataset=train, eval_dataset=eval, processing_class=tokenizer,
-                   optimizers=optimizers, callbacks=callbacks, token_metrics=token_metrics)
+                   optimizers=optimizers, callbacks=callbacks, token_metrics=token_metrics, chunked_loss=chunked_loss)

@@ -53,28 +53,29 @@ def activation_bytes(config, setup: Setup) -> dict[str, float]:
     return tokens * stored
 
 
-#: On CUDA the loss is TRL's fused LM head (finetune.plan.memory.fused_head_bytes); on a CPU finetune uses the
-#: model's own loss (finetune.run.trainer).
-
-
 def loss_bytes(config, setup: Setup, head_trains: bool) -> float:
     """The loss backward's peak beyond the activations.
 
-    CUDA: the fused head's tiles, plus the fp32 head-gradient buffer the kernel fills when the head trains (and its
-    cast to the weight dtype). CPU: the model's own cross-entropy over the whole (tokens, vocab) logits: the logits,
+    In tiles (TRL's fused LM head: train.chunked_loss, by default on CUDA): the tiles, plus the fp32 head-gradient
+    buffer the kernel fills when the head trains (and its cast to the weight dtype). Whole (by default on a CPU,
+    finetune.run.trainer): the model's own cross-entropy over the whole (tokens, vocab) logits: the logits,
     their fp32 copy (none when they are fp32 already), the fp32 log-softmax and two fp32 gradients of that size
     (measured: 4.08 fp32 copies at 2048 tokens on SmolLM2's vocabulary); the head's gradient is its ordinary one."""
     tokens = setup.seq_len * setup.batch * setup.sequences
-    if setup.device == "cpu":
+    if not setup.loss_in_tiles:
         b = setup.weight_bytes
         return tokens * config.vocab_size * (b + (4 if b != 4 else 0) + 12)
-    return fused_head_bytes(config, tokens, setup.weight_bytes, head_trains, tile_copies=2)
+    from finetune.plan.rollout import CPU_TILE_COPIES
+
+    copies = CPU_TILE_COPIES if setup.device == "cpu" else 2
+    return fused_head_bytes(config, tokens, setup.weight_bytes, head_trains, tile_copies=copies)
 
 
-def estimate(config, method, setup: Setup) -> dict[str, float]:
+def estimate(config, method, setup: Setup, model=None) -> dict[str, float]:
     """Predicted bytes per component for one method; `total` is the peak (see the module docstring). The method
-    itself (its `Options`) says what trains and which optimizer states, gradients and own parts it keeps."""
-    model = meta_model(config)
+    itself (its `Options`) says what trains and which optimizer states, gradients and own parts it keeps. `model`:
+    the config's meta-device model when the caller already has one (`--fit` estimates hundreds of settings)."""
+    model = model if model is not None else meta_model(config)
     params = dict(model.named_parameters())
     trainable = method.planned_trainable(model)
     rows = {"weights": sum(p.numel() for p in params.values()) * setup.weight_bytes}
@@ -82,7 +83,7 @@ def estimate(config, method, setup: Setup) -> dict[str, float]:
     rows.setdefault("transient", 0.0)
     if setup.device == "cpu":
         rows["transient"] += _cpu_step_temporaries(trainable, params, getattr(method, "optim_bits", 32))
-    rows["activations"] = activation_bytes(config, setup)
+    rows["activations"] = activation_bytes(config, setup) + method.planned_activation_bytes(model, setup)
     rows["loss (LM head)"] = loss_bytes(config, setup, method.head_trains)
     rows["framework overhead"] = setup.overhead_bytes
     if setup.rollout is not None:  # online RL: the generation round, the reference, the loss over completions
@@ -124,13 +125,13 @@ def _cpu_step_temporaries(trainable, params, bits) -> float:
     return 24 * min(largest, 256 * 4096)
 
 
-def parse_memory(text: str) -> float:
-    """'24GiB', '24GB' (10^9), '80g', '24' (GiB) -> bytes."""
+def parse_memory(text: str, option: str = "--gpu-memory") -> float:
+    """'24GiB', '24GB' (10^9), '80g', '24' (GiB), '512MiB' -> bytes."""
     import re
 
     match = re.fullmatch(r"\s*([\d.]+)\s*(gib|gb|g|mib|mb)?\s*", text.lower())
-    if not match:
-        raise UserError(f"--gpu-memory {text!r}: expected a size like 24GiB or 80GB")
+    if not match or float(match.group(1)) <= 0:
+        raise UserError(f"{option} {text!r}: expected a size like 24GiB or 80GB")
     value, unit = float(match.group(1)), match.group(2) or "gib"
     return value * {"gib": GIB, "g": GIB, "gb": 1e9, "mib": 2**20, "mb": 1e6}[unit]
 
@@ -159,7 +160,8 @@ def setup_for(recipe, seq_len: int | None, batch: int | None, on_gpu: bool = Tru
                  # A preference pair's two answers train in one batch. Its reference costs no training memory: a
                  # no-grad forward with the adapters off holds less than the training forward, and precomputed
                  # log-probabilities are one number per answer.
-                 sequences=recipe.objective.sequences_per_row, rollout=_rollout(recipe))
+                 sequences=recipe.objective.sequences_per_row, rollout=_rollout(recipe),
+                 chunked_loss=recipe.train.chunked_loss)
 
 
 def _rollout(recipe):

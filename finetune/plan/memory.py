@@ -28,6 +28,11 @@ class Setup:
     sharded: tuple[str, ...] = ()  # components divided over them: "weights", "gradients", "optimizer states"
     sequences: int = 1  # sequences per row through the model at once (2 for a preference pair: chosen, rejected)
     rollout: Rollout | None = None  # online RL (objective grpo): what generating the completions adds
+    chunked_loss: bool | None = None  # TRL's fused LM head (train.chunked_loss); None: on CUDA, off on a CPU
+
+    @property
+    def loss_in_tiles(self) -> bool:
+        return self.chunked_loss if self.chunked_loss is not None else self.device != "cpu"
 
 
 @dataclass(frozen=True)

@@ -58,3 +58,27 @@ def plan_json(result: dict, recipe_method: str) -> dict:
         "methods": {method_label(k, recipe_method): {c: v / GIB for c, v in e.items()}
                     for k, e in result["estimates"].items()},
     }
+
+
+def fit_table(fit, limit: int = 12) -> Table:
+    """`--fit`: the chosen setting first, then the others that fit (fastest first), then those that do not (smallest
+    first); each with its predicted peak and speed, its probe where one ran, and why it lost."""
+    probed = any(c.probe for c in fit.candidates)
+    table = Table(title=f"--fit {fit.budget / GIB:.2f} GiB on {fit.device} ({fit.usable / GIB:.2f} GiB usable; knobs: "
+                  f"{', '.join(fit.allowed)})", box=box.SIMPLE_HEAD, padding=(0, 1), title_justify="left")
+    table.add_column("settings (changes to the recipe)", overflow="fold", ratio=3)
+    table.add_column("peak GiB", justify="right", no_wrap=True)
+    if probed:
+        table.add_column("probed", justify="right", no_wrap=True)
+    table.add_column("tok/s", justify="right", no_wrap=True)
+    table.add_column("verdict", overflow="fold", ratio=2)
+    for candidate in fit.candidates[:limit]:
+        peak = f"{candidate.peak / GIB:.2f}" if candidate.refused is None else "-"
+        speed = f"{candidate.tokens_per_second:,.0f}" if candidate.refused is None else "-"
+        cells = [candidate.label(), peak]
+        if probed:
+            measured = (candidate.probe or {}).get("peak_bytes")
+            cells.append(f"{measured / GIB:.2f}" if measured else "")
+        style = "green" if candidate is fit.chosen else None
+        table.add_row(*cells, speed, candidate.verdict, style=style)
+    return table

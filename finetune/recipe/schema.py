@@ -245,6 +245,12 @@ class TrainSection(Section):
     keeping its own positions and attending only to itself (flash-attention's varlen kernels; SDPA and eager get a
     block-diagonal mask per pack), so the loss is the unpacked one and no padding is computed. `batch_size` then
     counts packs. Off by default: a step's row count then varies with the rows' lengths."""
+    chunked_loss: bool | None = None
+    """Compute the loss through TRL's fused LM head, in tiles of up to 4096 tokens x 32768 vocabulary entries, never
+    holding the whole (tokens, vocabulary) logits; each tile is computed again in backward. Unset: on where TRL runs
+    it as a Triton kernel (CUDA, XPU), off elsewhere: on a CPU its torch fallback holds several fp32 copies of a tile,
+    more than the whole logits below a few thousand tokens a micro-batch. SFT only (the other objectives choose
+    their own loss path); `finetune plan --fit` turns it on where it saves memory."""
     token_metrics: bool = False
     """Log TRL's per-step token metrics, `mean_token_accuracy` and `entropy` (of the next-token distribution), to
     metrics.jsonl. Off by default: they take TRL's own loss path, which computes both over the whole vocabulary for

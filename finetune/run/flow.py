@@ -78,10 +78,16 @@ class Tokens:
     template: Any
 
 
+def run_dir_for(recipe: Recipe, recipe_path: Path, output: Path | None = None) -> Path:
+    return Path(output or recipe.train.output_dir or Path("runs") / Path(recipe_path).stem)
+
+
 def run_training(recipe: Recipe, recipe_path: Path, output: Path | None = None, overwrite: bool = False,
-                 resume: bool = False, log=print, overrides: list[str] = (), hooks: Hooks | None = None) -> Path:
+                 resume: bool = False, log=print, overrides: list[str] = (), hooks: Hooks | None = None,
+                 fit: dict | None = None) -> Path:
+    """`fit`: what `--fit` chose and why (finetune.plan.fit.Fit.record), kept in run.json."""
     clock = StartupClock()
-    run_dir = Path(output or recipe.train.output_dir or Path("runs") / recipe_path.stem)
+    run_dir = run_dir_for(recipe, recipe_path, output)
     recipe.data.require_rows("finetune train")
     check_sources(recipe)  # the model and hub names, before a run dir is claimed
     dist = recipe.distributed
@@ -96,6 +102,8 @@ def run_training(recipe: Recipe, recipe_path: Path, output: Path | None = None, 
                         "or deepspeed so the recipe says how the processes share the work")
     if rank == 0 and os.environ.get(distributed.LAUNCHED_RUN_DIR) != str(run_dir.resolve()):
         rundir.claim(run_dir, recipe.model_dump(mode="json"), overwrite, resume, log, recipe.local_inputs())
+        if fit is not None and not resume:
+            rundir.write_run_info(run_dir, fit=fit)
     if world > 1:
         distributed.process_state().wait_for_everyone()  # nobody reads the run dir before rank 0 has claimed it
     checkpoint = rundir.last_complete_checkpoint(run_dir / "checkpoints", log=lambda *_: None) if resume else None
@@ -216,7 +224,7 @@ def _setup_trainer(run: Run, method, model, dtype, attention, data, tokens: Toke
     _start_summary(run, model, method, dtype, attention, args, data)
     with quiet_internal_passes():
         trainer = _make_trainer(recipe.objective, model, args, data, tokens, method, run.run_dir / "metrics.jsonl",
-                                t.token_metrics)
+                                t.token_metrics, t.chunked_loss)
     replace_progress(trainer, run.log)
     engaged = {"fsdp": trainer.is_fsdp_enabled, "deepspeed": trainer.is_deepspeed_enabled}
     if not engaged.get(recipe.distributed.strategy, True):  # never a silent fallback to another strategy
@@ -393,7 +401,8 @@ def _save_final(trainer, method, final: Path) -> None:
         raise CheckpointWriteError(final, err) from err
 
 
-def _make_trainer(options, model, args, data, tokens: Tokens, method, metrics_path: Path, token_metrics: bool):
+def _make_trainer(options, model, args, data, tokens: Tokens, method, metrics_path: Path, token_metrics: bool,
+                  chunked_loss: bool | None):
     from finetune.objectives import OBJECTIVES
     from finetune.run.report import MetricsLogger
 
@@ -402,5 +411,5 @@ def _make_trainer(options, model, args, data, tokens: Tokens, method, metrics_pa
         options, model=model, args=args, train=data.train, eval=data.eval, tokenizer=tokens.tokenizer,
         optimizers=optimizers, template=tokens.template,
         callbacks=[*method.callbacks(), MetricsLogger(metrics_path)],  # methods may add to the logs first
-        token_metrics=token_metrics,
+        token_metrics=token_metrics, chunked_loss=chunked_loss,
     )

@@ -318,8 +318,10 @@ def recipe_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     """Dotted key -> (old, new) for every value that differs; a key only one side has shows `UNSET` on the other.
     When the method itself changed, its options are one change, not one per option of either method."""
     before, after = flatten(old), flatten(new)
+    # A setting the schema gained after the run started is in its recipe.yaml as nothing, and now at its unset
+    # default (None): the same setting, not a change.
     changes = {key: (before.get(key, UNSET), after.get(key, UNSET)) for key in sorted(before.keys() | after.keys())
-               if before.get(key, UNSET) != after.get(key, UNSET)}
+               if before.get(key, UNSET) != after.get(key, UNSET) and not (key not in before and after[key] is None)}
     if "method.name" in changes:
         changes = {k: v for k, v in changes.items() if not k.startswith("method.") or k == "method.name"}
     return changes

@@ -130,9 +130,10 @@ class TrainerFixes:
 
 
 class Trainer(TrainerFixes, SFTTrainer):
-    def __init__(self, *args, token_metrics: bool = False, **kwargs):
+    def __init__(self, *args, token_metrics: bool = False, chunked_loss: bool | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.token_metrics = token_metrics
+        self.chunked_loss = chunked_loss
         if not token_metrics:
             lean_lm_head(self.model)
         if self.padding_free and self.args.packing and "flash" not in self.model.config._attn_implementation:
@@ -146,7 +147,8 @@ class Trainer(TrainerFixes, SFTTrainer):
                 or self.label_smoother is not None or self.args.loss_type != "nll"):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs["use_cache"] = False
-        if self.args.device.type not in FUSED_HEAD_DEVICES:
+        chunked = self.chunked_loss if self.chunked_loss is not None else self.args.device.type in FUSED_HEAD_DEVICES
+        if not chunked:
             # The fused head saves memory by computing each logits tile twice (forward, then again in backward):
             # without Triton that is one more LM-head matmul per step in torch, while host memory holds the whole
             # logits easily. So on a CPU the model's own loss, exactly as plain Trainer computes it.

@@ -100,3 +100,34 @@ def test_galore_projector_still_refreshes_through_get_orthogonal_matrix():
     source = inspect.getsource(GaLoreProjector.project)
     for side in ("right", "left", "full"):
         assert f"self.get_orthogonal_matrix(full_rank_grad, self.rank, type='{side}')" in source
+
+
+def test_the_loss_in_tiles_is_the_whole_logits_loss(write_recipe, tmp_path):
+    """train.chunked_loss (TRL's fused LM head, which `finetune plan --fit` may turn on) changes memory, not maths:
+    the same batch gives the same loss and the same gradients either way."""
+    import torch
+
+    from tests.helpers.runs import built_trainer
+
+    results = {}
+    for chunked in (False, True):
+        def measure(trainer, chunked=chunked):
+            batch = next(iter(trainer.get_train_dataloader()))
+            model, paths = trainer.model, []
+            forward = model.forward  # TRL's patched forward: record which loss path each call takes
+            model.forward = lambda *a, **k: paths.append(k.get("fused_lm_head", False)) or forward(*a, **k)
+            model.zero_grad()
+            loss = trainer.compute_loss(model, dict(batch))
+            loss.backward()
+            assert paths == [chunked]
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results[chunked] = (loss.detach(), grads)
+
+        recipe = write_recipe(name=f"chunked-{chunked}.yaml",
+                              train={"chunked_loss": chunked, "output_dir": str(tmp_path / f"run-{chunked}")})
+        built_trainer(recipe, measure)
+    (whole, whole_grads), (tiled, tiled_grads) = results[False], results[True]
+    torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-6)
+    assert whole_grads.keys() == tiled_grads.keys() and whole_grads
+    for name in whole_grads:
+        torch.testing.assert_close(tiled_grads[name], whole_grads[name], rtol=1e-4, atol=1e-6)
