@@ -68,6 +68,10 @@ class MethodOptions(Section):
         """What the method's own modules save for backward in one forward, beyond the model's activations."""
         return 0.0
 
+    def planned_adapted_layers(self, model) -> int:
+        """Linear layers the method wraps with an adapter (`finetune plan --fit`'s cost model times what one adds)."""
+        return 0
+
     def planned_step_flops(self, model) -> float:
         """FLOPs the method adds to each optimizer step beyond forward and backward (`finetune plan --fit`'s cost
         model); the AdamW update itself is counted as memory traffic there."""

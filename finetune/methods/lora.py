@@ -93,6 +93,9 @@ class Options(base.MethodOptions):
                 count * setup.weight_bytes
         return rows
 
+    def planned_adapted_layers(self, model):
+        return sum(1 for _ in lora_targets(model, self))
+
     def planned_activation_bytes(self, model, setup):
         """peft casts each adapted layer's input to the adapter's fp32 and applies dropout to it, and the adapter's
         backward keeps the result: a copy per adapted layer unless the input is fp32 already and dropout is 0 (an

@@ -322,6 +322,7 @@ def _assess(recipe, changes, config, model, fit: Fit) -> Candidate:
         head_trained=config.hidden_size * config.vocab_size if r.method.head_trains else 0.0,
         optimizer_weights=sum(trainable.values()), optim_bits=getattr(r.method, "optim_bits", 32),
         weight_bytes=setup.weight_bytes, checkpointing=setup.checkpointing, head_in_tiles=setup.loss_in_tiles,
+        adapted_layers=r.method.planned_adapted_layers(model),
         extra_flops=r.method.planned_step_flops(model))
     per_row = cut if packing else fit.rows.mean(cut)
     candidate.tokens = setup.batch * setup.accumulation * per_row * setup.sequences

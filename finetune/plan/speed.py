@@ -29,8 +29,9 @@ CUT_LAYERS = 4
 @dataclass(frozen=True)
 class Throughput:
     """What the device sustains in training: FLOP/s on the decoder layers (`flops`) and on the LM head and its loss
-    (`head_flops`; the layers' where not measured apart), bytes/s of a large copy, and the fixed seconds a
-    micro-batch costs per decoder layer."""
+    (`head_flops`; the layers' where not measured apart), bytes/s of a large copy, the fixed seconds a micro-batch
+    costs per decoder layer, and what a LoRA adapter adds to a layer it wraps: seconds per micro-batch and per token
+    (its cast, dropout, skinny matmuls and their gradients: launches more than FLOPs)."""
 
     device: str
     flops: float
@@ -38,12 +39,15 @@ class Throughput:
     source: str = "measured"
     head_flops: float | None = None
     layer_overhead: float = 0.0
+    adapter_overhead: float = 0.0
+    adapter_token_seconds: float = 0.0
 
     def describe(self) -> str:
         head = f", head and loss {self.head_flops / 1e9:,.0f}" if self.head_flops else ""
         return (f"{self.device}: training GFLOP/s, layers {self.flops / 1e9:,.0f}{head}; "
-                f"{self.layer_overhead * 1e3:.2f} ms a layer a micro-batch; {self.bandwidth / 1e9:,.1f} GB/s copy "
-                f"({self.source})")
+                f"{self.layer_overhead * 1e3:.2f} ms a layer a micro-batch, a LoRA adapter "
+                f"{self.adapter_overhead * 1e3:.2f} ms and {self.adapter_token_seconds * 1e6:.2f} us a token; "
+                f"{self.bandwidth / 1e9:,.1f} GB/s copy ({self.source})")
 
 
 def measure_throughput(config, device: str, dtype) -> Throughput:
@@ -90,14 +94,27 @@ def measure_throughput(config, device: str, dtype) -> Throughput:
         head.zero_grad(set_to_none=True)
 
     head_seconds = timed(head_step)
+    adapter_fixed, adapter_token = _adapter_cost(model, timed, decoder_step, fixed, busy, large)
     layer_flops = training_flops(small, seq, 0.0, 0.0, False, False)[0]  # forward and input gradients
     head_flops = training_flops(small, seq, 0.0, _head_weights(small), False, False)[1]
     source = torch.empty(2**26, dtype=torch.float32, device=device)
     target = torch.empty_like(source)
     seconds = timed(lambda: target.copy_(source))
     return Throughput(device, large * layer_flops / busy, 2 * source.numel() * 4 / seconds,
-                      head_flops=large * head_flops / head_seconds,
-                      layer_overhead=fixed / small.num_hidden_layers)
+                      head_flops=large * head_flops / head_seconds, layer_overhead=fixed / small.num_hidden_layers,
+                      adapter_overhead=adapter_fixed, adapter_token_seconds=adapter_token)
+
+
+def _adapter_cost(model, timed, decoder_step, fixed: float, busy: float, large: int) -> tuple[float, float]:
+    """The same steps with peft's LoRA on every linear layer (rank 8, dropout 0.05: its usual shape): per adapted
+    layer, the extra seconds a micro-batch costs and the extra seconds per token."""
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear"))
+    adapted = sum(1 for name, _ in model.model.named_modules() if name.endswith(".lora_A"))
+    with_fixed = timed(lambda: decoder_step(SMALL_TOKENS))
+    with_busy = timed(lambda: decoder_step(large)) - with_fixed
+    return max(with_fixed - fixed, 0.0) / adapted, max(with_busy - busy, 0.0) / (large * adapted)
 
 
 def _layer_weights(config) -> float:
@@ -143,15 +160,17 @@ def optimizer_bytes_per_weight(bits: int, weight_bytes: int, device: str) -> flo
 
 def step_seconds(config, throughput: Throughput, *, micro_tokens: float, accumulation: int, context: float,
                  layer_trained: float, head_trained: float, optimizer_weights: float, optim_bits: int,
-                 weight_bytes: int, checkpointing: bool, head_in_tiles: bool = False,
+                 weight_bytes: int, checkpointing: bool, head_in_tiles: bool = False, adapted_layers: int = 0,
                  extra_flops: float = 0.0) -> float:
     """Predicted seconds per optimizer step: `accumulation` micro-batches of `micro_tokens` tokens (padding included:
     it is computed), and one optimizer update over `optimizer_weights` values; `extra_flops` per step for a method's
     own work (GaLore's projections)."""
     layers, head = training_flops(config, context, layer_trained, head_trained, checkpointing, head_in_tiles)
     passes = 2 if checkpointing else 1  # a recomputed forward launches a layer's ops again
-    fixed = config.num_hidden_layers * throughput.layer_overhead * passes
-    per_micro = fixed + micro_tokens * (layers / throughput.flops + head / (throughput.head_flops or throughput.flops))
+    launches = (config.num_hidden_layers * throughput.layer_overhead + adapted_layers * (
+        throughput.adapter_overhead + micro_tokens * throughput.adapter_token_seconds)) * passes
+    compute = layers / throughput.flops + head / (throughput.head_flops or throughput.flops)
+    per_micro = launches + micro_tokens * compute
     update = optimizer_weights * optimizer_bytes_per_weight(optim_bits, weight_bytes, throughput.device) \
         / throughput.bandwidth
     return accumulation * per_micro + update + extra_flops / throughput.flops

@@ -1,6 +1,7 @@
 """`--fit BUDGET`: the choice on the tiny model for budgets that force each knob, the effective batch kept, `--allow`
 honoured, the error for an impossible budget, the cost model's arithmetic, and `--apply`/`train --fit` end to end."""
 
+import dataclasses
 import json
 
 import pytest
@@ -132,6 +133,9 @@ def test_the_cost_model_counts_six_flops_per_weight_and_the_recompute():
     assert (lora - fixed) / (big - fixed) == pytest.approx((4 * layer_weights + 6 * head_weights) / plain, rel=0.01)
     recompute = step_seconds(config, DEVICE, micro_tokens=1024, accumulation=1, **{**args, "checkpointing": True})
     assert recompute - big == pytest.approx(fixed + 1024 * 2 * layer_weights / 100e9, rel=0.01)
+    adapters = dataclasses.replace(DEVICE, adapter_overhead=2e-4, adapter_token_seconds=1e-6)
+    adapted = step_seconds(config, adapters, micro_tokens=1024, accumulation=2, adapted_layers=224, **args)
+    assert adapted - 2 * big == pytest.approx(2 * 224 * (2e-4 + 1024 * 1e-6))  # each adapter, each micro-batch
 
 
 def test_a_probe_over_the_budget_steps_to_the_next_candidate(write_recipe, monkeypatch):
