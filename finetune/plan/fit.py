@@ -282,19 +282,14 @@ def _changes(merged: dict[str, Any], current: dict[str, Any], method) -> dict[st
 
 
 def candidate_recipe(recipe, changes: dict[str, Any]):
-    """The recipe with `changes` applied, validated as a recipe file would be."""
+    """The recipe with `changes` applied through the very `--set` overrides `train --fit` passes on, validated as a
+    recipe file would be (so the recipe judged here is the one that trains)."""
+    from finetune.recipe.load import apply_override
     from finetune.recipe.schema import Recipe
 
     raw = recipe.model_dump(mode="json")
-    for key, value in changes.items():
-        if key == "method":
-            raw["method"] = dict(value)
-        else:
-            *parents, leaf = key.split(".")
-            node = raw
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
+    for override in Candidate(changes).overrides():
+        apply_override(raw, override)
     return Recipe.model_validate(raw)
 
 
