@@ -27,6 +27,8 @@ SECTIONS = [
     ("GRPO demo (`make grpo-demo`): the reward curve and held-out answer accuracy, CPU", "grpo-demo-cpu.md"),
     ("`finetune plan --fit`: the choice, every other setting that fits, run, for budgets tight to generous, CPU",
      "fit-smollm2-cpu.md"),
+    ("What tuning costs elsewhere: the demo task's gain and a general benchmark's change, base vs tuned, per method "
+     "(lm-evaluation-harness), CPU", "forgetting-smollm2-cpu.md"),
     ("GPU acceptance check (`make gpu-check`): Llama-2-7B, every method, 24 GiB cap", "gpu-check-llama2-7b.md"),
     ("`finetune plan --fit` on Llama-2-7B at 24 GiB (`make gpu-check-fit`)", "gpu-check-fit-llama2-7b.md"),
 ]

@@ -129,10 +129,23 @@ def train(
     record = None
     if fit is not None:
         loaded, overrides, record = _fit_training(loaded, recipe, overrides, fit, allow, probe, output, resume)
+    if loaded.eval.benchmarks is not None:  # refused now, not after the training they would follow
+        from finetune.eval.bench.run import checked_tasks
+
+        checked_tasks(loaded.eval.benchmarks)
     run_dir = run_training(loaded, recipe, output=output, overwrite=overwrite, resume=resume, log=console.print,
                            overrides=overrides, fit=record)
     if record is not None and loaded.distributed.strategy == "none":
         _record_fit_peak(run_dir, record)
+    if loaded.eval.benchmarks is not None and _writes_run_dir(loaded):
+        _run_benchmarks(run_dir, loaded.eval.benchmarks)
+
+
+def _writes_run_dir(recipe) -> bool:
+    """This process is the one that writes the run dir: machine 0's, and rank 0 under a user's own launcher."""
+    from finetune.run.distributed import world_rank
+
+    return world_rank()[0] == 0 and recipe.distributed.machine_rank == 0
 
 
 def _record_fit_peak(run_dir: Path, record: dict) -> None:
@@ -323,21 +336,65 @@ def _silent(*args, **kwargs) -> None:
 @user_errors
 def eval_(
     target: Annotated[str, typer.Argument(help="A run directory, a model directory, or a model alias.")],
-    recipe: Annotated[Path | None, typer.Option(help="Take the held-out rows from this recipe.")] = None,
+    recipe: Annotated[Path | None, typer.Option(
+        help="Take the held-out rows (or, with --benchmarks, eval.benchmarks) from this recipe.")] = None,
     data: Annotated[Path | None, typer.Option(help="Evaluate on this data file.")] = None,
     compare_base: Annotated[bool, typer.Option(help="Also evaluate the run's base model on the same rows.")] = False,
     max_samples: Annotated[int | None, typer.Option(min=1, help="Use at most this many rows.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation length limit.")] = 64,
-    batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward pass.")] = 8,
+    batch_size: Annotated[int | None, typer.Option(
+        min=1, help="Rows per forward pass (default 8; benchmarks: the largest the memory plan fits).")] = None,
     output: Annotated[Path | None, typer.Option(help="Where eval.json/eval.md go (default: the run dir).")] = None,
+    benchmarks: Annotated[bool, typer.Option(
+        "--benchmarks", help="Score general benchmarks base vs tuned instead: the recipe's eval.benchmarks.")] = False,
+    tasks: Annotated[str | None, typer.Option(
+        help="Benchmark tasks, comma-separated: lm-eval task names, .jsonl files of rows, task .yaml files "
+             "(implies --benchmarks).")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Benchmarks: the first N rows of each task.")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(min=0, help="Benchmarks: solved examples per prompt.")] = None,
+    max_regression: Annotated[float | None, typer.Option(
+        min=0, max=1, help="Benchmarks: exit 1 when a 0-1 score drops from base to tuned by more than this.")] = None,
     debug: Debug = False,
 ):
-    """Held-out loss, perplexity and generation match scores for a run or a model."""
+    """Held-out loss, perplexity and generation match scores for a run or a model; with --benchmarks or --tasks,
+    general benchmarks (lm-evaluation-harness) on the run's base and tuned model, and the regression gate."""
+    task_flags = {"--data": data, "--compare-base": compare_base, "--max-samples": max_samples}
+    bench_flags = {"--limit": limit, "--num-fewshot": num_fewshot, "--max-regression": max_regression}
+    if benchmarks or tasks:  # benchmarks always compare base and tuned on their own rows
+        mixed = [flag for flag, value in task_flags.items() if value not in (None, False)]
+    else:
+        mixed = [flag for flag, value in bench_flags.items() if value is not None]
+    if mixed:
+        raise UserError(f"{', '.join(mixed)}: " + ("these score the run's task; --benchmarks/--tasks score general "
+                                                   "benchmarks: run them as two commands" if benchmarks or tasks
+                                                   else "benchmark options: they go with --tasks or --benchmarks"))
     _quiet_libraries()
+    if benchmarks or tasks:
+        _eval_benchmarks(target, recipe, tasks, output, limit=limit, num_fewshot=num_fewshot,
+                         max_regression=max_regression, batch_size=batch_size)
+        return
     from finetune.eval.run import run_eval
 
     run_eval(target, recipe=recipe, data=data, compare_base=compare_base, max_samples=max_samples,
-             max_new_tokens=max_new_tokens, batch_size=batch_size, output=output, log=console.print)
+             max_new_tokens=max_new_tokens, batch_size=batch_size or 8, output=output, log=console.print)
+
+
+def _eval_benchmarks(target: str, recipe: Path | None, tasks: str | None, output: Path | None, **flags) -> None:
+    from finetune.eval.bench.run import benchmark_settings
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    _run_benchmarks(target, benchmark_settings(target, recipe, names, **flags), output)
+
+
+def _run_benchmarks(target: str, settings, output: Path | None = None) -> None:
+    """Benchmarks base vs tuned; a failed gate is a finding about the model: its message and exit 1."""
+    from finetune.eval.bench.run import Regression, run_benchmarks
+
+    try:
+        run_benchmarks(str(target), settings, output, log=console.print)
+    except Regression as found:
+        errors.print(f"[bold red]regression:[/bold red] {escape(str(found))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()

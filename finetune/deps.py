@@ -15,6 +15,7 @@ INSTALL = {
     "mlflow": "pip install mlflow",
     "trackio": "pip install trackio",
     "vllm": "pip install 'finetune[vllm]' (CUDA machines only)",
+    "lm_eval": "pip install 'finetune[bench]'",
 }
 
 

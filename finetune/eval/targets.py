@@ -155,10 +155,16 @@ def markdown_table(results: dict[str, dict], keys: list[str]) -> str:
 def write_report(target: str, where: Target, report: dict, keys: list[str], log=print) -> dict:
     """eval.json (everything), eval.md (the table of report["results"] over keys) and, for a run evaluated into its
     own dir, its model card."""
+    from finetune.eval.bench.report import benchmarks_part
+
     table = markdown_table(report["results"], keys)
     where.out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(where.out_dir / "eval.json", json.dumps(report, indent=2) + "\n")
-    write_atomic(where.out_dir / "eval.md", table + "\n")
+    data_path, md_path = where.out_dir / "eval.json", where.out_dir / "eval.md"
+    # Benchmark results of the same weights (finetune eval --benchmarks) stay beside the task's.
+    earlier = json.loads(data_path.read_text()).get("benchmarks") if data_path.is_file() else None
+    benchmarks = benchmarks_part(md_path.read_text()) if md_path.is_file() else ""
+    write_atomic(data_path, json.dumps({**report, **({"benchmarks": earlier} if earlier else {})}, indent=2) + "\n")
+    write_atomic(md_path, table + "\n" + (f"\n{benchmarks}\n" if benchmarks else ""))
     refresh_card(target, where.out_dir)
     log(table)
     log(f"wrote {where.out_dir / 'eval.json'} and {where.out_dir / 'eval.md'}")

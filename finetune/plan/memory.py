@@ -69,6 +69,20 @@ def gradient_bytes(trainable, params, wb, layerwise, accumulation) -> float:
     return sum(sizes) * wb
 
 
+def kv_cache_bytes(config, tokens: int, weight_bytes: int) -> float:
+    """Keys and values of every layer for `tokens` tokens (grouped-query attention keeps num_key_value_heads)."""
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv * head_dim * tokens * weight_bytes
+
+
+def layer_working_bytes(config, tokens: int, weight_bytes: int) -> float:
+    """A no-grad forward's largest transient inside one decoder layer: hidden states, q/k/v and the MLP's
+    intermediates for every token (the previous layer's are freed first)."""
+    return tokens * (4 * config.hidden_size + 3 * config.intermediate_size) * weight_bytes
+
+
 #: TRL's fused LM head (trl.trainer.utils.add_fused_lm_head) never materialises the (tokens, vocab) logits: it
 #: projects tiles of up to 4096 tokens x 32768 vocabulary entries.
 LM_HEAD_TOKENS, LM_HEAD_VOCAB = 4096, 32768

@@ -13,20 +13,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from finetune.plan.memory import Setup, fused_head_bytes
+from finetune.plan.memory import Setup, fused_head_bytes, kv_cache_bytes, layer_working_bytes
 
 
 def rollout_rows(config, setup: Setup) -> dict[str, float]:
     """The generation round's peak beyond the resident weights and state, in bytes."""
     r, b = setup.rollout, setup.weight_bytes
-    h, heads, layers = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or h // heads
-    tokens = r.sequences * (r.prompt_len + r.completion_len)
-    cache = 2 * layers * kv * head_dim * tokens * b
-    # The prefill is a no-grad forward over every prompt: one layer's working set at a time (hidden states, q/k/v,
-    # the MLP's intermediates); each decoding step then holds the last position's logits and their fp32 softmax.
-    prefill = r.sequences * r.prompt_len * (4 * h + 3 * config.intermediate_size) * b
+    cache = kv_cache_bytes(config, r.sequences * (r.prompt_len + r.completion_len), b)
+    # The prefill is a no-grad forward over every prompt, one layer's working set at a time; each decoding step
+    # then holds the last position's logits and their fp32 softmax.
+    prefill = layer_working_bytes(config, r.sequences * r.prompt_len, b)
     sampling = r.sequences * config.vocab_size * (b + 8)
     return {"generation": cache + max(prefill, sampling)}
 

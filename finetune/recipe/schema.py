@@ -1,6 +1,6 @@
 """The recipe schema (finetune.recipe.load reads, overrides and validates a file against it).
 
-A recipe has the sections `model`, `data`, `method`, `objective`, `train` and `distributed`; `method` (which
+A recipe has the sections `model`, `data`, `method`, `objective`, `train`, `distributed` and `eval`; `method` (which
 parameters train) and `objective` (what the loss optimises) are discriminated unions on their `name`, built from
 their registries, so each validates its own options. `load_recipe` applies
 `--set` overrides, validates, and raises one `UserError` that lists every problem (unknown keys with the
@@ -24,6 +24,7 @@ from finetune.models.registry import DEFAULT_ALIAS
 from finetune.objectives import OBJECTIVES
 from finetune.objectives.sft import Options as SftOptions
 from finetune.recipe.distributed import DistributedSection, compatibility_problems
+from finetune.recipe.evaluation import EvalSection
 from finetune.recipe.section import Section
 
 #: Joins the cross-section problems pydantic must carry as one error; `load_recipe` splits them again.
@@ -320,6 +321,7 @@ class Recipe(Section):
     objective: ObjectiveOptions = SftOptions()
     train: TrainSection = TrainSection()
     distributed: DistributedSection = DistributedSection()
+    eval: EvalSection = EvalSection()
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -343,6 +345,9 @@ class Recipe(Section):
         absent = missing(t.report_to)
         if absent:
             problems.append(f"train.report_to: {', '.join(absent)} not installed; pip install {' '.join(absent)}")
+        if self.eval.benchmarks is not None and missing(["lm_eval"]):
+            problems.append("eval.benchmarks: lm-eval (EleutherAI's lm-evaluation-harness) is not installed; pip "
+                            "install 'finetune[bench]'")
         if self.train.eval_steps is not None and not has_eval:
             problems.append("`train.eval_steps` is set but there is no held-out data: set `data.eval` or "
                             "`data.eval_fraction`")

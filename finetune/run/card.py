@@ -41,6 +41,9 @@ def write_model_card(run_dir: Path, directory: Path, merged: bool = False) -> Pa
                 "pipeline_tag": "text-generation",
                 "tags": ["finetune", method.get("name", ""), objective.get("name", "sft")]
                 + (["merged"] if merged else [])}
+    index = _model_index(run_dir)
+    if index:
+        metadata["model-index"] = index
     options = ", ".join(f"{k}={method[k]}" for k in KEY_OPTIONS if k in method)
     losses = _final_losses(run_dir / "metrics.jsonl")
     lines = ["---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", "",
@@ -58,10 +61,21 @@ def write_model_card(run_dir: Path, directory: Path, merged: bool = False) -> Pa
              "", "## Reproduce", "", "```bash", _command(run_dir, recipe), "```", ""]
     evaluation = run_dir / "eval.md"
     if evaluation.exists():
-        lines += ["## Evaluation (held-out rows, `finetune eval`)", "", evaluation.read_text().strip(), ""]
+        lines += ["## Evaluation (`finetune eval`)", "", evaluation.read_text().strip(), ""]
     path = directory / "README.md"
     write_atomic(path, "\n".join(lines))  # a card cut short by a kill would be uploaded as it is
     return path
+
+
+def _model_index(run_dir: Path) -> list[dict]:
+    """The benchmark scores of eval.json (finetune eval --benchmarks) as the hub's model-index metadata."""
+    path = run_dir / "eval.json"
+    record = json.loads(path.read_text()).get("benchmarks") if path.is_file() else None
+    if not record:
+        return []
+    from finetune.eval.bench.report import model_index
+
+    return model_index(run_dir.name, record)
 
 
 def _link(base: str) -> str:

@@ -336,7 +336,8 @@ def check_resume_changes(run_dir: Path, recipe: dict, log=print) -> dict[str, tu
     if not saved.is_file():
         raise UserError(f"--resume: {saved} is missing, so the checkpoint cannot be matched to a recipe")
     changes = recipe_changes(yaml.safe_load(saved.read_text()) or {}, recipe)
-    refused = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES}
+    # `eval` runs after training, so a resumed run may score other benchmarks.
+    refused = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES and not k.startswith("eval.")}
     if refused:
         lines = "\n".join(f"  - {key}: {old!r} in the run, {new!r} now" for key, (old, new) in refused.items())
         raise UserError(f"--resume: the recipe differs from the one {run_dir} was trained with, and a resumed run "
