@@ -131,8 +131,9 @@ def flat_format_problem(columns: list[str]) -> str | None:
             "output (optional input, system) for Alpaca rows, or prompt and completion")
 
 
-def normalise(record: dict, fmt: str) -> tuple[list[dict[str, Any]], set[str]]:
-    """One row as messages, and the names of its ignored fields; ValueError says why a row is refused."""
+def normalise(record: dict, fmt: str, media: bool = False) -> tuple[list[dict[str, Any]], set[str]]:
+    """One row as messages, and the names of its ignored fields; ValueError says why a row is refused. `media`: the
+    row's images were taken out (finetune.data.images) and `<image>` placeholders mark where they sit."""
     if fmt not in SIGNATURES:
         raise ValueError(f"unknown format {fmt}")
     if not SIGNATURES[fmt] <= record.keys():
@@ -154,7 +155,7 @@ def normalise(record: dict, fmt: str) -> tuple[list[dict[str, Any]], set[str]]:
         if messages[0]["role"] == "system":
             raise ValueError("both a row-level `system` and a system turn; keep one")
         messages.insert(0, {"role": "system", "content": system})
-    _check_conversation(messages)
+    _check_conversation(messages, media)
     return name_results(messages), ignored
 
 
@@ -168,9 +169,10 @@ def object_row(value: Any, columns: dict[str, str] | None = None) -> dict:
     return rename(dict(value), columns or {})
 
 
-def row_messages(record: dict, fmt: str) -> tuple[list[dict[str, Any]], set[str], list[dict] | None]:
+def row_messages(record: dict, fmt: str, media: bool = False) -> tuple[list[dict[str, Any]], set[str],
+                                                                     list[dict] | None]:
     """(messages, ignored fields, tools) of an object row; ValueError says why the row is refused."""
-    messages, ignored = normalise(record, fmt)
+    messages, ignored = normalise(record, fmt, media)
     return messages, ignored, row_tools(record)
 
 
@@ -320,7 +322,7 @@ def _join_parts(parts: list, where: str) -> str:
     return "".join(texts)
 
 
-def _check_conversation(messages: list[dict]) -> None:
+def _check_conversation(messages: list[dict], media: bool = False) -> None:
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("no assistant turn")
     if not any(m["role"] == "assistant" and "weight" not in m for m in messages):
@@ -332,7 +334,7 @@ def _check_conversation(messages: list[dict]) -> None:
         if message["role"] == "tool" and not (before.get("tool_calls") or before.get("role") == "tool"):
             raise ValueError(f"turn {number} is a tool result that follows no tool call")
     placeholder = next((n for n, m in enumerate(messages, start=1) if PLACEHOLDER in m["content"]), None)
-    if placeholder and not any(CLOSING_TAG.search(m["content"]) for m in messages):
+    if placeholder and not media and not any(CLOSING_TAG.search(m["content"]) for m in messages):
         raise ValueError(f"a `{PLACEHOLDER}` placeholder in turn {placeholder}: {MULTIMODAL} (markup with its "
                          "closing tags is text)")
 

@@ -3,6 +3,7 @@ and row, the seeded held-out split, and the held-out rows as a run saves them.""
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 from collections import Counter
@@ -13,7 +14,8 @@ from typing import Any
 from rich.markup import escape
 
 from finetune.data.formats import first_row_format, object_row, row_messages
-from finetune.data.sources import read_records, row_name
+from finetune.data.images import ImageRef, extract_images
+from finetune.data.sources import read_records, row_name, row_origin
 from finetune.errors import UserError
 from finetune.paths import write_atomic
 
@@ -27,6 +29,7 @@ class Conversation:
     source: str
     row: int  # 1-based: the line of a JSONL file, the index of a JSON array or Parquet/CSV/hub row
     tools: list[dict] | None = None  # tool schemas the row offers the assistant (finetune.data.tools)
+    images: list | None = None  # ImageRefs, in the order of the `<image>` placeholders (finetune.data.images)
 
 
 def ignored_line(source: str, ignored: dict) -> str | None:
@@ -78,35 +81,47 @@ def load_conversations(source: str, split: str, format: str, log=None,
     return read.rows, read.problems, read.total
 
 
-def read_source(source: str, split: str, format: str, keep: bool = True, columns: dict | None = None) -> SourceRows:
-    """Read and normalise every row of a source; `keep=False` counts and checks rows without keeping them."""
+def read_source(source: str, split: str, format: str, keep: bool = True, columns: dict | None = None,
+                media: bool = False) -> SourceRows:
+    """Read and normalise every row of a source; `keep=False` counts and checks rows without keeping them. `media`:
+    rows with images (for a vision-language model), each image checked."""
     read = SourceRows(source, None if format == "auto" else format)
-    for number, row, read.format in normalised_rows(source, split, format, columns):
+    for number, row, read.format in normalised_rows(source, split, format, columns, media=media):
         read.total += 1
         if isinstance(row, ValueError):
             read.problems.append(f"{row_name(source, number)}: {row}")
             continue
-        messages, ignored, tools = row
+        messages, ignored, tools, images = row
         if ignored:
             read.ignored.update(ignored)
         if keep:
-            read.rows.append(Conversation(messages, source, number, tools))
+            read.rows.append(Conversation(messages, source, number, tools, images))
     return read
 
 
-def normalised_rows(source: str, split: str, format: str, columns: dict | None = None, streaming: bool = False):
-    """(row number, (messages, ignored fields, tools) or the ValueError refusing the row, the format) for every row
-    of a source; the format is detected from its first object row, where preference data is refused for the file."""
+def normalised_rows(source: str, split: str, format: str, columns: dict | None = None, streaming: bool = False,
+                    media: bool = False):
+    """(row number, (messages, ignored fields, tools, images) or the ValueError refusing the row, the format) for
+    every row of a source; the format is detected from its first object row, where preference data is refused for
+    the file. Images are None unless `media` (finetune.data.images: paths relative to the row's own file)."""
     fmt = None if format == "auto" else format
     detected = False
     for number, value in read_records(source, split, streaming):
         try:
-            record = object_row(value, columns)
+            record, images = object_row(value, columns), None
+            if media:
+                record, images = extract_images(record, _row_folder(source, number))
             if not detected:
                 fmt, detected = first_row_format(record, fmt, row_name(source, number)), True
-            yield number, row_messages(record, fmt), fmt
+            yield number, (*row_messages(record, fmt, media), images), fmt
         except ValueError as err:
             yield number, err, fmt
+
+
+def _row_folder(source: str, number: int) -> Path | None:
+    """The folder of the file a row is in (None for a hub dataset): where its relative image paths start."""
+    file = Path(row_origin(source, number)[0]).expanduser()
+    return file.parent if file.exists() else None
 
 
 def split_held_out(rows: list[Conversation], fraction: float, seed: int):
@@ -134,10 +149,21 @@ def save_conversations(rows: list[Conversation], path: Path) -> None:
     lines = []
     for conv in rows:
         saved = {"messages": conv.messages, "source": conv.source, "row": conv.row}
-        lines.append(json.dumps({**saved, "tools": conv.tools} if conv.tools else saved) + "\n")
+        if conv.tools:
+            saved["tools"] = conv.tools
+        if conv.images:
+            saved["images"] = [image.record() for image in conv.images]
+        lines.append(json.dumps(saved) + "\n")
     write_atomic(path, "".join(lines))
 
 
 def read_saved_conversations(path: Path) -> list[Conversation]:
+    rows = []
     with path.open(encoding="utf-8") as handle:
-        return [Conversation(**json.loads(line)) for line in handle if line.strip()]
+        for line in filter(str.strip, handle):
+            row = json.loads(line)
+            if row.get("images"):
+                row["images"] = [ImageRef(i["kind"], base64.b64decode(i["value"]) if i["kind"] == "bytes"
+                                          else i["value"]) for i in row["images"]]
+            rows.append(Conversation(**row))
+    return rows

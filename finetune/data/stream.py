@@ -60,7 +60,7 @@ def stream_samples(source: Source, tokenizer, template: ChatTemplate, max_length
         try:
             if isinstance(row, ValueError):
                 raise row
-            messages, _, tools = row
+            messages, _, tools, _ = row
             samples = trained_samples(tokenizer, messages, max_length, tools, template)
         except ValueError as err:
             tally.refused(f"{where}: {err}")
