@@ -32,6 +32,13 @@ def inspect_data(recipe, show: int = 0, dump: Path | None = None, console=None) 
         console.print(line, soft_wrap=True, highlight=False)
     d, m = recipe.data, recipe.model
     model_path = resolve_model_path(m.name_or_path, log)
+    from finetune.models.vision import is_vision_language, load_processor
+
+    if is_vision_language(model_path):  # rows with images, through the model's processor
+        from finetune.data.vision_report import inspect_vision
+
+        processor = load_processor(model_path, m.trust_remote_code)
+        return inspect_vision(recipe, processor, show, dump, console, say, highlight)
     tokenizer, added = load_tokenizer(model_path, m.trust_remote_code, d.chat_template)
     template = template_for(tokenizer, d.chat_template, d.fold_system, m.name_or_path)
     if recipe.objective.data_kind != "conversations":  # preference pairs or labelled answers: their own report

@@ -251,8 +251,8 @@ def encode_samples(tokenizer, messages: list[dict], max_length: int, tools: list
     texts = [full] if together else [rendered for rendered, _, _ in spans.values()]
     _check_shown(template, messages[:max(turns) + 1], tools, texts)
     if together:
-        return [_tokenise(tokenizer, full, [(start, end) for _, start, end in spans.values()], max_length)]
-    return [_tokenise(tokenizer, rendered, [(start, end)], max_length) for rendered, start, end in spans.values()]
+        return [tokenise_spans(tokenizer, full, [(start, end) for _, start, end in spans.values()], max_length)]
+    return [tokenise_spans(tokenizer, rendered, [(start, end)], max_length) for rendered, start, end in spans.values()]
 
 
 def trained_samples(tokenizer, messages: list[dict], max_length: int, tools: list | None,
@@ -370,7 +370,7 @@ def _missing_ids(messages: list[dict], reason: str) -> str:
     return ""
 
 
-def _tokenise(tokenizer, text: str, spans: list[tuple[int, int]], max_length: int) -> Sample:
+def tokenise_spans(tokenizer, text: str, spans: list[tuple[int, int]], max_length: int) -> Sample:
     """Ids of `text` and labels: a token is trained when its characters overlap a span."""
     # The rendered text carries the template's own BOS, so none is added (as apply_chat_template does).
     backend = getattr(tokenizer, "backend_tokenizer", None)

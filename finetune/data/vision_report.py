@@ -1,0 +1,80 @@
+"""`finetune data` for a vision-language model: the recipe's rows with their images read and encoded exactly as the
+processor sees them, what was refused, and samples showing where image tokens sit (never trained)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from rich.markup import escape
+from rich.text import Text
+
+from finetune.data.rows import check_bad_fraction, read_source
+from finetune.data.sources import row_name
+from finetune.data.vision import encode_vision, open_image
+
+_REASONS_SHOWN = 8
+
+
+def inspect_vision(recipe, processor, show: int, dump: Path | None, console, say, highlight) -> dict:
+    """`highlight`: finetune.data.inspect's, which shows the text runs between images (passed in, since inspect
+    calls this)."""
+    d = recipe.data
+    samples, problems, total, images = [], [], 0, 0
+    for source in d.train_sources():
+        read = read_source(source.path, source.split, source.format, columns=source.columns, media=True)
+        total, problems = total + read.total, problems + read.problems
+        for conversation in read.rows:
+            try:
+                pictures = [open_image(ref) for ref in conversation.images or []]
+                sample = encode_vision(processor, conversation.messages, pictures, d.max_length)
+            except (ValueError, OSError) as err:
+                problems.append(f"{row_name(conversation.source, conversation.row)}: {err}")
+                continue
+            samples.append((conversation, sample))
+            images += len(pictures)
+    check_bad_fraction(problems, total, d.max_bad_fraction, console.print)
+    image_ids = {processor.tokenizer.convert_tokens_to_ids(processor.image_token)}
+    lengths = [len(s.input_ids) for _, s in samples]
+    image_tokens = sum(token in image_ids for _, s in samples for token in s.input_ids)
+    trained = sum(label != -100 for _, s in samples for label in s.labels)
+    report = {"rows_read": total, "rows_kept": len(samples), "rows_refused": len(problems), "images": images,
+              "image_tokens": image_tokens, "tokens_mean": sum(lengths) / max(len(lengths), 1),
+              "truncated": sum(s.truncated for _, s in samples), "max_length": d.max_length,
+              "trained_share": trained / max(sum(lengths), 1), "processor": type(processor).__name__}
+    say(f"vision-language model: {report['processor']}'s chat template; images expanded by the processor, "
+        "their tokens never trained")
+    say(f"rows: {total} read, {len(samples)} kept, {len(problems)} refused; {images} images, {image_tokens} image "
+        f"tokens")
+    say(f"tokens per sample: mean {report['tokens_mean']:.1f}; {report['truncated']} cut at max_length={d.max_length}")
+    say(f"tokens trained: {report['trained_share']:.1%} (assistant answers and their end-of-turn token)")
+    for reason, count in Counter(p.split(": ", 1)[-1] for p in problems).most_common(_REASONS_SHOWN):
+        first = next(p for p in problems if p.endswith(reason)).split(": ", 1)[0]
+        say(f"  refused {count}x (first {escape(first)}): {escape(reason)}")
+    marks = ("", "") if console.color_system else ("⟦", "⟧")
+    for number, (conversation, sample) in enumerate(samples[:show]):
+        say(f"\n[bold]sample {number + 1}[/bold] ({escape(row_name(conversation.source, conversation.row))}, "
+            f"{len(sample.input_ids)} tokens):")
+        console.print(_highlight(processor.tokenizer, sample, image_ids, marks, highlight), soft_wrap=True)
+    if dump is not None:
+        with dump.open("w", encoding="utf-8") as handle:
+            for conversation, sample in samples:
+                handle.write(json.dumps({"source": conversation.source, "row": conversation.row,
+                                         "input_ids": sample.input_ids, "labels": sample.labels}) + "\n")
+        say(f"wrote {len(samples)} training samples to {escape(str(dump))}")
+    return report
+
+
+def _highlight(tokenizer, sample, image_ids: set[int], marks, highlight) -> Text:
+    """The sample as text, trained stretches bold green (between `marks`), each image's tokens as one dim
+    `⟨image: N tokens⟩`."""
+    text, start, ids = Text(), 0, sample.input_ids
+    for end in range(1, len(ids) + 1):
+        if end == len(ids) or (ids[end] in image_ids) != (ids[start] in image_ids):
+            if ids[start] in image_ids:
+                text.append(f"⟨image: {end - start} tokens⟩", style="dim")
+            else:
+                text.append_text(highlight(tokenizer, ids[start:end], sample.labels[start:end], marks))
+            start = end
+    return text
