@@ -7,12 +7,11 @@ highlighted rows and the `--dump` file describe the very samples the trainer rec
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 from rich.markup import escape
-from rich.text import Text
 
+from finetune.data.display import highlight, refusal_lines
 from finetune.data.sources import folder_listing, row_name, row_origin
 
 _REASONS_SHOWN = 8
@@ -38,7 +37,7 @@ def inspect_data(recipe, show: int = 0, dump: Path | None = None, console=None) 
         from finetune.data.vision_report import inspect_vision
 
         processor = load_processor(model_path, m.trust_remote_code)
-        return inspect_vision(recipe, processor, show, dump, console, say, highlight)
+        return inspect_vision(recipe, processor, show, dump, console, say)
     tokenizer, added = load_tokenizer(model_path, m.trust_remote_code, d.chat_template)
     template = template_for(tokenizer, d.chat_template, d.fold_system, m.name_or_path)
     if recipe.objective.data_kind != "conversations":  # preference pairs or labelled answers: their own report
@@ -164,27 +163,8 @@ def _print_report(report: dict, problems: list[str], log) -> None:
     log(f"tokens per sample: mean {report['tokens_mean']:.1f}, p95 {report['tokens_p95']}, max {report['tokens_max']}"
         f"; {report['truncated']} cut at max_length={report['max_length']}")
     log(f"tokens trained: {report['trained_share']:.1%} (assistant answers and their end-of-turn token)")
-    reasons = Counter(problem.split(": ", 1)[-1] for problem in problems)
-    for reason, count in reasons.most_common(_REASONS_SHOWN):
-        first = next(p for p in problems if p.endswith(reason)).split(": ", 1)[0]
-        log(f"  refused {count}x (first {escape(first)}): {escape(reason)}")
-    if len(reasons) > _REASONS_SHOWN:
-        log(f"  ... and {len(reasons) - _REASONS_SHOWN} other reasons")
-
-
-def highlight(tokenizer, input_ids: list[int], labels: list[int], marks=("", "")) -> Text:
-    """The sample as text, trained stretches in bold green (and between `marks`) and the rest dim; each stretch
-    decoded whole, so characters split across tokens come out intact."""
-    text, start = Text(), 0
-    for end in range(1, len(input_ids) + 1):
-        if end == len(input_ids) or (labels[end] != -100) != (labels[start] != -100):
-            piece = tokenizer.decode(input_ids[start:end])
-            if labels[start] != -100:
-                text.append(f"{marks[0]}{piece}{marks[1]}", style="bold green")
-            else:
-                text.append(piece, style="dim")
-            start = end
-    return text
+    for line in refusal_lines(problems):
+        log(line)
 
 
 def write_dump(path: Path, data) -> None:

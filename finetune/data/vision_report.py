@@ -4,22 +4,18 @@ processor sees them, what was refused, and samples showing where image tokens si
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 from rich.markup import escape
 from rich.text import Text
 
+from finetune.data.display import highlight, refusal_lines
 from finetune.data.rows import check_bad_fraction, read_source
 from finetune.data.sources import row_name
 from finetune.data.vision import encode_vision, open_image
 
-_REASONS_SHOWN = 8
 
-
-def inspect_vision(recipe, processor, show: int, dump: Path | None, console, say, highlight) -> dict:
-    """`highlight`: finetune.data.inspect's, which shows the text runs between images (passed in, since inspect
-    calls this)."""
+def inspect_vision(recipe, processor, show: int, dump: Path | None, console, say) -> dict:
     d = recipe.data
     samples, problems, total, images = [], [], 0, 0
     for source in d.train_sources():
@@ -49,14 +45,13 @@ def inspect_vision(recipe, processor, show: int, dump: Path | None, console, say
         f"tokens")
     say(f"tokens per sample: mean {report['tokens_mean']:.1f}; {report['truncated']} cut at max_length={d.max_length}")
     say(f"tokens trained: {report['trained_share']:.1%} (assistant answers and their end-of-turn token)")
-    for reason, count in Counter(p.split(": ", 1)[-1] for p in problems).most_common(_REASONS_SHOWN):
-        first = next(p for p in problems if p.endswith(reason)).split(": ", 1)[0]
-        say(f"  refused {count}x (first {escape(first)}): {escape(reason)}")
+    for line in refusal_lines(problems):
+        say(line)
     marks = ("", "") if console.color_system else ("⟦", "⟧")
     for number, (conversation, sample) in enumerate(samples[:show]):
         say(f"\n[bold]sample {number + 1}[/bold] ({escape(row_name(conversation.source, conversation.row))}, "
             f"{len(sample.input_ids)} tokens):")
-        console.print(_highlight(processor.tokenizer, sample, image_ids, marks, highlight), soft_wrap=True)
+        console.print(_highlight(processor.tokenizer, sample, image_ids, marks), soft_wrap=True)
     if dump is not None:
         with dump.open("w", encoding="utf-8") as handle:
             for conversation, sample in samples:
@@ -66,7 +61,7 @@ def inspect_vision(recipe, processor, show: int, dump: Path | None, console, say
     return report
 
 
-def _highlight(tokenizer, sample, image_ids: set[int], marks, highlight) -> Text:
+def _highlight(tokenizer, sample, image_ids: set[int], marks) -> Text:
     """The sample as text, trained stretches bold green (between `marks`), each image's tokens as one dim
     `⟨image: N tokens⟩`."""
     text, start, ids = Text(), 0, sample.input_ids

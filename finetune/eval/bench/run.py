@@ -57,7 +57,8 @@ def run_benchmarks(target: str, settings, output: Path | None = None, log=print)
     from finetune.eval.bench.harness import scores
 
     tuned = raw["tuned" if with_base else "model"]
-    changes = compare(scores(tuned), scores(raw["base"]) if with_base else None)
+    tuned_scores, base_scores = scores(tuned), scores(raw["base"]) if with_base else None
+    changes = compare(tuned_scores, base_scores)
     found = regressions(changes, settings.max_regression)
     gate = {"max_regression": settings.max_regression, "passed": not found,
             "regressions": [f"{c.task} {c.metric}" for c in found]}
@@ -66,7 +67,7 @@ def run_benchmarks(target: str, settings, output: Path | None = None, log=print)
     markdown = section(changes, record["settings"], gate)
     write(where.out_dir, record, markdown)
     if with_base:
-        _write_changed_rows(where.out_dir / CHANGED_ROWS, raw["base"], tuned, changes)
+        _write_changed_rows(where.out_dir / CHANGED_ROWS, base_scores, tuned_scores, tuned, changes)
     refresh_card(target, where.out_dir)
     log(markdown)
     log(f"wrote {where.out_dir / 'eval.json'} and {where.out_dir / 'eval.md'}")
@@ -80,11 +81,8 @@ def _score_one(model_path: str, adapter, tokenizer_path: str, tasks, manager, se
     from finetune.eval.targets import load_for_eval
 
     model, tokenizer = load_for_eval(model_path, adapter, tokenizer_path)
-    model = _on_accelerator(model)
-    try:
-        return evaluate_model(planned_lm(model, tokenizer, settings.batch_size, log), tasks, manager, settings)
-    finally:
-        del model
+    lm = planned_lm(_on_accelerator(model), tokenizer, settings.batch_size, log)
+    return evaluate_model(lm, tasks, manager, settings)  # the model is released with this frame
 
 
 def _on_accelerator(model):
@@ -109,10 +107,8 @@ def _task_info(result: dict, tasks: list[BenchTask]) -> dict[str, dict]:
     return info
 
 
-def _write_changed_rows(path: Path, base: dict, tuned: dict, changes) -> None:
-    from finetune.eval.bench.harness import scores
-
-    before, after = scores(base), scores(tuned)
+def _write_changed_rows(path: Path, before: dict, after: dict, tuned: dict, changes) -> None:
+    """`before`/`after`: base's and tuned's scores (harness.scores); `tuned`: its raw result, for the questions."""
     lines = []
     for change in (c for c in changes if c.paired and c.gated):
         rows_before = before[change.task][change.metric]["rows"]
