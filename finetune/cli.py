@@ -482,13 +482,15 @@ def chat(
     target: Annotated[str, typer.Argument(help="A run directory, model directory or alias.")],
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
     system: Annotated[str | None, typer.Option(help="A system message.")] = None,
+    image: Annotated[Path | None, typer.Option(help="An image shown with your first message (vision-language "
+                                                    "models).")] = None,
     debug: Debug = False,
 ):
     """Talk to a model or run in the terminal (its chat template, streaming, greedy). Empty line or Ctrl-D quits."""
     _quiet_libraries()
     from finetune.eval.chat import chat_loop
 
-    chat_loop(target, max_new_tokens, system)
+    chat_loop(target, max_new_tokens, system, image=image)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,9 @@ FLAT_FORMATS = ("alpaca", "prompt_completion")
 
 LEGACY_FUNCTIONS = ("OpenAI's deprecated function-calling fields are not supported; use `tools`, assistant "
                     "`tool_calls` and `role: tool` results")
-MULTIMODAL = "multimodal rows are not supported: finetune trains on text only and would drop the media"
+MULTIMODAL = ("multimodal rows are not supported: this is a text-only model, which would drop the media (images "
+              "train on a vision-language model: model.name_or_path a Qwen2-VL, SmolVLM/Idefics3, Gemma-3 or LLaVA "
+              "checkpoint)")
 PAIRED = ("preference data (a `chosen` and a `rejected` answer) in a file of conversations: SFT cannot honour "
           "it; train a file of pairs with objective.name: dpo")
 LABELLED = ("a `label` field (KTO data marks each answer as good or bad with it): SFT cannot honour it; train "

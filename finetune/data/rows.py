@@ -110,7 +110,7 @@ def normalised_rows(source: str, split: str, format: str, columns: dict | None =
         try:
             record, images = object_row(value, columns), None
             if media:
-                record, images = extract_images(record, _row_folder(source, number))
+                record, images = extract_images(record, row_folder(source, number))
             if not detected:
                 fmt, detected = first_row_format(record, fmt, row_name(source, number)), True
             yield number, (*row_messages(record, fmt, media), images), fmt
@@ -118,7 +118,7 @@ def normalised_rows(source: str, split: str, format: str, columns: dict | None =
             yield number, err, fmt
 
 
-def _row_folder(source: str, number: int) -> Path | None:
+def row_folder(source: str, number: int) -> Path | None:
     """The folder of the file a row is in (None for a hub dataset): where its relative image paths start."""
     file = Path(row_origin(source, number)[0]).expanduser()
     return file.parent if file.exists() else None

@@ -1,4 +1,4 @@
-"""Exact labels for a vision-language model's rows (groundwork: the training flow does not call it yet).
+"""Exact labels for a vision-language model's rows.
 
 The processor's chat template renders the row with an image part where each `<image>` placeholder sat
 (finetune.data.images); the answer spans come from prefix renderings as for text (finetune.data.template: turn k's
@@ -13,6 +13,7 @@ family's expansion looks like.
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ class VisionSample:
     labels: list[int]  # -100 where no loss: every image token, every token outside the answers
     inputs: dict[str, Any]  # the processor's tensors for this row (pixel_values, image_grid_thw, ...)
     truncated: bool
+    text: str = ""  # the row as the processor's template renders it (the batch collator runs the processor on it)
 
 
 def content_parts(messages: list[dict]) -> list[dict]:
@@ -47,8 +49,20 @@ def content_parts(messages: list[dict]) -> list[dict]:
     return turns
 
 
-def open_image(ref: ImageRef):
-    """The image as RGB (URLs fetched now; a failure is the row's ValueError)."""
+def open_image(ref: ImageRef, max_pixels: int | None = None, min_pixels: int | None = None):
+    """The image as RGB (URLs fetched now; a failure is the row's ValueError), scaled (aspect kept) into the
+    recipe's pixel bounds, so the bound holds whatever resizing the model family's own processor does after."""
+    image = _decoded(ref)
+    pixels = image.width * image.height
+    bound = max_pixels if max_pixels and pixels > max_pixels else min_pixels if min_pixels and pixels < min_pixels \
+        else None
+    if bound is None:
+        return image
+    scale, whole = (bound / pixels) ** 0.5, math.floor if pixels > bound else math.ceil  # stay inside the bound
+    return image.resize((max(1, whole(image.width * scale)), max(1, whole(image.height * scale))))
+
+
+def _decoded(ref: ImageRef):
     from PIL import Image
 
     if ref.kind == "url":
@@ -95,13 +109,13 @@ def encode_vision(processor, messages: list[dict], images: list, max_length: int
     ids, labels = _expanded(processor, flat.input_ids, flat.labels, images, batch["input_ids"][0].tolist())
     inputs = {key: value for key, value in batch.items() if key not in ("input_ids", "attention_mask")}
     if len(ids) <= max_length:
-        return VisionSample(ids, labels, inputs, False)
+        return VisionSample(ids, labels, inputs, False, full)
     image_ids = set(_image_token_ids(processor))
     if any(token in image_ids for token in ids[max_length:]):
         raise ValueError(f"with its images the row is {len(ids)} tokens, and max_length={max_length} would cut an "
                          "image's tokens (raise data.max_length, or bound data.image_max_pixels)")
     per_token = {key: value[..., :max_length] for key, value in inputs.items() if value.shape[-1] == len(ids)}
-    return VisionSample(ids[:max_length], labels[:max_length], {**inputs, **per_token}, True)
+    return VisionSample(ids[:max_length], labels[:max_length], {**inputs, **per_token}, True, full)
 
 
 def _end_of_turn(processor, render) -> str:

@@ -10,26 +10,18 @@ from rich.markup import escape
 from rich.text import Text
 
 from finetune.data.display import highlight, refusal_lines
-from finetune.data.rows import check_bad_fraction, read_source
+from finetune.data.rows import check_bad_fraction
 from finetune.data.sources import row_name
-from finetune.data.vision import encode_vision, open_image
+from finetune.data.vision_data import encode_rows
 
 
 def inspect_vision(recipe, processor, show: int, dump: Path | None, console, say) -> dict:
     d = recipe.data
-    samples, problems, total, images = [], [], 0, 0
+    samples, problems, total = [], [], 0
     for source in d.train_sources():
-        read = read_source(source.path, source.split, source.format, columns=source.columns, media=True)
-        total, problems = total + read.total, problems + read.problems
-        for conversation in read.rows:
-            try:
-                pictures = [open_image(ref) for ref in conversation.images or []]
-                sample = encode_vision(processor, conversation.messages, pictures, d.max_length)
-            except (ValueError, OSError) as err:
-                problems.append(f"{row_name(conversation.source, conversation.row)}: {err}")
-                continue
-            samples.append((conversation, sample))
-            images += len(pictures)
+        encoded, read = encode_rows(processor, source, d, problems)
+        samples, total = samples + [(e.conversation, e.sample) for e in encoded], total + read
+    images = sum(len(conversation.images or []) for conversation, _ in samples)
     check_bad_fraction(problems, total, d.max_bad_fraction, console.print)
     image_ids = {processor.tokenizer.convert_tokens_to_ids(processor.image_token)}
     lengths = [len(s.input_ids) for _, s in samples]

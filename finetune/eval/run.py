@@ -24,6 +24,13 @@ def run_eval(target: str, recipe: Path | None = None, data: Path | None = None, 
         from finetune.recipe.load import load_recipe
 
         where.fold_system = load_recipe(recipe).data.fold_system
+    from finetune.models.vision import is_vision_language
+
+    if is_vision_language(where.model_path):  # image questions, through the model's processor
+        from finetune.eval.vision import held_out_image_rows, run_vision_eval
+
+        rows = held_out_image_rows(target, recipe, data)[:max_samples]
+        return run_vision_eval(target, where, rows, compare_base, max_new_tokens, log)
     rewarded = reward_recipe(target, recipe)  # a run that learned from rewards is scored by them
     if rewarded is not None:
         rows = held_out_prompts(target, rewarded, recipe, data)[:max_samples]

@@ -19,10 +19,24 @@ def probe_logits(model, probes: list[list[int]]):
     drawn: comparing two such streams holds one row's logits of each model at a time."""
     import torch
 
-    for ids in probes:
+    for probe in probes:  # token ids, or a vision-language model's processor outputs (vision_probes)
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids])).logits
+            logits = model(**probe).logits if isinstance(probe, dict) else model(input_ids=torch.tensor([probe])).logits
         yield logits
+
+
+def vision_probes(processor, rows: list) -> list[dict]:
+    """Held-out image rows as the processor encodes them (images and all), one batch of one per row; a short text
+    when there are none."""
+    from finetune.data.vision import content_parts, open_image
+
+    probes = []
+    for row in rows:
+        text = processor.apply_chat_template(content_parts(row.messages), tokenize=False)
+        images = [open_image(ref) for ref in row.images or []]
+        probes.append(dict(processor(text=[text], images=[images] if images else None, return_tensors="pt",
+                                     add_special_tokens=False)))
+    return probes or [dict(processor(text=["Hello, world"], return_tensors="pt"))]
 
 
 def max_logit_diff(before, after) -> float:

@@ -61,17 +61,23 @@ def _merge(run_dir: Path, output: Path, info: dict, base_path: str, found: str |
     import torch
 
     from finetune.data.rows import read_saved_conversations
-    from finetune.export.logits import max_logit_diff, probe_ids, probe_logits
+    from finetune.export.logits import max_logit_diff, probe_ids, probe_logits, vision_probes
     from finetune.models.load import load_adapter, load_model, load_tokenizer, write_generation_config
+    from finetune.models.vision import is_vision_language, load_processor, load_vision_model
 
-    adapter = run_dir / "adapter"
-    tokenizer, _ = load_tokenizer(str(adapter))
-    log(f"merging {adapter} into {base_path} (fp32)")
-    base = load_model(base_path, torch.float32, "eager", vocab_size=len(tokenizer))
-    model = load_adapter(base, adapter).eval()
+    adapter, processor = run_dir / "adapter", None
     held_out = run_dir / "held_out.jsonl"
     rows = read_saved_conversations(held_out)[:CHECK_ROWS] if held_out.exists() else []
-    probes = probe_ids(tokenizer, rows, tokenizer("Hello, world")["input_ids"])
+    log(f"merging {adapter} into {base_path} (fp32)")
+    if is_vision_language(base_path):  # the adapter dir holds the processor the run trained with
+        processor = load_processor(str(adapter))
+        tokenizer, base = processor.tokenizer, load_vision_model(base_path, torch.float32, "eager")
+        probes = vision_probes(processor, rows)
+    else:
+        tokenizer, _ = load_tokenizer(str(adapter))
+        base = load_model(base_path, torch.float32, "eager", vocab_size=len(tokenizer))
+        probes = probe_ids(tokenizer, rows, tokenizer("Hello, world")["input_ids"])
+    model = load_adapter(base, adapter).eval()
     before = list(probe_logits(model, probes))  # the adapter on its base, before merging changes the model
     with torch.no_grad():
         merged = model.merge_and_unload()
@@ -85,7 +91,7 @@ def _merge(run_dir: Path, output: Path, info: dict, base_path: str, found: str |
     merged = merged.to(target_dtype)
     merged.config.use_cache = True
     merged.save_pretrained(output)
-    tokenizer.save_pretrained(output)  # with the template the adapter was trained with
+    (processor or tokenizer).save_pretrained(output)  # with the template the adapter was trained with
     from finetune.run.card import write_model_card
 
     write_model_card(run_dir, output, merged=True)

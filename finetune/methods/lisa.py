@@ -72,11 +72,15 @@ class Options(base.MethodOptions):
 
 def decoder_layers(model):
     """The stack of decoder blocks of any causal LM: the ModuleList of same-typed blocks holding the most
-    parameters (no per-architecture table)."""
+    parameters (no per-architecture table); in a vision-language model, the language model's."""
     import torch
 
-    best, best_size = None, 0
+    from finetune.models.vision import language_prefix
+
+    best, best_size, within = None, 0, language_prefix(model)
     for name, module in model.named_modules():
+        if within and not name.startswith(within + "."):
+            continue
         if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
             size = sum(p.numel() for p in module.parameters())
             if size > best_size:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -120,16 +121,46 @@ class Options(base.MethodOptions):
 
 
 def lora_targets(model, options):
-    """The (name, module) pairs peft puts adapters on: every Linear but the head, or the named ones."""
+    """The (name, module) pairs peft puts adapters on: every Linear but the head, or the named ones. In a
+    vision-language model `all-linear` and bare layer names mean the language model's layers; a name of a part beside
+    it (`visual`, `vision_model`, `multi_modal_projector`, `connector`, `merger`) adapts every Linear inside that
+    part, and a dotted path names one layer there."""
     import torch
+
+    from finetune.models.vision import in_language_model
 
     head = model.get_output_embeddings()
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or module is head:
             continue
-        if options.target_modules == "all-linear" or any(name == t or name.endswith(f".{t}")
-                                                        for t in options.target_modules):
+        if in_language_model(model, name):
+            if options.target_modules == "all-linear" or any(name == t or name.endswith(f".{t}")
+                                                            for t in options.target_modules):
+                yield name, module
+        elif options.target_modules != "all-linear" and any(_names_part(name, t) for t in options.target_modules):
             yield name, module
+
+
+def _names_part(name: str, target: str) -> bool:
+    """Whether `target` names a part that holds the Linear `name` (`connector`, `vision_model.encoder`) or the
+    layer itself by a dotted path (`vision_model.encoder.layers.0.self_attn.q_proj`), not a bare layer name."""
+    holder = f".{name.rpartition('.')[0]}."
+    return f".{target}." in holder or ("." in target and (name == target or name.endswith(f".{target}")))
+
+
+def peft_target_modules(model, options):
+    """What peft is told to adapt. peft's own `all-linear` and name suffixes would reach into a vision tower (whose
+    attention layers share the language model's names), so a vision-language model gets the layers lora_targets
+    picks, as one pattern (layer indices folded into `\\d+`, which keeps adapter_config.json short)."""
+    from finetune.models.vision import language_prefix
+
+    if not language_prefix(model):
+        return options.target_modules
+    names = [name for name, _ in lora_targets(model, options)]
+    if not names:
+        raise UserError(f"method.target_modules {options.target_modules}: no Linear layer of this model matches")
+    patterns = dict.fromkeys(re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(name)) for name in names)
+    return "^(?:" + "|".join(patterns) + ")$"
 
 
 class LoRA(base.Method):
@@ -186,7 +217,7 @@ class LoRA(base.Method):
             r=self.r,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
-            target_modules=self.target_modules,
+            target_modules=peft_target_modules(model, self),
             task_type="CAUSAL_LM",
             trainable_token_indices=token_rows,
             modules_to_save=saved,

@@ -34,3 +34,75 @@ def load_processor(model_path: str, trust_remote_code: bool = False):
         raise UserError(f"{model_path}: a vision-language model, but what it saves is no processor with an image "
                         "processor and a chat template (processor_config.json, chat_template.jinja)")
     return processor
+
+
+#: Module names of the part that maps vision features into the language model's space (LLaVA and Gemma-3's
+#: multi_modal_projector, Idefics3's connector, Qwen2-VL's merger): it trains with the language model in full
+#: fine-tuning, as LLaMA-Factory's default (freeze_vision_tower, not the projector) does.
+PROJECTOR_NAMES = ("projector", "connector", "merger")
+
+
+def load_vision_model(path: str, dtype, attn_implementation: str, trust_remote_code: bool = False, **load_kwargs):
+    """The vision-language model (transformers' AutoModelForImageTextToText) in the given dtype and attention."""
+    import pickle
+
+    from safetensors import SafetensorError
+    from transformers import AutoModelForImageTextToText
+
+    from finetune.models.weights import check_model_dir, pickle_refused
+
+    check_model_dir(path)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+            **load_kwargs)
+    except pickle.UnpicklingError as err:
+        raise UserError(pickle_refused(path, err)) from None
+    except (OSError, ValueError, ImportError, SafetensorError) as err:
+        raise UserError(f"could not load vision-language model `{path}`: {err}") from None
+    model.config.use_cache = False
+    return model
+
+
+def language_prefix(model) -> str:
+    """The module path of the language model inside a vision-language model (`model.language_model` for Qwen2-VL,
+    `model.text_model` for Idefics3), from transformers' own get_decoder; "" for a text-only model."""
+    if not hasattr(model.config, "vision_config"):
+        return ""
+    decoder = model.get_decoder()
+    return next(name for name, module in model.named_modules() if module is decoder)
+
+
+def vision_parts(model) -> dict[str, list[str]]:
+    """Module paths of the parts beside the language model: {"tower": [...], "projector": [...]}; empty for a text
+    model. The projector may sit inside the tower (Qwen2-VL's `visual.merger`)."""
+    prefix = language_prefix(model)
+    if not prefix:
+        return {"tower": [], "projector": []}
+    parent = prefix.rpartition(".")[0]
+    siblings = [f"{parent}.{name}" if parent else name
+                for name, _ in (model.get_submodule(parent) if parent else model).named_children()
+                if (f"{parent}.{name}" if parent else name) != prefix]
+    projector = [name for name, _ in model.named_modules()
+                 if name.rsplit(".", 1)[-1] in {*PROJECTOR_NAMES, "multi_modal_projector"}
+                 and any(name == s or name.startswith(s + ".") for s in siblings)]
+    return {"tower": [s for s in siblings if s not in projector], "projector": projector}
+
+
+def freeze_vision_tower(model) -> int:
+    """Freeze the vision encoder (not the projector); the number of parameters frozen."""
+    parts = vision_parts(model)
+    frozen = 0
+    for name, param in model.named_parameters():
+        in_tower = any(name.startswith(t + ".") for t in parts["tower"])
+        in_projector = any(name.startswith(p + ".") for p in parts["projector"])
+        if in_tower and not in_projector and param.requires_grad:
+            param.requires_grad_(False)
+            frozen += param.numel()
+    return frozen
+
+
+def in_language_model(model, name: str) -> bool:
+    """Whether module `name` belongs to the language model (always, for a text-only model)."""
+    prefix = language_prefix(model)
+    return not prefix or name.startswith(prefix + ".") or name == prefix

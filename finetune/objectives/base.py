@@ -50,6 +50,14 @@ class ObjectiveOptions(Section):
             num_proc=d.num_proc, streaming=d.streaming,
         )
 
+    def build_vision_data(self, recipe, processor, log):
+        """The prepared data for a vision-language model (rows with images, through its processor); an objective
+        that cannot train on images says so."""
+        from finetune.errors import UserError
+
+        raise UserError(f"objective {self.name} with a vision-language model: not supported yet; objectives sft and "
+                        "dpo train on image rows")
+
     def start_lines(self, recipe, train_rows: int) -> list[str]:
         """What the start summary says about the objective, after the run's own lines (nothing for SFT)."""
         return []

@@ -43,6 +43,12 @@ class Options(ReferenceOptions):
     def summary(self, method) -> str:
         return f"dpo (beta {self.beta}, {self.loss_type}); {self.reference_line(method)}"
 
+    def build_vision_data(self, recipe, processor, log):
+        """Preference rows with images in their prompts (finetune.data.vision_pairs)."""
+        from finetune.data.vision_pairs import build_vision_pairs
+
+        return build_vision_pairs(processor, recipe, log)
+
 
 def trainer_args(options: Options, method, common: dict, max_length: int, packing: bool):
     """TRL's DPOConfig: the run's common trainer arguments and this objective's (packing is refused before)."""
@@ -66,9 +72,10 @@ def reference_free_args(common: dict, beta: float):
     return DPOConfig(**common, beta=beta, precompute_ref_log_probs=True, max_length=None)
 
 
-def build_trainer(options, model, args, train, eval, tokenizer, optimizers, callbacks, pair_loss=None, **_):
+def build_trainer(options, model, args, train, eval, tokenizer, optimizers, callbacks, pair_loss=None,
+                  data_collator=None, **_):
     from finetune.run.trainer import PreferenceTrainer
 
     return PreferenceTrainer(model=model, args=args, train_dataset=train, eval_dataset=eval,
                              processing_class=tokenizer, optimizers=optimizers, callbacks=callbacks,
-                             pair_loss=pair_loss)
+                             pair_loss=pair_loss, data_collator=data_collator)

@@ -12,6 +12,11 @@ class Options(ObjectiveOptions):
 
     name: Literal["sft"] = "sft"
 
+    def build_vision_data(self, recipe, processor, log):
+        from finetune.data.vision_data import build_vision_data
+
+        return build_vision_data(processor, recipe, log)
+
 
 def trainer_args(options: Options, method, common: dict, max_length: int, packing: bool):
     """TRL's SFTConfig: the run's common trainer arguments and SFT's own."""
@@ -22,8 +27,9 @@ def trainer_args(options: Options, method, common: dict, max_length: int, packin
 
 
 def build_trainer(options: Options, model, args, train, eval, tokenizer, optimizers, callbacks, token_metrics,
-                  chunked_loss=None, **_):
+                  chunked_loss=None, data_collator=None, **_):
     from finetune.run.trainer import Trainer
 
     return Trainer(model=model, args=args, train_dataset=train, eval_dataset=eval, processing_class=tokenizer,
-                   optimizers=optimizers, callbacks=callbacks, token_metrics=token_metrics, chunked_loss=chunked_loss)
+                   optimizers=optimizers, callbacks=callbacks, token_metrics=token_metrics, chunked_loss=chunked_loss,
+                   data_collator=data_collator)

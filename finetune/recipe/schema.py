@@ -82,6 +82,11 @@ class ModelSection(Section):
     """Recompute activations in backward: ~30% more compute for a fraction of activation memory."""
     trust_remote_code: bool = False
     """Run model code shipped with the checkpoint. Off: it executes arbitrary Python."""
+    train_vision_tower: bool = False
+    """Vision-language models, methods full, GaLore and LISA: train the vision encoder too. Off: it stays frozen
+    and the projector into the language model trains with it, LLaMA-Factory's default (a pretrained encoder sees
+    images well; its gradients and optimizer states would cost memory for little gain). LoRA adapts what
+    `method.target_modules` names."""
 
     @field_validator("name_or_path")
     @classmethod
@@ -144,8 +149,9 @@ class DataSection(Section):
     """Row format. `auto` detects it from the keys of the first row; set it when detection is ambiguous. Every
     field a format defines is honoured: a row-level `system`, Alpaca `input` and `history` (earlier rounds), a chat
     turn's `weight` (0: context only, 1: trained), `content` as a list of text parts, and tool calling (OpenAI
-    `tools`/`tool_calls`/`role: tool`, ShareGPT `function_call`/`observation` with `tools`). Rows with media
-    (`images`, `<image>` placeholders, ...), a speaker `name` or a `label` are refused with the reason;
+    `tools`/`tool_calls`/`role: tool`, ShareGPT `function_call`/`observation` with `tools`). Rows with images
+    (content parts, `<image>` placeholders with `images`) train on a vision-language model and are refused, with
+    the reason, on a text-only one, as are a speaker `name` or a `label`;
     preference data (`chosen`/`rejected`, KTO) is refused for the whole file under objective sft (the preference
     objectives read it: finetune.data.preference.pairs, finetune.data.preference.labelled). Other
     fields are listed once as ignored."""
@@ -173,6 +179,14 @@ class DataSection(Section):
     """Refuse to train when more than this fraction of rows is malformed or loses all assistant tokens to
     truncation. 1% tolerates a few broken rows in a scraped set but stops a wrong format or field name."""
 
+    image_max_pixels: int | None = Field(None, ge=28 * 28)
+    """Vision-language models: images larger than this many pixels are scaled down (aspect kept) before the
+    processor sees them. Unset: the processor's own bound (Qwen2-VL's 12.8M pixels, SmolVLM's 1536-pixel edge).
+    Each image's tokens grow with its pixels (Qwen2-VL: one per 28x28), so this bounds memory per image."""
+    image_min_pixels: int | None = Field(None, ge=1)
+    """Vision-language models: images smaller than this many pixels are scaled up (aspect kept). Unset: the
+    processor's own."""
+
     @field_validator("train", "eval")
     @classmethod
     def _exists(cls, value: str | None) -> str | None:
@@ -196,6 +210,9 @@ class DataSection(Section):
             raise ValueError("`data.sources` is empty")
         _folder_split(self.train, self.train_split)
         _folder_split(self.eval, self.eval_split)
+        if self.image_max_pixels and self.image_min_pixels and self.image_min_pixels > self.image_max_pixels:
+            raise ValueError(f"data.image_min_pixels {self.image_min_pixels} is above data.image_max_pixels "
+                             f"{self.image_max_pixels}")
         return self
 
     def train_sources(self) -> list:

@@ -52,6 +52,9 @@ class Hooks:
     load_model: Callable[..., Any] | None = None
     #: Called with the built trainer and method before training starts (to add callbacks, wrap modules).
     on_trainer: Callable[[Any, Any], None] | None = None
+    #: Loads a vision-language model's processor in place of finetune.models.vision.load_processor (tests build
+    #: Qwen2-VL's in memory: transformers' loader insists on its video processor, which needs torchvision).
+    load_processor: Callable[..., Any] | None = None
 
 
 @dataclass
@@ -75,7 +78,8 @@ class Tokens:
     model_path: str
     tokenizer: Any
     added_tokens: list[int]  # ids the template needed added (their embeddings train)
-    template: Any
+    template: Any  # None for a vision-language model: its processor's template renders the rows
+    processor: Any = None  # a vision-language model's processor (images, tokenizer and chat template)
 
 
 def run_dir_for(recipe: Recipe, recipe_path: Path, output: Path | None = None) -> Path:
@@ -176,9 +180,23 @@ def _load_libraries() -> None:
 
 def _setup_tokenizer(run: Run) -> Tokens:
     from finetune.models.load import load_tokenizer, resolve_model_path, template_for
+    from finetune.models.vision import is_vision_language, load_processor
 
     m, d = run.recipe.model, run.recipe.data
     model_path = resolve_model_path(m.name_or_path, run.log)
+    if is_vision_language(model_path):
+        processor = (run.hooks.load_processor or load_processor)(model_path, m.trust_remote_code)
+        if run.recipe.train.packing or d.streaming:
+            raise UserError(f"{'train.packing' if run.recipe.train.packing else 'data.streaming'} with a "
+                            "vision-language model: not supported yet (each row's images are batched with it); "
+                            "turn it off")
+        if d.chat_template != "auto":
+            raise UserError(f"data.chat_template {d.chat_template} with a vision-language model: its processor's own "
+                            "template renders the images; leave it at auto")
+        if processor.tokenizer.pad_token is None:  # padding never reaches the loss (labels are -100 there)
+            processor.tokenizer.pad_token = processor.tokenizer.eos_token
+        run.log(f"vision-language model: {type(processor).__name__}'s chat template and image processing")
+        return Tokens(model_path, processor.tokenizer, [], None, processor)
     tokenizer, added_tokens = load_tokenizer(model_path, m.trust_remote_code, d.chat_template)
     template = template_for(tokenizer, d.chat_template, d.fold_system, m.name_or_path)
     run.log(f"chat template: {template.name}, end of turn {template.end_of_turn}")
@@ -187,7 +205,10 @@ def _setup_tokenizer(run: Run) -> Tokens:
 
 def _setup_data(run: Run, tokens: Tokens):
     """The objective's prepared data; rank 0 records the resolved recipe and the held-out rows."""
-    data = run.recipe.objective.build_data(run.recipe, tokens.tokenizer, tokens.template, run.log)
+    if tokens.processor is not None:
+        data = run.recipe.objective.build_vision_data(run.recipe, tokens.processor, run.log)
+    else:
+        data = run.recipe.objective.build_data(run.recipe, tokens.tokenizer, tokens.template, run.log)
     if data.cache_line:
         run.log(data.cache_line)
     if len(data.mix) > 1:
@@ -201,13 +222,22 @@ def _setup_data(run: Run, tokens: Tokens):
 
 def _setup_model(run: Run, method, tokens: Tokens, load_kwargs: dict):
     from finetune.models.load import load_model, resolve_attention, resolve_dtype
+    from finetune.models.vision import freeze_vision_tower, load_vision_model
 
     m = run.recipe.model
     dtype, attention = resolve_dtype(m.dtype), resolve_attention(m.attn_implementation)
-    load = run.hooks.load_model or load_model
-    model = load(tokens.model_path, dtype, attention, m.trust_remote_code, vocab_size=len(tokens.tokenizer),
-                 **load_kwargs)
+    if tokens.processor is not None:
+        model = (run.hooks.load_model or load_vision_model)(tokens.model_path, dtype, attention, m.trust_remote_code,
+                                                             **load_kwargs)
+    else:
+        load = run.hooks.load_model or load_model
+        model = load(tokens.model_path, dtype, attention, m.trust_remote_code, vocab_size=len(tokens.tokenizer),
+                     **load_kwargs)
     model = method.prepare(model, tokens.added_tokens)
+    if tokens.processor is not None and not m.train_vision_tower:
+        frozen = freeze_vision_tower(model)
+        if frozen:
+            run.log(f"vision tower frozen ({frozen / 1e6:.1f}M parameters; model.train_vision_tower trains it)")
     run.clock.mark("model")
     return model, dtype, attention
 
@@ -224,7 +254,7 @@ def _setup_trainer(run: Run, method, model, dtype, attention, data, tokens: Toke
     _start_summary(run, model, method, dtype, attention, args, data)
     with quiet_internal_passes():
         trainer = _make_trainer(recipe.objective, model, args, data, tokens, method, run.run_dir / "metrics.jsonl",
-                                t.token_metrics, t.chunked_loss)
+                                t.token_metrics, t.chunked_loss, recipe.data)
     replace_progress(trainer, run.log)
     engaged = {"fsdp": trainer.is_fsdp_enabled, "deepspeed": trainer.is_deepspeed_enabled}
     if not engaged.get(recipe.distributed.strategy, True):  # never a silent fallback to another strategy
@@ -333,7 +363,8 @@ def _write_finished(run: Run, method, tokens: Tokens, data, warnings: list[str],
     from finetune.run.card import name_adapter_base, write_model_card
 
     final, m, model_path = run.run_dir / method.artifact, run.recipe.model, tokens.model_path
-    tokens.tokenizer.save_pretrained(final)  # with the chat template that was trained
+    # with the chat template that was trained (a processor saves its tokenizer, image processor and template)
+    (tokens.processor or tokens.tokenizer).save_pretrained(final)
     write_generation_config(final, tokens.tokenizer, model_path)  # generate() stops on the trained end of turn
     rundir.write_run_info(
         run.run_dir, drop=("stopped_at_step", "resume_command", "diverged_at_step", "reason"), status="complete",
@@ -402,14 +433,22 @@ def _save_final(trainer, method, final: Path) -> None:
 
 
 def _make_trainer(options, model, args, data, tokens: Tokens, method, metrics_path: Path, token_metrics: bool,
-                  chunked_loss: bool | None):
+                  chunked_loss: bool | None, data_options):
     from finetune.objectives import OBJECTIVES
     from finetune.run.report import MetricsLogger
 
     optimizers = method.optimizers(model, args.learning_rate, args.weight_decay, args.max_grad_norm) or (None, None)
+    collator = None
+    if tokens.processor is not None:
+        from finetune.data.vision_data import VisionCollator
+        from finetune.data.vision_pairs import VisionPairCollator
+
+        kind = VisionPairCollator if options.data_kind == "preference" else VisionCollator
+        collator = kind(tokens.processor, data_options.image_max_pixels, data_options.image_min_pixels)
+        args.remove_unused_columns = False  # the collator reads the rows' text and image references
     return OBJECTIVES[options.name].build_trainer(
         options, model=model, args=args, train=data.train, eval=data.eval, tokenizer=tokens.tokenizer,
         optimizers=optimizers, template=tokens.template,
         callbacks=[*method.callbacks(), MetricsLogger(metrics_path)],  # methods may add to the logs first
-        token_metrics=token_metrics, chunked_loss=chunked_loss,
+        token_metrics=token_metrics, chunked_loss=chunked_loss, data_collator=collator,
     )

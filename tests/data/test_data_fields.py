@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from finetune.data.formats import MULTIMODAL
 from finetune.data.prepare import build_datasets
 from finetune.data.rows import load_conversations
 from finetune.data.template import CHATML_TEMPLATE, encode
@@ -102,8 +103,7 @@ def test_content_parts_text_is_joined_and_media_refused(tmp_path, tokenizer):
     rows, problems, _ = load(path)
     assert rows[0].messages == ANSWER
     assert trained_text(tokenizer, rows[0].messages) == "3 4 5<|im_end|>"
-    assert problems[0] == (f"{path}:2: `messages` turn 1 has a `image_url` content part: multimodal rows are not "
-                           "supported: finetune trains on text only and would drop the media")
+    assert problems[0] == f"{path}:2: `messages` turn 1 has a `image_url` content part: {MULTIMODAL}"
     assert problems[1].startswith(f"{path}:3: `messages` turn 1 has a `input_audio` content part: multimodal")
     assert problems[2].startswith(f"{path}:4: `messages` turn 1: content parts must be {{\"type\": \"text\"")
 
@@ -169,7 +169,8 @@ def test_multimodal_rows_are_refused(tmp_path):
     ])
     rows, problems, _ = load(path)
     assert len(rows) == 1
-    tail = "multimodal rows are not supported: finetune trains on text only and would drop the media"
+    tail = MULTIMODAL
+    assert tail.startswith("multimodal rows are not supported: this is a text-only model") and "Qwen2-VL" in tail
     assert problems == [f"{path}:2: `images`: {tail}", f"{path}:3: `videos`: {tail}", f"{path}:4: `audios`: {tail}",
                         f"{path}:5: a `<image>` placeholder in turn 1: {tail} (markup with its closing tags is text)",
                         f"{path}:6: a sharegpt row in a messages file (the format comes from the first row or "

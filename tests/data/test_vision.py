@@ -64,3 +64,42 @@ def test_a_row_without_images_and_a_cut_through_an_image(processor):
         encode_vision(processor, ROWS, images(), max_length=len(full.input_ids) // 3)
     with pytest.raises(ValueError, match=r"shows 2 image\(s\) for the row's 1"):
         encode_vision(processor, ROWS, images()[:1], max_length=4096)
+
+
+def test_the_collator_batches_image_and_text_rows_with_their_prepared_labels(processor, tmp_path):
+    import json
+
+    import torch
+
+    from finetune.data.images import ImageRef
+    from finetune.data.vision import open_image
+    from finetune.data.vision_data import VisionCollator
+
+    images()[0].save(tmp_path / "red.png")
+    ref = ImageRef("path", str(tmp_path / "red.png"))
+    with_image = encode_vision(processor, ROWS[:2], [open_image(ref)], max_length=4096)
+    text_only = encode_vision(processor, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
+                              [], max_length=4096)
+    rows = [{"text": s.text, "input_ids": s.input_ids, "labels": s.labels, "image_refs": refs}
+            for s, refs in ((text_only, []), (with_image, [json.dumps(ref.record())]))]
+    batch = VisionCollator(processor)(rows)
+    width = len(with_image.input_ids)
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, width)
+    assert batch["labels"][1].tolist() == with_image.labels  # the prepared labels, exactly
+    short = len(text_only.input_ids)  # the text row is padded: no attention, no loss there
+    assert batch["attention_mask"][0].tolist() == [1] * short + [0] * (width - short)
+    assert batch["labels"][0, short:].eq(-100).all() and batch["labels"][0, :short].tolist() == text_only.labels
+    assert torch.is_tensor(batch["pixel_values"]) and batch["pixel_values"].numel() > 0
+
+
+def test_image_pixel_bounds_scale_with_the_aspect_kept(tmp_path):
+    from finetune.data.images import ImageRef
+    from finetune.data.vision import open_image
+
+    Image.new("RGB", (400, 100), (1, 2, 3)).save(tmp_path / "wide.png")
+    ref = ImageRef("path", str(tmp_path / "wide.png"))
+    small = open_image(ref, max_pixels=10_000)
+    assert small.width * small.height <= 10_000 and small.width == 4 * small.height
+    large = open_image(ref, min_pixels=160_000)
+    assert large.width * large.height >= 160_000 and large.size == (800, 200)
+    assert open_image(ref, max_pixels=10**6, min_pixels=100).size == (400, 100)  # inside the bounds: untouched

@@ -51,8 +51,9 @@ def is_preference_record(record: dict) -> bool:
     return all(present(record.get(key)) for key in ANSWERS)
 
 
-def normalise_pair(record: dict) -> tuple[list[dict], dict, dict, set[str]]:
-    """(prompt, chosen, rejected, ignored fields) of one preference row; ValueError says why it is refused."""
+def normalise_pair(record: dict, media: bool = False) -> tuple[list[dict], dict, dict, set[str]]:
+    """(prompt, chosen, rejected, ignored fields) of one preference row; ValueError says why it is refused.
+    `media`: `<image>` placeholders stand for images (finetune.data.images took them out of the row)."""
     missing = [key for key in ANSWERS if not present(record.get(key))]
     if missing:
         raise ValueError(f"no `{missing[0]}` answer: a preference row needs both `chosen` and `rejected`")
@@ -89,7 +90,7 @@ def normalise_pair(record: dict) -> tuple[list[dict], dict, dict, set[str]]:
         given = {**rest, key: shape(record[answer])} if fmt in ("alpaca", "prompt_completion") else \
             {**rest, key: (rest.get(key) or []) + shape(record[answer])}
         try:
-            messages, extra = normalise(given, fmt)
+            messages, extra = normalise(given, fmt, media)
         except ValueError as err:
             errors[answer] = str(err)
             continue

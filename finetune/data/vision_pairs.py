@@ -1,0 +1,105 @@
+"""Preference rows with images, for objective dpo on a vision-language model: each row's images sit in its prompt
+(content parts or `<image>` placeholders with `images`, finetune.data.images), both answers follow the same prompt,
+and each sequence is encoded with exact spans by the processor's template (finetune.data.vision). The prompt must
+encode the same before both answers, or the row is refused, as for text pairs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from finetune.data.images import extract_images
+from finetune.data.preference.pairs import Pair, normalise_pair, read_rows
+from finetune.data.preference.prepare import PreparedPairs
+from finetune.data.rows import check_bad_fraction, held_out_indices, row_folder
+from finetune.data.sources import row_name
+from finetune.data.vision import encode_vision, open_image
+from finetune.data.vision_data import VisionCollator
+from finetune.errors import UserError
+
+
+@dataclass
+class VisionPair(Pair):
+    images: list = field(default_factory=list)  # ImageRefs, in the prompt's placeholder order
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "images": [image.record() for image in self.images]}
+
+
+def read_vision_pairs(source: str, split: str, columns: dict | None = None):
+    """Every row of a source as a VisionPair (finetune.data.preference.pairs.read_rows)."""
+    def pair(record, source, number):
+        record, images = extract_images(record, row_folder(source, number))
+        prompt, chosen, rejected, extra = normalise_pair(record, media=True)
+        return VisionPair(prompt, chosen, rejected, source, number, None, images), extra
+
+    return read_rows(source, split, lambda record: "chosen" in record and "rejected" in record, lambda keys: (
+        "objective dpo trains on preference rows (`prompt` with `chosen` and `rejected` answers), and this row "
+        f"has keys {keys}"), pair, columns)
+
+
+def encode_vision_pair(processor, pair: VisionPair, data) -> dict:
+    """The row's two sequences (text, ids, labels: the final answer alone trains) and its image references."""
+    images = [open_image(ref, data.image_max_pixels, data.image_min_pixels) for ref in pair.images]
+    context = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in pair.prompt]  # earlier answers: context
+    row, prompts = {"image_refs": [json.dumps(ref.record()) for ref in pair.images]}, []
+    for name, answer in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+        sample = encode_vision(processor, context + [answer], images, data.max_length)
+        trained = [i for i, label in enumerate(sample.labels) if label != -100]
+        if not trained:
+            raise ValueError(f"the prompt fills data.max_length={data.max_length}: no {name} token is left")
+        prompts.append(sample.input_ids[:trained[0]])
+        row.update({f"{name}_text": sample.text, f"{name}_input_ids": sample.input_ids,
+                    f"{name}_labels": sample.labels})
+    if prompts[0] != prompts[1]:
+        raise ValueError("the processor's template encodes the prompt differently before the two answers")
+    return row
+
+
+def build_vision_pairs(processor, recipe, log) -> PreparedPairs:
+    """The recipe's preference rows with images, split and encoded (held-out rows kept for `finetune eval`)."""
+    import datasets
+
+    d, [source] = recipe.data, recipe.data.train_sources()
+    rows, problems, total, _ = read_vision_pairs(source.path, source.split, source.columns)
+    if d.eval is not None:
+        held, held_problems, held_total, _ = read_vision_pairs(d.eval, d.eval_split)
+        problems, total = problems + held_problems, total + held_total
+    else:
+        chosen = set(held_out_indices([r.row for r in rows], d.eval_fraction, recipe.train.seed))
+        rows, held = [r for r in rows if r.row not in chosen], [r for r in rows if r.row in chosen]
+    encoded = {"train": [], "eval": []}
+    for name, group in (("train", rows), ("eval", held)):
+        for pair in group:
+            try:
+                encoded[name].append((pair, encode_vision_pair(processor, pair, d)))
+            except (ValueError, OSError) as err:
+                problems.append(f"{row_name(pair.source, pair.row)}: {err}")
+    check_bad_fraction(problems, max(total, 1), d.max_bad_fraction, log)
+    if not encoded["train"]:
+        raise UserError(f"{source.path}: no usable preference rows")
+
+    def dataset(items):
+        return datasets.Dataset.from_list([row for _, row in items]) if items else None
+
+    tokens = [len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for _, r in encoded["train"]]
+    return PreparedPairs(train=dataset(encoded["train"]), eval=dataset(encoded["eval"]),
+                         held_out=[pair for pair, _ in encoded["eval"]], mean_train_tokens=sum(tokens) / len(tokens),
+                         problems=problems, rows_read=total, mix=[{"source": source.path, "rows": len(tokens)}])
+
+
+class VisionPairCollator(VisionCollator):
+    """TRL's DPO batch layout (every chosen sequence, then every rejected one, with `completion_mask` marking the
+    answers) built by the processor, images repeated for both halves."""
+
+    def __call__(self, rows: list[dict]):
+        import torch
+
+        sequences = [(row[f"{name}_text"], row[f"{name}_input_ids"], row[f"{name}_labels"], row["image_refs"])
+                     for name in ("chosen", "rejected") for row in rows]
+        batch = self.batch(sequences)
+        batch["completion_mask"] = (batch.pop("labels") != -100).long()
+        for name in ("ref_chosen_logps", "ref_rejected_logps"):  # a precomputed reference, as TRL's collator
+            if name in rows[0]:
+                batch[name] = torch.tensor([row[name] for row in rows])
+        return batch
