@@ -297,9 +297,10 @@ def random_loader(arch: str):
     config = load_config(arch)
 
     def random_model(path, dtype, attn_implementation, trust_remote_code=False, vocab_size=None, **kwargs):
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+        model = auto.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
         if torch.cuda.is_available():
             model = model.cuda()
         model.config.use_cache = False

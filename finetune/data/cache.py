@@ -67,9 +67,11 @@ def source_digest(source: str | None) -> str | None:
 
 
 def tokenizer_digest(tokenizer, template) -> str:
+    """The tokenizer and the ChatTemplate it renders with (None: a processor's template, in the key's options)."""
     digest = hashlib.sha1(tokenizer.backend_tokenizer.to_str().encode())
-    for part in (template.text, template.tool_text or "", template.end_of_turn, str(template.fold_system),
-                 json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)):
+    parts = (template.text, template.tool_text or "", template.end_of_turn, str(template.fold_system)) \
+        if template is not None else ()
+    for part in (*parts, json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)):
         digest.update(b"\0" + part.encode())
     return digest.hexdigest()
 

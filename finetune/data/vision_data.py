@@ -11,10 +11,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
+from finetune.data.cache import cache_key, prepared
 from finetune.data.images import ImageRef
 from finetune.data.prepare import PreparedData
-from finetune.data.rows import Conversation, check_bad_fraction, held_out_indices, read_source
+from finetune.data.rows import (
+    Conversation,
+    check_bad_fraction,
+    held_out_indices,
+    read_saved_conversations,
+    read_source,
+    save_conversations,
+)
 from finetune.data.sources import row_name
 from finetune.data.vision import VisionSample, encode_vision, open_image
 from finetune.errors import UserError
@@ -46,15 +55,37 @@ def encode_rows(processor, source, data, problems: list[str]) -> tuple[list[Enco
 
 def build_vision_data(processor, recipe, log) -> PreparedData:
     """The recipe's image rows as PreparedData: `train` and `eval` datasets of input_ids, labels, the rendered
-    text and the images' references (VisionCollator batches them)."""
-    d, seed = recipe.data, recipe.train.seed
+    text and the images' references (VisionCollator batches them), kept in the prepared-data cache
+    (finetune.data.cache) under a key of the data files, the processor and the options; an entry whose images
+    changed on disk since (size or modification time) is prepared again."""
+    d = recipe.data
     if len(d.train_sources()) > 1:
         raise UserError("data.sources with a vision-language model: mixtures are not supported yet; give one "
                         "`data.train`")
-    problems, train, read = [], [], 0
-    for source in d.train_sources():
-        rows, total = encode_rows(processor, source, d, problems)
-        train, read = train + rows, read + total
+    [source] = d.train_sources()
+    options = {"kind": "vision-sft", "source": source.key(), "eval": d.eval, "eval_split": d.eval_split,
+               "eval_fraction": d.eval_fraction, "max_length": d.max_length, "seed": recipe.train.seed,
+               "pixels": [d.image_max_pixels, d.image_min_pixels],
+               "processor": json.dumps(processor.image_processor.to_dict(), sort_keys=True, default=str),
+               "template": processor.chat_template}
+    key = cache_key(processor.tokenizer, None, {"train": source.path, "eval": d.eval}, options) if d.cache else None
+    data, directory, hit = prepared(key, lambda where: _prepare(processor, recipe, source, where),
+                                    _load, log, prefix="finetune-vision-")
+    check_bad_fraction(data.problems, max(data.rows_read, 1), d.max_bad_fraction, log)
+    if len(data.train) == 0:
+        raise UserError(f"{source.path}: no usable training rows")
+    images = sum(len(refs) for refs in data.train["image_refs"])
+    data.cache_line = (f"data: {len(data.train)} rows for training ({images} images), "
+                       f"{len(data.eval) if data.eval is not None else 0} held out; the decoded rows (not pixels, "
+                       "computed per batch) " + (f"{'read from' if hit else 'prepared into'} the cache {directory}"
+                                                 if key else "prepared (data.cache off)"))
+    return data
+
+
+def _prepare(processor, recipe, source, directory: Path) -> None:
+    d, seed = recipe.data, recipe.train.seed
+    problems = []
+    train, read = encode_rows(processor, source, d, problems)
     held = []
     if d.eval is not None:
         from finetune.data.mixture import Source
@@ -65,19 +96,46 @@ def build_vision_data(processor, recipe, log) -> PreparedData:
         chosen = set(held_out_indices([e.conversation.row for e in train], d.eval_fraction, seed))
         held = [e for e in train if e.conversation.row in chosen]
         train = [e for e in train if e.conversation.row not in chosen]
-    check_bad_fraction(problems, max(read, 1), d.max_bad_fraction, log)
-    if not train:
-        raise UserError(f"{d.train or d.sources[0].path}: no usable training rows")
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train), ("eval", held)):
+        if rows:  # datasets cannot load back a saved dataset of no rows
+            _dataset(rows).save_to_disk(str(directory / name))
+    save_conversations([e.conversation for e in held], directory / "held_out.jsonl")
     lengths = [len(e.sample.input_ids) for e in train]
-    images = sum(len(e.conversation.images or []) for e in train)
-    log(f"data: {len(train)} image rows for training ({images} images), {len(held)} held out; decoded rows kept, "
-        "pixels computed per batch by the processor")
-    source = str(d.train or d.sources[0].path)
+    meta = {"source": source.path, "rows_read": read, "problems": problems,
+            "truncated": sum(e.sample.truncated for e in train), "tokens": sum(lengths),
+            "images": _fingerprints(e.conversation.images or [] for e in train + held)}
+    (directory / "meta.json").write_text(json.dumps(meta) + "\n")
+
+
+def _load(directory: Path) -> PreparedData:
+    import datasets
+
+    meta = json.loads((directory / "meta.json").read_text())
+    for path, (size, mtime) in meta["images"].items():
+        stat = Path(path).stat() if Path(path).is_file() else None
+        if stat is None or (stat.st_size, stat.st_mtime_ns) != (size, mtime):
+            raise ValueError(f"image {path} changed or went away since the rows were prepared")
+    train = datasets.load_from_disk(str(directory / "train")) if (directory / "train").is_dir() else \
+        datasets.Dataset.from_dict({"input_ids": [], "labels": [], "text": [], "image_refs": []})
+    held = datasets.load_from_disk(str(directory / "eval")) if (directory / "eval").is_dir() else None
+    source = meta["source"]
     return PreparedData(
-        train=_dataset(train), eval=_dataset(held) if held else None,
-        eval_conversations=[e.conversation for e in held], mean_train_tokens=sum(lengths) / len(lengths),
-        problems=problems, sources=[source], rows_read=read, truncated=sum(e.sample.truncated for e in train),
-        mix=[{"source": source, "rows": len(train), "samples": len(train), "tokens": sum(lengths)}])
+        train=train, eval=held, eval_conversations=read_saved_conversations(directory / "held_out.jsonl"),
+        mean_train_tokens=meta["tokens"] / max(len(train), 1), problems=meta["problems"], sources=[source],
+        rows_read=meta["rows_read"], truncated=meta["truncated"], cache=str(directory),
+        mix=[{"source": source, "rows": len(train), "samples": len(train), "tokens": meta["tokens"]}])
+
+
+def _fingerprints(groups) -> dict[str, list[int]]:
+    """Size and modification time of each local image file the rows name (URLs and inline images have none)."""
+    found = {}
+    for refs in groups:
+        for ref in refs:
+            if ref.kind == "path" and ref.value not in found:
+                stat = Path(ref.value).stat()
+                found[ref.value] = [stat.st_size, stat.st_mtime_ns]
+    return found
 
 
 def _dataset(rows: list[Encoded]):

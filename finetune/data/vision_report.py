@@ -23,7 +23,9 @@ def inspect_vision(recipe, processor, show: int, dump: Path | None, console, say
         samples, total = samples + [(e.conversation, e.sample) for e in encoded], total + read
     images = sum(len(conversation.images or []) for conversation, _ in samples)
     check_bad_fraction(problems, total, d.max_bad_fraction, console.print)
-    image_ids = {processor.tokenizer.convert_tokens_to_ids(processor.image_token)}
+    # the processor's placeholder, and the tokens it expands to where they differ (Gemma-3's soft tokens)
+    image_ids = {processor.tokenizer.convert_tokens_to_ids(token) for token in
+                 (processor.image_token, getattr(processor.tokenizer, "image_token", None)) if token}
     lengths = [len(s.input_ids) for _, s in samples]
     image_tokens = sum(token in image_ids for _, s in samples for token in s.input_ids)
     trained = sum(label != -100 for _, s in samples for label in s.labels)

@@ -94,6 +94,8 @@ def freeze_vision_tower(model) -> int:
     parts = vision_parts(model)
     frozen = 0
     for name, param in model.named_parameters():
+        if ".lora_" in name:  # peft's adapter weights (lora_A, lora_B, ...) on the tower train when targeted
+            continue
         in_tower = any(name.startswith(t + ".") for t in parts["tower"])
         in_projector = any(name.startswith(p + ".") for p in parts["projector"])
         if in_tower and not in_projector and param.requires_grad:

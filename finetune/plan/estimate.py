@@ -24,10 +24,11 @@ from finetune.plan.memory import GIB, SHARDED, Setup, fused_head_bytes
 
 def meta_model(config):
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    with torch.device("meta"):  # a config with a vision tower is a vision-language model's
+        auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+        return auto.from_config(config)
 
 
 def activation_bytes(config, setup: Setup) -> dict[str, float]:
@@ -78,13 +79,22 @@ def estimate(config, method, setup: Setup, model=None) -> dict[str, float]:
     model = model if model is not None else meta_model(config)
     params = dict(model.named_parameters())
     trainable = method.planned_trainable(model)
+    text, vision = config.get_text_config(), getattr(config, "vision_config", None)
+    if vision is not None and not setup.vision_tower_trains:
+        trainable = _without_frozen_tower(model, trainable)
     rows = {"weights": sum(p.numel() for p in params.values()) * setup.weight_bytes}
     rows.update(method.planned_rows(model, trainable, setup))
     rows.setdefault("transient", 0.0)
     if setup.device == "cpu":
         rows["transient"] += _cpu_step_temporaries(trainable, params, getattr(method, "optim_bits", 32))
-    rows["activations"] = activation_bytes(config, setup) + method.planned_activation_bytes(model, setup)
-    rows["loss (LM head)"] = loss_bytes(config, setup, method.head_trains)
+    rows["activations"] = activation_bytes(text, setup) + method.planned_activation_bytes(model, setup)
+    rows["loss (LM head)"] = loss_bytes(text, setup, method.head_trains)
+    if vision is not None:
+        from finetune.plan.vision import vision_activation_bytes
+
+        rows["vision tower"] = vision_activation_bytes(config, setup)
+        if setup.vision_tower_trains:  # kept for backward like the language model's
+            rows["activations"] += rows.pop("vision tower")
     rows["framework overhead"] = setup.overhead_bytes
     if setup.rollout is not None:  # online RL: the generation round, the reference, the loss over completions
         from finetune.plan.rollout import completion_loss_bytes, rollout_rows
@@ -110,9 +120,22 @@ def estimate(config, method, setup: Setup, model=None) -> dict[str, float]:
         rows["activations"] + grads + (rows["transient"] if in_backward else 0.0),
         grads + (0.0 if in_backward else rows["transient"]),
         rows.get("generation", 0.0),  # gradients are freed by then (the optimizer step zeroes them to None)
+        rows.get("vision tower", 0.0),  # a frozen encoder's forward, before the language model's activations build
     ]
     rows["total"] = resident + max(moments)
     return rows
+
+
+def _without_frozen_tower(model, trainable: dict[str, int]) -> dict[str, int]:
+    """What trains once the vision encoder is frozen (finetune.models.vision.freeze_vision_tower: the projector
+    keeps training)."""
+    from finetune.models.vision import vision_parts
+
+    parts, params = vision_parts(model), dict(model.named_parameters())
+    return {name: count for name, count in trainable.items()
+            if name not in params  # a method's own part (LoRA adapters, even on the tower): it trains
+            or not any(name.startswith(t + ".") for t in parts["tower"])
+            or any(name.startswith(p + ".") for p in parts["projector"])}
 
 
 def _cpu_step_temporaries(trainable, params, bits) -> float:
@@ -161,7 +184,7 @@ def setup_for(recipe, seq_len: int | None, batch: int | None, on_gpu: bool = Tru
                  # no-grad forward with the adapters off holds less than the training forward, and precomputed
                  # log-probabilities are one number per answer.
                  sequences=recipe.objective.sequences_per_row, rollout=_rollout(recipe),
-                 chunked_loss=recipe.train.chunked_loss)
+                 chunked_loss=recipe.train.chunked_loss, vision_tower_trains=recipe.model.train_vision_tower)
 
 
 def _rollout(recipe):

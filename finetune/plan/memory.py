@@ -29,6 +29,7 @@ class Setup:
     sequences: int = 1  # sequences per row through the model at once (2 for a preference pair: chosen, rejected)
     rollout: Rollout | None = None  # online RL (objective grpo): what generating the completions adds
     chunked_loss: bool | None = None  # TRL's fused LM head (train.chunked_loss); None: on CUDA, off on a CPU
+    vision_tower_trains: bool = False  # a vision-language model's encoder trains (model.train_vision_tower)
 
     @property
     def loss_in_tiles(self) -> bool:

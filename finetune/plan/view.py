@@ -13,15 +13,16 @@ COLUMNS = {
     "weights": ("weights", "reference copy"),
     "state": ("optimizer states", "galore projectors", "lora adapters"),
     "grads": ("gradients",),
-    "activ": ("activations",),
+    "activ": ("activations", "vision tower"),
     "loss": ("loss (LM head)",),
     "other": ("transient", "framework overhead", "gathered layers"),
     "gen": ("generation",),
 }
 LEGEND = ("weights: the model's (and a reference copy's); state: optimizer states, GaLore projectors and LoRA "
-          "adapters; activ: saved activations; loss: the LM head's loss; other: step temporaries, framework overhead "
-          "and gathered layers; gen: a GRPO generation round (KV cache). peak = weights + state + other plus the "
-          "largest moment of a step (generation, loss backward, end of backward, optimizer step), not the row's sum.")
+          "adapters; activ: saved activations (and a frozen vision encoder's forward); loss: the LM head's loss; "
+          "other: step temporaries, framework overhead and gathered layers; gen: a GRPO generation round (KV cache). "
+          "peak = weights + state + other plus the largest moment of a step (generation, loss backward, end of "
+          "backward, optimizer step), not the row's sum.")
 
 
 def method_label(key: str, recipe_method: str) -> str:

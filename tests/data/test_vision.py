@@ -2,9 +2,9 @@
 token and its end-of-turn token train, nothing else, image tokens never, and the ids are the processor's own."""
 
 import pytest
-from helpers.vlm import tiny_idefics3, tiny_qwen2_vl
 from PIL import Image
 
+from benchmarks.tiny_vlm import tiny_idefics3, tiny_qwen2_vl
 from finetune.data.formats import PLACEHOLDER
 from finetune.data.vision import encode_vision
 

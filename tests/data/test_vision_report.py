@@ -5,10 +5,10 @@ import json
 
 import pytest
 import yaml
-from helpers.vlm import tiny_idefics3
 from PIL import Image
 from typer.testing import CliRunner
 
+from benchmarks.tiny_vlm import tiny_idefics3
 from finetune.cli import app
 
 #: Loading a model family's modules takes seconds that the edit loop's tier cannot spare.

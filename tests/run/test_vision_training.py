@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers.vlm import tiny_idefics3, tiny_qwen2_vl
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from benchmarks.tiny_vlm import tiny_gemma3, tiny_idefics3, tiny_llava, tiny_qwen2_vl
 from finetune.cli import app
 from finetune.recipe.load import load_recipe
 from finetune.run.flow import Hooks, run_training
@@ -22,7 +22,7 @@ from finetune.run.flow import Hooks, run_training
 pytestmark = pytest.mark.slow
 
 COLORS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
-FAMILIES = {"qwen2_vl": tiny_qwen2_vl, "idefics3": tiny_idefics3}
+FAMILIES = {"qwen2_vl": tiny_qwen2_vl, "idefics3": tiny_idefics3, "llava": tiny_llava, "gemma3": tiny_gemma3}
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,8 @@ def images(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict:
-    """family -> (model dir, processor). Qwen2-VL's processor is handed to the run in memory: transformers' loader
-    insists on its video processor, which needs torchvision (no CPU build for this torch)."""
+    """family -> (model dir, processor). All but Idefics3's processor are handed to the run in memory: transformers'
+    loader insists on their fast image (or video) processors, which need torchvision (no CPU build for this torch)."""
     built = {}
     for family, build in FAMILIES.items():
         model, processor = build()
@@ -66,7 +66,7 @@ def train(tmp_path, models, images, family, method, rows="sft.jsonl", steps=3, *
     for section, values in sections.items():
         recipe[section] = {**recipe.get(section, {}), **values}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    hooks = Hooks(load_processor=(lambda *_a, **_k: processor) if family == "qwen2_vl" else None)
+    hooks = Hooks(load_processor=(lambda *_a, **_k: processor) if family != "idefics3" else None)
     return run_training(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "recipe.yaml", log=lambda *_: None,
                         hooks=hooks)
 
@@ -84,7 +84,7 @@ def test_lora_adapts_the_language_model_alone_and_saves_the_processor(tmp_path, 
     run = train(tmp_path, models, images, family, {"name": "lora", "r": 4})
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     weights = load_file(run / "adapter" / "adapter_model.safetensors")
-    language = "language_model" if family == "qwen2_vl" else "text_model"
+    language = "text_model" if family == "idefics3" else "language_model"
     assert weights and all(f".{language}.layers." in name for name in weights), sorted(weights)[:4]
     assert len(weights) == 2 * 2 * 7  # A and B of 7 linears in each of the 2 language layers; none in the tower
     assert isinstance(config["target_modules"], str) and "vision" not in config["target_modules"]
@@ -180,3 +180,27 @@ def test_refusals_before_training(tmp_path, models, images):
         with pytest.raises(Exception) as err:
             train(tmp_path, models, images, "idefics3", {"name": "lora"}, **sections)
         assert expected in str(err.value)
+
+
+def test_prepared_image_rows_are_cached_until_an_image_changes(tmp_path, models, images, monkeypatch):
+    import os
+    import shutil
+
+    from finetune.data.vision_data import build_vision_data
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    folder = Path(shutil.copytree(images, tmp_path / "images"))
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(models["idefics3"][0])},
+        "data": {"train": str(folder / "sft.jsonl"), "max_length": 512, "eval_fraction": 0.1},
+        "method": {"name": "lora"}}))
+    recipe, processor = load_recipe(tmp_path / "recipe.yaml"), models["idefics3"][1]
+    first = build_vision_data(processor, recipe, print)
+    again = build_vision_data(processor, recipe, print)
+    assert "prepared into the cache" in first.cache_line and "read from the cache" in again.cache_line
+    assert again.train["input_ids"] == first.train["input_ids"] and again.train["labels"] == first.train["labels"]
+    assert [c.images for c in again.eval_conversations] == [c.images for c in first.eval_conversations]
+    os.utime(folder / "red.png", ns=(1, 1))  # the same file name, other bytes as far as the cache can tell
+    lines = []
+    build_vision_data(processor, recipe, lines.append)
+    assert any("red.png changed" in line and "preparing it again" in line for line in lines), lines
