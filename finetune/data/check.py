@@ -19,9 +19,10 @@ from finetune.errors import UserError
 _SHOWN = 5
 
 
-def check_data(data, log, kind: str = "conversations") -> list[str]:
+def check_data(data, log, kind: str = "conversations", media: bool = False) -> list[str]:
     """Report on each local source of a recipe's `data` section; return the problems that fail validation. `kind`
-    is what the recipe's objective trains on: conversations, or preference pairs (finetune.data.preference)."""
+    is what the recipe's objective trains on: conversations, or preference pairs (finetune.data.preference).
+    `media`: the model is a vision-language model, whose rows may have images (each opened and checked)."""
     problems = []
     listed = [("data.train" if data.sources is None else f"data.sources[{i}]", s.path, s.split, s.format, s.columns)
               for i, s in enumerate(data.train_sources())]
@@ -33,16 +34,17 @@ def check_data(data, log, kind: str = "conversations") -> list[str]:
             continue
         try:
             if kind == "conversations":
-                problems += _check_source(label, source, split, format, data.max_bad_fraction, log, columns)
+                problems += _check_source(label, source, split, format, data.max_bad_fraction, log, columns, media)
             else:
-                problems += _check_pairs(label, source, split, kind, data.max_bad_fraction, log, columns)
+                problems += _check_pairs(label, source, split, kind, data.max_bad_fraction, log, columns, media)
         except UserError as err:
             problems.append(f"{label}: {err}")
     return problems
 
 
-def _check_source(label: str, source: str, split: str, format: str, limit: float, log, columns=None) -> list[str]:
-    return _report(label, read_source(source, split, format, keep=False, columns=columns), limit, log)
+def _check_source(label: str, source: str, split: str, format: str, limit: float, log, columns=None,
+                  media: bool = False) -> list[str]:
+    return _report(label, read_source(source, split, format, keep=False, columns=columns, media=media), limit, log)
 
 
 def _report(label: str, read: SourceRows, limit: float, log) -> list[str]:
@@ -60,15 +62,17 @@ def _report(label: str, read: SourceRows, limit: float, log) -> list[str]:
     return [_too_many_refused(label, read, limit)] if read.refused_fraction() > limit else []
 
 
-def _check_pairs(label: str, source: str, split: str, kind: str, limit: float, log, columns=None) -> list[str]:
+def _check_pairs(label: str, source: str, split: str, kind: str, limit: float, log, columns=None,
+                 media: bool = False) -> list[str]:
     """A source of preference pairs (dpo, simpo, orpo), labelled answers (kto) or prompts (grpo), read as training
     reads it."""
     from finetune.data.preference.labelled import read_labelled
     from finetune.data.preference.pairs import read_pairs
     from finetune.data.prompts import read_prompts
+    from finetune.data.vision_pairs import read_vision_pairs
 
     reader, what = {"unpaired": (read_labelled, "labelled answers"), "prompts": (read_prompts, "prompts")}.get(
-        kind, (read_pairs, "preference pairs"))
+        kind, (read_vision_pairs if media else read_pairs, "preference pairs"))
     _, problems, total, ignored = reader(source, split, columns)
     read = SourceRows(source, what, problems=problems, total=total)
     read.ignored.update(ignored)

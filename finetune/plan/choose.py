@@ -49,9 +49,13 @@ def training_overhead(device: str) -> float | None:
 def fit_for_run(recipe, recipe_path: Path, overrides: list[str], budget: float, allow: str | None, probe_steps: int,
                 log) -> Fit:
     """The fit for a loaded recipe (`overrides` are the command's own `--set`s, passed on to probes)."""
+    from finetune.models.registry import load_config
     from finetune.plan.rows import read_lengths
 
     allowed = parse_knobs(allow)
+    if hasattr(load_config(recipe.model.name_or_path), "vision_config"):
+        raise UserError("--fit with a vision-language model: not supported yet (its cost model and row lengths are "
+                        "the language model's); `finetune plan RECIPE` plans it, methods side by side")
     if probe_steps and recipe.distributed.strategy != "none":
         raise UserError(f"--probe with distributed.strategy {recipe.distributed.strategy}: a probe is one process, "
                         "and a sharded run's peak per GPU needs all of them; fit without --probe (the plan counts the "

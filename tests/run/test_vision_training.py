@@ -204,3 +204,17 @@ def test_prepared_image_rows_are_cached_until_an_image_changes(tmp_path, models,
     lines = []
     build_vision_data(processor, recipe, lines.append)
     assert any("red.png changed" in line and "preparing it again" in line for line in lines), lines
+
+
+def test_validate_reads_image_rows_for_a_vision_language_model(tmp_path, models, images):
+    rows = images / "with_missing.jsonl"  # beside the images its rows name
+    rows.write_text((images / "sft.jsonl").read_text() + json.dumps(
+        {"messages": [{"role": "user", "content": "<image>What?"}, {"role": "assistant", "content": "x"}],
+         "images": [str(tmp_path / "missing.png")]}) + "\n")
+    for model, expected in ((models["idefics3"][0], "with_missing.jsonl:14: image"), (None, "text-only model")):
+        recipe = {"data": {"train": str(rows)}, "method": {"name": "lora"}}
+        if model is not None:
+            recipe["model"] = {"name_or_path": str(model)}
+        (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+        result = CliRunner().invoke(app, ["validate", str(tmp_path / "recipe.yaml")])
+        assert result.exit_code == 2 and expected in " ".join(result.output.split()), result.output
