@@ -70,7 +70,7 @@ def _merge(run_dir: Path, output: Path, info: dict, base_path: str, found: str |
     base = load_model(base_path, torch.float32, "eager", vocab_size=len(tokenizer))
     model = load_adapter(base, adapter).eval()
     held_out = run_dir / "held_out.jsonl"
-    rows = read_saved_conversations(held_out)[:CHECK_ROWS] if held_out.exists() else []
+    rows = read_saved_conversations(held_out, documents=False)[:CHECK_ROWS] if held_out.exists() else []
     probes = probe_ids(tokenizer, rows, tokenizer("Hello, world")["input_ids"])
     before = list(probe_logits(model, probes))  # the adapter on its base, before merging changes the model
     with torch.no_grad():
