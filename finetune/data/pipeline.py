@@ -19,7 +19,7 @@ from finetune.data.formats import first_row_format, object_row, row_document, ro
 from finetune.data.mixture import rename
 from finetune.data.sources import local_bytes, row_name, text_rows
 from finetune.data.template import ChatTemplate, fit_messages, trained_samples
-from finetune.data.text import EmptyDocument, TextOptions, document_samples, text_stats
+from finetune.data.text import EmptyDocument, TextOptions, document_samples, resolved, text_stats
 from finetune.errors import UserError
 
 #: Row stages in the encoded dataset: a sample, a row refused while normalising (not in the held-out split's pool,
@@ -133,21 +133,11 @@ def encode_source(source: str, split: str, format: str, tokenizer, template: Cha
     stats = None
     if fmt == "text":
         lengths = pc.list_value_length(table.column("input_ids")).to_numpy()[samples]
-        trained = _trained_tokens(table.column("labels"))[samples]
+        # Rows that are no sample carry no labels, so the whole column counts the samples' trained tokens.
+        trained = pc.sum(pc.not_equal(pc.list_flatten(table.column("labels")), -100)).as_py() or 0
         stats = {**text_stats(rows[samples], lengths, trained), "empty": int((stage == SKIPPED_EMPTY).sum())}
     return Encoded(source, encoded, samples, rows[samples], problems, ignored, len(raw), pool.tolist(), raw, fmt,
                    columns, text, stats)
-
-
-def _trained_tokens(labels):
-    """Each row's count of labels that are not -100, on the Arrow column."""
-    import numpy as np
-    import pyarrow.compute as pc
-
-    flat = pc.list_flatten(labels)
-    parents = pc.list_parent_indices(labels).to_numpy()
-    return np.bincount(parents, weights=pc.not_equal(flat, -100).to_numpy(zero_copy_only=False),
-                       minlength=len(labels)).astype(np.int64)
 
 
 def _raw_rows(source: str, split: str, tag: str, split_on: str = "document"):
@@ -220,6 +210,7 @@ def _encode_batch(batch: dict, tokenizer, template: ChatTemplate, fmt: str, max_
 
 def _encode_documents(batch: dict, tokenizer, max_length: int, columns: dict, options: TextOptions, emit) -> None:
     """Text rows: each document's blocks (finetune.data.text), every token trained; empty documents skipped."""
+    options = resolved(options, tokenizer)
     for row, text, error in zip(batch["row"], batch["text"], batch["error"]):
         try:
             document, ignored = row_document(object_row(_parse(text, error), columns))

@@ -10,7 +10,7 @@ to train and is skipped; the preparation counts it (`finetune data` and the star
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from finetune.data.template import Sample
 
@@ -56,6 +56,11 @@ def document_ids(tokenizer, text: str, options: TextOptions) -> list[int]:
     return ids
 
 
+def resolved(options: TextOptions, tokenizer) -> TextOptions:
+    """The options with `bos` decided for this tokenizer (asked once, not once per document)."""
+    return options if options.bos is not None else replace(options, bos=_adds_bos(tokenizer))
+
+
 def _adds_bos(tokenizer) -> bool:
     """Whether the tokenizer puts its BOS before what it encodes (Llama's do; GPT-2's, Qwen's and SmolLM's don't)."""
     bos = tokenizer.bos_token_id
@@ -83,15 +88,15 @@ def document_samples(tokenizer, text: str, max_length: int, options: TextOptions
     return blocks(document_ids(tokenizer, text, options), max_length, options.overlap)
 
 
-def text_stats(rows, lengths, trained) -> dict:
+def text_stats(rows, lengths, trained: int) -> dict:
     """What a text source gave: documents, blocks, tokens, the documents split across blocks and the tokens trained
-    (the rest are overlap context). `rows`: each block's document (its row), in order; `lengths`, `trained`: each
-    block's tokens and trained tokens (numpy arrays)."""
+    (the rest are overlap context). `rows`: each block's document (its row), in order; `lengths`: each block's
+    tokens (numpy arrays); `trained`: the blocks' trained tokens."""
     import numpy as np
 
     documents, per_document = np.unique(rows, return_counts=True) if len(rows) else (rows, rows)
     return {"documents": int(len(documents)), "blocks": int(len(rows)), "tokens": int(lengths.sum()),
-            "trained": int(trained.sum()), "split": int((per_document > 1).sum()),
+            "trained": int(trained), "split": int((per_document > 1).sum()),
             "split_blocks": int(per_document[per_document > 1].sum())}
 
 

@@ -94,7 +94,8 @@ class SourceSection(Section):
     """One training source of a mixture."""
 
     path: str
-    """A local .jsonl/.json/.parquet/.csv/.tsv file, a dataset directory, or a hub dataset id."""
+    """A local .jsonl/.json/.parquet/.csv/.tsv file, a .txt/.md file of raw text, a folder or glob of them, a
+    dataset directory, or a hub dataset id."""
     split: str = "train"
     """Split to read when `path` is a hub dataset id or a dataset directory."""
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = "auto"
@@ -122,10 +123,11 @@ class SourceSection(Section):
 
 
 class DataSection(Section):
-    """Training and held-out data: local JSON/JSONL/Parquet/CSV/TSV files, dataset directories or hub dataset ids."""
+    """Training and held-out data: local JSON/JSONL/Parquet/CSV/TSV files, raw text (.txt/.md), dataset directories
+    or hub dataset ids."""
 
     train: str | None = None
-    """A local .jsonl/.json/.parquet/.csv/.tsv file, a folder (every data file in it, any of those types), a glob
+    """A local .jsonl/.json/.parquet/.csv/.tsv file (or .txt/.md of raw text, data.format text), a folder (every data file in it, any of those types), a glob
     (`data/*.jsonl`), a `save_to_disk` directory, or a hub dataset id. A path that exists is always read locally.
     CSV/TSV files need a header naming Alpaca (instruction, output, optional input, system) or prompt/completion
     columns."""

@@ -108,6 +108,8 @@ def test_a_text_source_prepared_with_its_report_and_cache_key(tmp_path, tokenize
     assert "2 documents" in line and "2 empty documents skipped" in line and "split into" in line
     again = prepare(tokenizer, str(path), text=TextOptions(column="body", overlap=8), cache=True)
     assert again.cache != data.cache and len(again.train) >= len(data.train)  # the options are part of the key
+    assert again.text[0]["tokens"] - again.text[0]["trained"] == 8 * (again.text[0]["blocks"] - 2)
+    assert "overlap tokens repeated as context, trained once" in again.text_lines(64, 8)[0]
 
 
 def test_packed_documents_see_and_train_nothing_across_their_boundaries(tmp_path, tokenizer, tiny_model_dir):
