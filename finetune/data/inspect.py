@@ -169,7 +169,8 @@ def _trained_what(data) -> str:
 
 def _print_report(report: dict, problems: list[str], log) -> None:
     log(f"chat template: {escape(report['template'])}, end of turn {escape(report['end_of_turn'])}"
-        + (f" (added to the tokenizer: {escape(', '.join(report['added_tokens']))})" if report["added_tokens"] else ""))
+        + (f" (added to the tokenizer: {escape(', '.join(report['added_tokens']))})" if report["added_tokens"] else "")
+        + ("; raw text uses none" if report["trained_what"].startswith("every token of the text documents,") else ""))
     log(f"rows: {report['rows_read']} read, {report['rows_kept']} kept, {report['rows_refused']} refused; "
         f"{report['train_samples']} training samples, {report['eval_samples']} held out")
     log(f"tokens per sample: mean {report['tokens_mean']:.1f}, p95 {report['tokens_p95']}, max {report['tokens_max']}"

@@ -293,8 +293,9 @@ def _root_cause(err: BaseException) -> str:
 
 
 def _plain_text(path: Path, source: str, split_on: str) -> Iterator[tuple[int, Any]]:
-    """A .txt/.md file as text rows: the whole file as one document (row 1), or with split_on blank_line one document
-    per block of lines between blank lines, numbered by its first line (so `file:row` is where it starts). Decoded
+    """A .txt/.md file as text rows: the whole file as one document (row 1); with split_on blank_line one document
+    per block of lines between blank lines, numbered by its first line (so `file:row` is where it starts); with
+    `line` one per non-blank line, numbered by its line. Decoded
     as the JSON readers decode (UTF-8 with or without a BOM, UTF-16/32), line ends normalised to \\n."""
     encoding = text_encoding(path)
     try:
@@ -302,6 +303,10 @@ def _plain_text(path: Path, source: str, split_on: str) -> Iterator[tuple[int, A
     except UnicodeDecodeError as err:
         raise UserError(f"{source}: not {encoding.upper().removesuffix('-SIG')} text ({err.reason} at byte "
                         f"{err.start}); save it as UTF-8") from None
+    if split_on == "line":
+        yield from ((number, {"text": line.rstrip()}) for number, line in enumerate(text.split("\n"), start=1)
+                    if line.strip())
+        return
     if split_on != "blank_line":
         yield 1, {"text": text.strip("\n").rstrip()}
         return

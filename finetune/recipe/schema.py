@@ -127,10 +127,10 @@ class DataSection(Section):
     or hub dataset ids."""
 
     train: str | None = None
-    """A local .jsonl/.json/.parquet/.csv/.tsv file (or .txt/.md of raw text, data.format text), a folder (every data file in it, any of those types), a glob
-    (`data/*.jsonl`), a `save_to_disk` directory, or a hub dataset id. A path that exists is always read locally.
-    CSV/TSV files need a header naming Alpaca (instruction, output, optional input, system) or prompt/completion
-    columns."""
+    """A local .jsonl/.json/.parquet/.csv/.tsv file (or .txt/.md of raw text, data.format text), a folder (every
+    data file in it, any of those types), a glob (`data/*.jsonl`), a `save_to_disk` directory, or a hub dataset id.
+    A path that exists is always read locally. CSV/TSV files need a header naming Alpaca (instruction, output,
+    optional input, system), prompt/completion or text columns."""
     sources: list[SourceSection] | None = None
     """Several training sources mixed into one run (instead of `train`), each with its own path, split, format,
     column names and share (`weight` or `rows`); the mix in rows and tokens is printed at the start."""
@@ -176,10 +176,11 @@ class DataSection(Section):
     """Processes that prepare the data; unset: the cores available (small sets use one)."""
     text_column: str = "text"
     """The field holding a text row's document, for files that name it otherwise (`content`, `body`)."""
-    split_on: Literal["document", "blank_line"] = "document"
-    """How a .txt/.md file divides into documents. `document`: each file is one (a folder of files, one per file).
-    `blank_line`: each block of lines between blank lines is one (a dump of paragraphs or articles), named by its
-    first line in reports."""
+    split_on: Literal["document", "blank_line", "line"] = "document"
+    """How a .txt/.md file divides into documents. `document` (a file is what a document is for most sources): each
+    file is one (a folder of files, one per file). `blank_line`: each block of lines between blank lines is one (a
+    dump of paragraphs or articles), named by its first line in reports. `line`: each non-blank line is one (one
+    article per line, as LLaMA-Factory's wiki_demo.txt and `datasets`' text loader read it)."""
     overlap: int = Field(0, ge=0)
     """Tokens a document longer than max_length repeats from the end of one block at the start of the next, as
     context (not trained twice). 0: blocks follow each other; a block then starts without context."""

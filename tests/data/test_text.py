@@ -62,6 +62,8 @@ def test_plain_text_files_in_any_encoding_and_folders(tmp_path):
     dump.write_bytes("First block,\r\nline two.\r\n\r\n  \r\nSecond block ü.\r\n".encode("utf-16"))
     blocks = list(read_records(str(dump), "train", split_on="blank_line"))
     assert blocks == [(1, {"text": "First block,\nline two."}), (5, {"text": "Second block ü."})]  # by first line
+    lines = list(read_records(str(dump), "train", split_on="line"))
+    assert lines == [(1, {"text": "First block,"}), (2, {"text": "line two."}), (5, {"text": "Second block ü."})]
     assert list(read_records(str(dump), "train")) == [(1, {"text": "First block,\nline two.\n\n  \nSecond block ü."})]
     folder = tmp_path / "docs"
     (folder / "sub").mkdir(parents=True)
@@ -192,6 +194,7 @@ def test_a_wiki_dump_trains_packed_and_its_held_out_perplexity_drops(write_recip
     report = cli("data", recipe, "--show", "1")
     assert "text " in report and "60 documents, 120 blocks of at most 128 tokens" in report
     assert "tokens trained: 100.0% (every token" in report and "sample 1 (" in report and "wiki.txt:1," in report
+    assert "raw text uses none" in report and "⟦" in report.split("sample 1 (", 1)[1]
     output = cli("train", recipe)
     assert "60 documents" in output and "warning: raw text without train.packing" not in output
     run = tmp_path / "run"
