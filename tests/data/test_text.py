@@ -227,7 +227,7 @@ def test_text_and_chat_sources_mix_each_in_its_own_format(write_recipe, tmp_path
     run = tmp_path / "run"
     held = [json.loads(line) for line in (run / "held_out.jsonl").read_text().splitlines()]
     assert {"text" in row for row in held} == {True, False}
-    cli("eval", run)
+    cli("eval", run, "--max-new-tokens", "4")
     [tuned] = json.loads((run / "eval.json").read_text())["results"].values()
     assert {"exact_match", "perplexity", "text_perplexity", "text_documents"} <= tuned.keys()
 
