@@ -34,7 +34,8 @@ def check_data(data, log, kind: str = "conversations", media: bool = False) -> l
             continue
         try:
             if kind == "conversations":
-                problems += _check_source(label, source, split, format, data.max_bad_fraction, log, columns, media)
+                problems += _check_source(label, source, split, format, data.max_bad_fraction, log, columns,
+                                          data.text_options(), media)
             else:
                 problems += _check_pairs(label, source, split, kind, data.max_bad_fraction, log, columns, media)
         except UserError as err:
@@ -43,8 +44,9 @@ def check_data(data, log, kind: str = "conversations", media: bool = False) -> l
 
 
 def _check_source(label: str, source: str, split: str, format: str, limit: float, log, columns=None,
-                  media: bool = False) -> list[str]:
-    return _report(label, read_source(source, split, format, keep=False, columns=columns, media=media), limit, log)
+                  text=None, media: bool = False) -> list[str]:
+    return _report(label, read_source(source, split, format, keep=False, columns=columns, text=text, media=media),
+                   limit, log)
 
 
 def _report(label: str, read: SourceRows, limit: float, log) -> list[str]:
@@ -55,6 +57,8 @@ def _report(label: str, read: SourceRows, limit: float, log) -> list[str]:
     log(f"  {label}: {escape(source)}: {read.format or 'unknown'} format, {rows} (every row checked)")
     if read.ignored:
         log(f"    {escape(read.ignored_line())}")
+    if read.empty:
+        log(f"    {read.empty} empty documents, skipped (nothing to train)")
     if read.problems:
         log(f"    {len(read.problems)} of {read.total} rows refused, e.g.:")
         for problem in read.problems[:_SHOWN]:

@@ -32,13 +32,14 @@ SIGNATURES = {
     "sharegpt": {"conversations"},
     "alpaca": {"instruction", "output"},
     "prompt_completion": {"prompt", "completion"},
+    "text": {"text"},  # raw text (finetune.data.text): every token trains
 }
 #: Optional row fields each format honours. `history` (earlier [instruction, response] rounds) is LLaMA-Factory's
 #: Alpaca convention (github.com/hiyouga/LLaMA-Factory, data/README.md); a row-level `system` is honoured everywhere.
 OPTIONAL = {"messages": {"system", "tools"}, "sharegpt": {"system", "tools"}, "alpaca": {"input", "system", "history"},
-            "prompt_completion": {"system"}}
+            "prompt_completion": {"system"}, "text": set()}
 #: Formats whose every field is a string, so a CSV/TSV column can hold them.
-FLAT_FORMATS = ("alpaca", "prompt_completion")
+FLAT_FORMATS = ("alpaca", "prompt_completion", "text")
 
 LEGACY_FUNCTIONS = ("OpenAI's deprecated function-calling fields are not supported; use `tools`, assistant "
                     "`tool_calls` and `role: tool` results")
@@ -96,6 +97,11 @@ def detect_format(record: dict, where: str) -> str:
     if not matches:
         expected = "; ".join(f"{name}: {', '.join(sorted(keys))}" for name, keys in SIGNATURES.items())
         raise UserError(f"{where}: cannot detect the data format from keys ({keys}). Expected keys - {expected}.")
+    if "text" in matches:  # datasets often keep a rendered `text` beside the conversation it came from
+        other = next(name for name in matches if name != "text")
+        raise UserError(f"{where}: the row has a `text` field beside {other} fields ({keys}), so it could be raw text "
+                        f"(every token trained) or {other} rows (only the answers trained); set data.format: text or "
+                        f"data.format: {other} (the other field is then listed as ignored).")
     raise UserError(f"{where}: keys ({keys}) fit several formats ({', '.join(matches)}); set data.format.")
 
 
@@ -130,14 +136,34 @@ def flat_format_problem(columns: list[str]) -> str | None:
     if any(SIGNATURES[f] <= set(columns) for f in FLAT_FORMATS) or {"chosen", "rejected"} <= set(columns):
         return None  # preference columns pass here so the first row is refused with what the data is
     return (f"columns ({', '.join(columns) or 'none'}) fit no format a CSV/TSV file can hold: instruction and "
-            "output (optional input, system) for Alpaca rows, or prompt and completion")
+            "output (optional input, system) for Alpaca rows, prompt and completion, or text (raw text)")
+
+
+def row_document(record: dict) -> tuple[str, set[str]]:
+    """A text row's document and its ignored fields; ValueError refuses the row (finetune.data.text.EmptyDocument,
+    a ValueError, skips it)."""
+    from finetune.data.text import EmptyDocument
+
+    if "text" not in record:
+        other = next((name for name, keys in SIGNATURES.items() if keys <= record.keys()), None)
+        raise ValueError(f"a {other} row in a text file (one format per file)" if other else "no `text` field")
+    extra = record.keys() - {"text"}
+    for key in extra & REFUSED.keys():
+        if present(record[key]):
+            raise ValueError(f"`{key}`: {REFUSED[key]}")
+    text = record["text"]
+    if text is None or (isinstance(text, str) and not text.strip()):
+        raise EmptyDocument("empty document")
+    if not isinstance(text, str):
+        raise ValueError(f"`text` must be a string, got {type(text).__name__}")
+    return text, {key for key in extra if present(record[key])}
 
 
 def normalise(record: dict, fmt: str, media: bool = False) -> tuple[list[dict[str, Any]], set[str]]:
     """One row as messages, and the names of its ignored fields; ValueError says why a row is refused. `media`: the
     row's images were taken out (finetune.data.images) and `<image>` placeholders mark where they sit."""
-    if fmt not in SIGNATURES:
-        raise ValueError(f"unknown format {fmt}")
+    if fmt not in SIGNATURES or fmt == "text":
+        raise ValueError(f"unknown format {fmt}" if fmt != "text" else "text rows have no messages (row_document)")
     if not SIGNATURES[fmt] <= record.keys():
         other = next((name for name, keys in SIGNATURES.items() if keys <= record.keys()), None)
         if other:

@@ -46,14 +46,17 @@ def inspect_data(recipe, show: int = 0, dump: Path | None = None, console=None) 
         tokenizer, train=d.train_sources(), train_split=d.train_split, eval=d.eval, eval_split=d.eval_split,
         eval_fraction=d.eval_fraction, format=d.format, max_length=d.max_length,
         max_bad_fraction=d.max_bad_fraction, seed=recipe.train.seed, log=log, template=template, cache=d.cache,
-        num_proc=d.num_proc, streaming=d.streaming,
+        num_proc=d.num_proc, streaming=d.streaming, text=d.text_options(),
     )
     if data.streaming:
         say(f"data.streaming: this report covers the first {_materialise(data)} training samples of the stream")
     report = summarise(data, d.max_length)
     report.update(template=template.name, end_of_turn=template.end_of_turn,
-                  added_tokens=tokenizer.convert_ids_to_tokens(added))
+                  added_tokens=tokenizer.convert_ids_to_tokens(added), text=data.text,
+                  trained_what=_trained_what(data))
     _print_report(report, data.problems, say)
+    for line in data.text_lines(d.max_length, d.overlap):
+        say(escape(line))
     if len(data.mix) > 1:
         say("training mix:")
         for line in data.mix_lines():
@@ -155,14 +158,24 @@ def summarise(data, max_length: int) -> dict:
     }
 
 
+def _trained_what(data) -> str:
+    """What carries loss, for the report's `tokens trained` line."""
+    if data.all_text:
+        return "every token of the text documents, overlap context excepted"
+    if data.text:
+        return "every token of the text documents; assistant answers and their end-of-turn token in the chat rows"
+    return "assistant answers and their end-of-turn token"
+
+
 def _print_report(report: dict, problems: list[str], log) -> None:
     log(f"chat template: {escape(report['template'])}, end of turn {escape(report['end_of_turn'])}"
-        + (f" (added to the tokenizer: {escape(', '.join(report['added_tokens']))})" if report["added_tokens"] else ""))
+        + (f" (added to the tokenizer: {escape(', '.join(report['added_tokens']))})" if report["added_tokens"] else "")
+        + ("; raw text uses none" if report["trained_what"].startswith("every token of the text documents,") else ""))
     log(f"rows: {report['rows_read']} read, {report['rows_kept']} kept, {report['rows_refused']} refused; "
         f"{report['train_samples']} training samples, {report['eval_samples']} held out")
     log(f"tokens per sample: mean {report['tokens_mean']:.1f}, p95 {report['tokens_p95']}, max {report['tokens_max']}"
         f"; {report['truncated']} cut at max_length={report['max_length']}")
-    log(f"tokens trained: {report['trained_share']:.1%} (assistant answers and their end-of-turn token)")
+    log(f"tokens trained: {report['trained_share']:.1%} ({report['trained_what']})")
     for line in refusal_lines(problems):
         log(line)
 

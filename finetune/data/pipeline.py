@@ -15,15 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.data.formats import first_row_format, object_row, row_messages
+from finetune.data.formats import first_row_format, object_row, row_document, row_messages
 from finetune.data.mixture import rename
 from finetune.data.sources import local_bytes, row_name, text_rows
 from finetune.data.template import ChatTemplate, fit_messages, trained_samples
+from finetune.data.text import EmptyDocument, TextOptions, document_samples, resolved, text_stats
 from finetune.errors import UserError
 
 #: Row stages in the encoded dataset: a sample, a row refused while normalising (not in the held-out split's pool,
-#: as before any template is involved), a row refused by the template or max_length.
-SAMPLE, REFUSED_FORMAT, REFUSED_TEMPLATE = 0, 1, 2
+#: as before any template is involved), a row refused by the template or max_length, an empty text document
+#: (skipped and counted, not refused: outside the pool too, as it has nothing to hold out).
+SAMPLE, REFUSED_FORMAT, REFUSED_TEMPLATE, SKIPPED_EMPTY = 0, 1, 2, 3
 #: Rows per `map` batch: large enough to amortise the batch overhead, small enough to keep a worker's memory flat.
 BATCH = 500
 #: Below this many rows per process, starting processes costs more than it saves.
@@ -45,6 +47,8 @@ class Encoded:
     raw: Any  # datasets.Dataset of the row texts, to rebuild held-out conversations
     format: str
     columns: dict[str, str]
+    text: TextOptions | None = None
+    stats: dict | None = None  # a text source's documents, blocks and tokens (finetune.data.text.text_stats)
 
 
 #: Sources smaller than this prepare in seconds: their progress bars would be noise around the report.
@@ -74,16 +78,18 @@ def processes(rows: int, wanted: int | None) -> int:
 
 def encode_source(source: str, split: str, format: str, tokenizer, template: ChatTemplate, max_length: int,
                   work: Path, num_proc: int | None = None, tag: str = "", columns: dict | None = None,
-                  index: int = 0) -> Encoded:
+                  index: int = 0, text: TextOptions | None = None) -> Encoded:
     """The source's rows encoded; `index` (its place in the run's list of sources) marks each sample's origin."""
     import datasets
     import numpy as np
     import pyarrow.compute as pc
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are forked: one thread each
+    text = text or TextOptions()
     try:
         raw = datasets.Dataset.from_generator(
-            _raw_rows, gen_kwargs={"source": source, "split": split, "tag": tag}, cache_dir=str(work / "raw"),
+            _raw_rows, gen_kwargs={"source": source, "split": split, "tag": tag, "split_on": text.split_on},
+            cache_dir=str(work / "raw"),
             features=datasets.Features({"row": datasets.Value("int64"), "text": datasets.Value("string"),
                                         "error": datasets.Value("string")}))
     except Exception as err:  # datasets wraps what the reader raised (a missing split, an unreadable file)
@@ -93,7 +99,7 @@ def encode_source(source: str, split: str, format: str, tokenizer, template: Cha
         raise (cause or err) from None
     if len(raw) == 0:
         raise UserError(f"{source}: no rows")
-    columns = columns or {}
+    columns = text.columns(columns)
     fmt = _detect(raw, source, None if format == "auto" else format, columns)
     features = datasets.Features({
         "row": datasets.Value("int64"), "input_ids": datasets.Sequence(datasets.Value("int32")),
@@ -109,29 +115,36 @@ def encode_source(source: str, split: str, format: str, tokenizer, template: Cha
             _encode_batch, batched=True, batch_size=BATCH, num_proc=workers if workers > 1 else None,
             remove_columns=raw.column_names, features=features, new_fingerprint=f"{tag}-encoded",
             fn_kwargs={"tokenizer": tokenizer, "template": template, "fmt": fmt, "max_length": max_length,
-                       "columns": columns, "index": index},
+                       "columns": columns, "index": index, "text": text},
             desc=f"preparing {Path(source).name}")
     finally:
         os.environ = environ  # noqa: B003 - puts the original mapping back (see above); it clears nothing
     table = encoded.data
     stage = table.column("stage").to_numpy()
     rows = table.column("row").to_numpy()
-    reasons = encoded.select_columns(["row", "problem"]).select(np.flatnonzero(stage != SAMPLE)).to_dict()
+    refused = (stage != SAMPLE) & (stage != SKIPPED_EMPTY)
+    reasons = encoded.select_columns(["row", "problem"]).select(np.flatnonzero(refused)).to_dict()
     problems = [f"{row_name(source, row)}: {reason}" for row, reason in zip(reasons["row"], reasons["problem"])]
     counts = pc.value_counts(pc.list_flatten(table.column("ignored"))).to_pylist()
     ignored = {entry["values"]: entry["counts"] for entry in counts}
-    normalised = rows[stage != REFUSED_FORMAT]
+    normalised = rows[(stage != REFUSED_FORMAT) & (stage != SKIPPED_EMPTY)]
     pool = normalised[np.concatenate(([True], normalised[1:] != normalised[:-1]))] if len(normalised) else normalised
     samples = np.flatnonzero(stage == SAMPLE)
+    stats = None
+    if fmt == "text":
+        lengths = pc.list_value_length(table.column("input_ids")).to_numpy()[samples]
+        # Rows that are no sample carry no labels, so the whole column counts the samples' trained tokens.
+        trained = pc.sum(pc.not_equal(pc.list_flatten(table.column("labels")), -100)).as_py() or 0
+        stats = {**text_stats(rows[samples], lengths, trained), "empty": int((stage == SKIPPED_EMPTY).sum())}
     return Encoded(source, encoded, samples, rows[samples], problems, ignored, len(raw), pool.tolist(), raw, fmt,
-                   columns)
+                   columns, text, stats)
 
 
-def _raw_rows(source: str, split: str, tag: str):
+def _raw_rows(source: str, split: str, tag: str, split_on: str = "document"):
     """Every row as JSON text; a row that cannot be decoded carries its error. JSON Lines files pass their lines
     through unparsed (the workers parse them), other sources are read and written as JSON text. `tag` (the
     preparation's key) only makes `datasets`' own generator cache tell different inputs apart."""
-    for number, value in text_rows(source, split):
+    for number, value in text_rows(source, split, split_on):
         if isinstance(value, Exception):
             yield {"row": number, "text": "", "error": f"not valid JSON: {value}"}
         elif isinstance(value, str):
@@ -167,7 +180,7 @@ def _parse(text: str, error: str, raise_errors: bool = True):
 
 
 def _encode_batch(batch: dict, tokenizer, template: ChatTemplate, fmt: str, max_length: int, columns: dict,
-                  index: int) -> dict:
+                  index: int, text: TextOptions | None = None) -> dict:
     out: dict[str, list] = {k: [] for k in ("row", "input_ids", "labels", "truncated", "stage", "problem", "ignored",
                                             "source")}
 
@@ -176,6 +189,9 @@ def _encode_batch(batch: dict, tokenizer, template: ChatTemplate, fmt: str, max_
         for key, value in zip(out, values):
             out[key].append(value)
 
+    if fmt == "text":
+        _encode_documents(batch, tokenizer, max_length, columns, text or TextOptions(), emit)
+        return out
     for row, text, error in zip(batch["row"], batch["text"], batch["error"]):
         try:
             messages, ignored, tools = row_messages(object_row(_parse(text, error), columns), fmt)
@@ -192,6 +208,23 @@ def _encode_batch(batch: dict, tokenizer, template: ChatTemplate, fmt: str, max_
     return out
 
 
+def _encode_documents(batch: dict, tokenizer, max_length: int, columns: dict, options: TextOptions, emit) -> None:
+    """Text rows: each document's blocks (finetune.data.text), every token trained; empty documents skipped."""
+    options = resolved(options, tokenizer)
+    for row, text, error in zip(batch["row"], batch["text"], batch["error"]):
+        try:
+            document, ignored = row_document(object_row(_parse(text, error), columns))
+            samples = document_samples(tokenizer, document, max_length, options)
+        except EmptyDocument as err:
+            emit(row, SKIPPED_EMPTY, str(err))
+            continue
+        except ValueError as err:
+            emit(row, REFUSED_FORMAT, str(err))
+            continue
+        for number, sample in enumerate(samples):
+            emit(row, SAMPLE, "", sample.input_ids, sample.labels, False, ignored if number == 0 else ())
+
+
 def conversations(encoded: Encoded, rows: list[int], template: ChatTemplate) -> list:
     """The given rows (file row numbers) as fitted Conversations, rebuilt from their text: held-out rows for
     held_out.jsonl and `finetune eval`."""
@@ -206,7 +239,11 @@ def conversations(encoded: Encoded, rows: list[int], template: ChatTemplate) -> 
     picked = encoded.raw.select(positions).to_dict()
     out = []
     for row, text, error in zip(picked["row"], picked["text"], picked["error"]):
-        messages, _, tools = row_messages(object_row(_parse(text, error), encoded.columns), encoded.format)
+        record = object_row(_parse(text, error), encoded.columns)
+        if encoded.format == "text":
+            out.append(Conversation([], encoded.source, row, text=row_document(record)[0]))
+            continue
+        messages, _, tools = row_messages(record, encoded.format)
         out.append(Conversation(fit_messages(template, messages), encoded.source, row, tools))
     return out
 

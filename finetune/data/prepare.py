@@ -39,6 +39,7 @@ from finetune.data.rows import (
     save_conversations,
 )
 from finetune.data.template import ChatTemplate, chat_template, fit_messages
+from finetune.data.text import TextOptions, text_line
 from finetune.errors import UserError
 
 
@@ -59,6 +60,16 @@ class PreparedData:
     cache_line: str | None = None  # where the prepared data lives, and whether it was prepared again
     mix: list[dict] = field(default_factory=list)  # per training source: rows, samples and tokens it gives
     streaming: bool = False  # `train` is a datasets.IterableDataset read as training goes (stream.py)
+    text: list[dict] = field(default_factory=list)  # per text source: its documents, blocks, tokens (text.py)
+
+    def text_lines(self, max_length: int, overlap: int) -> list[str]:
+        """What the text sources gave (documents, blocks, tokens, what was split or skipped), one line each."""
+        return [text_line(stats["source"], stats, max_length, overlap) for stats in self.text]
+
+    @property
+    def all_text(self) -> bool:
+        """Every training source is raw text (the sources of a stream are not known before they are read)."""
+        return bool(self.text) and len(self.text) >= len(self.mix or self.sources)
 
     def mix_lines(self) -> list[str]:
         """The training mixture, one line per source: rows and tokens it gives and their shares."""
@@ -91,10 +102,13 @@ def build_datasets(
     cache: bool = True,
     num_proc: int | None = None,
     streaming: bool = False,
+    text: TextOptions | None = None,
 ) -> PreparedData:
     """Load, normalise, split and tokenise with the tokenizer's chat template (or `template`), on Arrow over
     `num_proc` processes (default: the cores available), cached on disk under a key of the inputs' content (see
-    cache.py); raise UserError when too many rows are bad. `train` is one source or a mixture (mixture.py)."""
+    cache.py); raise UserError when too many rows are bad. `train` is one source or a mixture (mixture.py); `text`:
+    how text sources are read and cut (text.py)."""
+    text = text or TextOptions()
     if template is None:
         try:
             template = chat_template(tokenizer)
@@ -103,18 +117,18 @@ def build_datasets(
     sources = [Source(train, train_split, format)] if isinstance(train, str) else list(train)
     if streaming:
         return _streamed(tokenizer, template, sources, eval, eval_split, format, max_length, max_bad_fraction, seed,
-                         log, cache, num_proc)
+                         log, cache, num_proc, text)
     # The sources' names too: refusal lines and sample origins name them.
     options = {"sources": [source.key() for source in sources], "eval": eval, "eval_split": eval_split,
                "eval_fraction": eval_fraction, "format": format, "max_length": max_length,
-               "seed": seed if eval_fraction > 0 or len(sources) > 1 else None}
+               "seed": seed if eval_fraction > 0 or len(sources) > 1 else None, "text": text.key()}
     paths = {f"train{i}": source.path for i, source in enumerate(sources)}
     key = cache_key(tokenizer, template, {**paths, "eval": eval}, options) if cache else None
 
     def prepare(directory: Path) -> None:
         with progress_bars([s.path for s in sources] + ([eval] if eval else [])):
             _prepare(tokenizer, template, sources, eval, eval_split, eval_fraction, format, max_length, seed,
-                     num_proc, directory, key or "uncached")
+                     num_proc, directory, key or "uncached", text)
 
     data, directory, hit = prepared(key, prepare, lambda entry: _load(entry, template, len(tokenizer)), log)
     for line in data.ignored_lines:
@@ -128,7 +142,7 @@ def build_datasets(
 
 
 def _prepare(tokenizer, template, sources: list[Source], eval, eval_split, eval_fraction, format, max_length, seed,
-             num_proc, directory: Path, key: str) -> None:
+             num_proc, directory: Path, key: str, text: TextOptions) -> None:
     """Encode the sources, split off the held-out rows, draw the mixture and write the entry: train/ and eval/
     datasets, held_out.jsonl and meta.json (cache.write_complete adds the manifest that marks it complete)."""
     import datasets
@@ -136,13 +150,13 @@ def _prepare(tokenizer, template, sources: list[Source], eval, eval_split, eval_
 
     work = directory / "work"
     encoded = [encode_source(s.path, s.split, s.format, tokenizer, template, max_length, work / f"train{i}",
-                             num_proc, f"{key}-{i}", s.columns, i) for i, s in enumerate(sources)]
+                             num_proc, f"{key}-{i}", s.columns, i, text) for i, s in enumerate(sources)]
     problems = [p for e in encoded for p in e.problems]
     rows_read, ignored = sum(e.rows_read for e in encoded), [_ignored_line(e) for e in encoded]
     held_parts, held_out, candidates = [], [], []
     if eval is not None:
         held_encoded = encode_source(eval, eval_split, format, tokenizer, template, max_length, work / "eval",
-                                     num_proc, key + "-eval", index=len(sources))
+                                     num_proc, key + "-eval", index=len(sources), text=text)
         problems += held_encoded.problems
         rows_read += held_encoded.rows_read
         ignored.append(_ignored_line(held_encoded))
@@ -171,7 +185,8 @@ def _prepare(tokenizer, template, sources: list[Source], eval, eval_split, eval_
     save_conversations(held_out, directory / "held_out.jsonl")
     shutil.rmtree(work, ignore_errors=True)
     meta = {"sources": [s.path for s in sources] + ([eval] if eval else []), "rows_read": rows_read,
-            "problems": problems, "ignored_lines": [line for line in ignored if line], "mix": mix}
+            "problems": problems, "ignored_lines": [line for line in ignored if line], "mix": mix,
+            "text": [{"source": e.source, **e.stats} for e in encoded if e.stats is not None]}
     (directory / "meta.json").write_text(json.dumps(meta) + "\n")
 
 
@@ -214,25 +229,30 @@ def _load(directory: Path, template: ChatTemplate, vocabulary: int) -> PreparedD
         cache=str(directory),
         ignored_lines=meta["ignored_lines"],
         mix=meta["mix"],
+        text=meta.get("text", []),
     )
 
 
 def _streamed(tokenizer, template, sources, eval, eval_split, format, max_length, max_bad_fraction, seed, log,
-              cache, num_proc) -> PreparedData:
+              cache, num_proc, text: TextOptions) -> PreparedData:
     """The training rows as a stream; the held-out source (small) prepared and cached up front."""
     from finetune.data.stream import Tally, mean_length, streaming_dataset
 
+    tally = Tally(max_bad_fraction, log)
     data = PreparedData(
-        train=streaming_dataset(sources, tokenizer, template, max_length, seed, Tally(max_bad_fraction, log)),
-        eval=None, eval_conversations=[], mean_train_tokens=mean_length(sources, tokenizer, template, max_length),
+        train=streaming_dataset(sources, tokenizer, template, max_length, seed, tally, text),
+        eval=None, eval_conversations=[],
+        mean_train_tokens=mean_length(sources, tokenizer, template, max_length, text),
         template=template, sources=[s.path for s in sources], streaming=True)
     if eval is not None:
         held = build_datasets(tokenizer, eval, eval_split, None, eval_split, 0.0, format, max_length,
-                              max_bad_fraction, seed, log, template, cache, num_proc)
+                              max_bad_fraction, seed, log, template, cache, num_proc, text=text)
         kept = set(held.train_rows["row"])
         data.eval, data.problems, data.cache_line = held.train, held.problems, held.cache_line
-        data.eval_conversations = [Conversation(fit_messages(template, c.messages), c.source, c.row, c.tools)
-                                   for c in load_conversations(eval, eval_split, format)[0] if c.row in kept]
+        data.eval_conversations = [c if c.text is not None else
+                                   Conversation(fit_messages(template, c.messages), c.source, c.row, c.tools)
+                                   for c in load_conversations(eval, eval_split, format, text=text)[0]
+                                   if c.row in kept]
     return data
 
 

@@ -13,9 +13,10 @@ from typing import Any
 
 from rich.markup import escape
 
-from finetune.data.formats import first_row_format, object_row, row_messages
+from finetune.data.formats import first_row_format, object_row, row_document, row_messages
 from finetune.data.images import ImageRef, extract_images
 from finetune.data.sources import read_records, row_name, row_origin
+from finetune.data.text import EmptyDocument, TextOptions
 from finetune.errors import UserError
 from finetune.paths import write_atomic
 
@@ -30,6 +31,7 @@ class Conversation:
     row: int  # 1-based: the line of a JSONL file, the index of a JSON array or Parquet/CSV/hub row
     tools: list[dict] | None = None  # tool schemas the row offers the assistant (finetune.data.tools)
     images: list | None = None  # ImageRefs, in the order of the `<image>` placeholders (finetune.data.images)
+    text: str | None = None  # a text row's document (format text; messages is then empty)
 
 
 def ignored_line(source: str, ignored: dict) -> str | None:
@@ -50,6 +52,7 @@ class SourceRows:
     problems: list[str] = field(default_factory=list)
     total: int = 0
     ignored: Counter = field(default_factory=Counter)  # field name -> rows that carried it
+    empty: int = 0  # empty text documents, skipped (finetune.data.text)
 
     def ignored_line(self) -> str | None:
         return ignored_line(self.source, self.ignored)
@@ -68,12 +71,11 @@ def held_out_indices(pool: list[int], fraction: float, seed: int) -> list[int]:
     return sorted(pool[i] for i in order[:max(1, round(fraction * len(pool)))])
 
 
-def load_conversations(source: str, split: str, format: str, log=None,
-                       columns: dict | None = None) -> tuple[list[Conversation], list[str], int]:
-    """Every row of a source normalised to messages; refused rows become problem lines, not exceptions.
-
-    With `log`, the fields no format uses are listed there once for the source."""
-    read = read_source(source, split, format, columns=columns)
+def load_conversations(source: str, split: str, format: str, log=None, columns: dict | None = None,
+                       text: TextOptions | None = None) -> tuple[list[Conversation], list[str], int]:
+    """Every row of a source normalised to messages (text rows to their document); refused rows become problem
+    lines, not exceptions. With `log`, the fields no format uses are listed there once for the source."""
+    read = read_source(source, split, format, columns=columns, text=text)
     if read.total == 0:
         raise UserError(f"{source}: no rows")
     if log is not None and read.ignored:
@@ -82,38 +84,49 @@ def load_conversations(source: str, split: str, format: str, log=None,
 
 
 def read_source(source: str, split: str, format: str, keep: bool = True, columns: dict | None = None,
-                media: bool = False) -> SourceRows:
+                media: bool = False, text: TextOptions | None = None) -> SourceRows:
     """Read and normalise every row of a source; `keep=False` counts and checks rows without keeping them. `media`:
-    rows with images (for a vision-language model), each image checked."""
+    rows with images (for a vision-language model), each image checked. Empty text documents are counted apart:
+    skipped, not refused (finetune.data.text)."""
     read = SourceRows(source, None if format == "auto" else format)
-    for number, row, read.format in normalised_rows(source, split, format, columns, media=media):
+    for number, row, read.format in normalised_rows(source, split, format, columns, media=media, text=text):
         read.total += 1
+        if isinstance(row, EmptyDocument):
+            read.empty += 1
+            continue
         if isinstance(row, ValueError):
             read.problems.append(f"{row_name(source, number)}: {row}")
             continue
         messages, ignored, tools, images = row
         if ignored:
             read.ignored.update(ignored)
-        if keep:
+        if keep and isinstance(messages, str):  # a text row: its document
+            read.rows.append(Conversation([], source, number, text=messages))
+        elif keep:
             read.rows.append(Conversation(messages, source, number, tools, images))
     return read
 
 
 def normalised_rows(source: str, split: str, format: str, columns: dict | None = None, streaming: bool = False,
-                    media: bool = False):
+                    media: bool = False, text: TextOptions | None = None):
     """(row number, (messages, ignored fields, tools, images) or the ValueError refusing the row, the format) for
     every row of a source; the format is detected from its first object row, where preference data is refused for
-    the file. Images are None unless `media` (finetune.data.images: paths relative to the row's own file)."""
+    the file. Images are None unless `media` (finetune.data.images: paths relative to the row's own file). A text
+    row gives its document (a str) in place of the messages."""
     fmt = None if format == "auto" else format
-    detected = False
-    for number, value in read_records(source, split, streaming):
+    detected, text = False, text or TextOptions()
+    columns = text.columns(columns)
+    for number, value in read_records(source, split, streaming, text.split_on):
         try:
             record, images = object_row(value, columns), None
             if media:
                 record, images = extract_images(record, row_folder(source, number))
             if not detected:
                 fmt, detected = first_row_format(record, fmt, row_name(source, number)), True
-            yield number, (*row_messages(record, fmt, media), images), fmt
+            if fmt == "text":
+                yield number, (*row_document(record), None, None), fmt
+            else:
+                yield number, (*row_messages(record, fmt, media), images), fmt
         except ValueError as err:
             yield number, err, fmt
 
@@ -148,6 +161,9 @@ def save_conversations(rows: list[Conversation], path: Path) -> None:
     """One JSON object per row, written whole or not at all (finetune.paths.write_atomic)."""
     lines = []
     for conv in rows:
+        if conv.text is not None:  # a held-out document, as `finetune eval` reads it back
+            lines.append(json.dumps({"text": conv.text, "source": conv.source, "row": conv.row}) + "\n")
+            continue
         saved = {"messages": conv.messages, "source": conv.source, "row": conv.row}
         if conv.tools:
             saved["tools"] = conv.tools
@@ -157,11 +173,15 @@ def save_conversations(rows: list[Conversation], path: Path) -> None:
     write_atomic(path, "".join(lines))
 
 
-def read_saved_conversations(path: Path) -> list[Conversation]:
+def read_saved_conversations(path: Path, documents: bool = True) -> list[Conversation]:
+    """The rows of a held_out.jsonl; `documents=False` leaves out text documents (for what needs conversations)."""
     rows = []
     with path.open(encoding="utf-8") as handle:
         for line in filter(str.strip, handle):
             row = json.loads(line)
+            if "text" in row and not documents:
+                continue
+            row.setdefault("messages", [])
             if row.get("images"):
                 row["images"] = [ImageRef(i["kind"], base64.b64decode(i["value"]) if i["kind"] == "bytes"
                                           else i["value"]) for i in row["images"]]

@@ -18,9 +18,11 @@ from finetune.data.formats import flat_format_problem
 from finetune.data.shards import Listing, check_same_shape, is_glob, listing, locate, row_number, shape
 from finetune.errors import UserError
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
+#: Plain-text files: each is one document, or one per blank-line block (data.split_on), in format text.
+TEXT_SUFFIXES = (".txt", ".md")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", *TEXT_SUFFIXES)
 #: Suffixes that make a name a file (missing, or unsupported) rather than a hub dataset id.
-PATH_SUFFIXES = DATA_SUFFIXES + (".txt", ".md", ".gz", ".zip", ".xlsx", ".xls", ".arrow")
+PATH_SUFFIXES = DATA_SUFFIXES + (".gz", ".zip", ".xlsx", ".xls", ".arrow")
 
 
 def unsupported_suffix(path: Path) -> str | None:
@@ -50,7 +52,7 @@ def empty_file(source: str) -> str | None:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return f"{source}: {NO_ROWS}" if _parquet_rows(path) == 0 else None
-    if suffix not in (".jsonl", ".json", ".csv", ".tsv"):
+    if suffix not in (".jsonl", ".json", ".csv", ".tsv", *TEXT_SUFFIXES):
         return None
     with path.open("rb") as handle:
         while chunk := handle.read(_PROBE_BYTES):
@@ -82,19 +84,21 @@ def _empty_json(path: Path) -> bool:
     return data == [] or (isinstance(data, dict) and data.get("data") == [])
 
 
-def read_records(source: str, split: str, streaming: bool = False) -> Iterator[tuple[int, Any]]:
+def read_records(source: str, split: str, streaming: bool = False,
+                 split_on: str = "document") -> Iterator[tuple[int, Any]]:
     """(row number, row) pairs; a row that cannot be parsed comes as the exception, so it is reported, not fatal.
-    `streaming`: hub datasets are read as they download (`load_dataset(streaming=True)`), never stored whole."""
+    `streaming`: hub datasets are read as they download (`load_dataset(streaming=True)`), never stored whole.
+    `split_on`: how a plain-text file divides into documents (data.split_on)."""
     path = Path(source).expanduser()
     if path.is_dir() and is_saved_dataset(path):
         yield from enumerate(_load_saved(path, split, source), start=1)
     elif (files := folder_listing(source, split)) is not None:
-        yield from _shard_rows(files, lambda file: READERS[file.suffix.lower()](file, str(file)))
+        yield from _shard_rows(files, lambda file: read_file(file, str(file), split_on))
     elif path.exists():
         problem = unsupported_suffix(path)
         if problem:
             raise UserError(f"{source}: {problem}")
-        yield from READERS[path.suffix.lower()](path, source)
+        yield from read_file(path, source, split_on)
     elif source.startswith(("/", "./", "../", "~")) or source.lower().endswith(PATH_SUFFIXES):
         raise UserError(f"{source}: data file not found (relative paths are taken from the current directory)")
     else:
@@ -136,8 +140,8 @@ def _shard_rows(files: Listing, read) -> Iterator[tuple[int, Any]]:
     index = {file: number for number, file in enumerate(files.files)}
     first = None
     for file in files.chosen:
-        if empty_file(str(file)):
-            continue
+        if file.suffix.lower() not in TEXT_SUFFIXES and empty_file(str(file)):
+            continue  # an empty text file is an empty document, which its preparation counts
         checked = False
         for number, value in read(file):
             record = (_parsed(value) if isinstance(value, str) else value) if not checked else None
@@ -189,15 +193,16 @@ def _jsonl(path: Path, source: str) -> Iterator[tuple[int, Any]]:
         raise UserError(f"{source}: not valid {encoding.upper()} text ({err.reason}); save it as UTF-8") from None
 
 
-def text_rows(source: str, split: str) -> Iterator[tuple[int, Any]]:
+def text_rows(source: str, split: str, split_on: str = "document") -> Iterator[tuple[int, Any]]:
     """Every row of a source for preparation that parses rows in worker processes: the non-blank lines of UTF-8 JSON
     Lines files unparsed (str; a line that is not UTF-8 comes as its error), other rows as read_records gives them."""
     files = folder_listing(source, split)
     if files is not None:
         return _shard_rows(files, lambda file: _utf8_lines(file) if _is_utf8_jsonl(file) else
-                           READERS[file.suffix.lower()](file, str(file)))
+                           read_file(file, str(file), split_on))
     path = Path(source).expanduser()
-    return _utf8_lines(path) if path.is_file() and _is_utf8_jsonl(path) else read_records(source, split)
+    return _utf8_lines(path) if path.is_file() and _is_utf8_jsonl(path) else \
+        read_records(source, split, split_on=split_on)
 
 
 def _is_utf8_jsonl(path: Path) -> bool:
@@ -287,7 +292,42 @@ def _root_cause(err: BaseException) -> str:
     return str(err).strip() or type(err).__name__
 
 
+def _plain_text(path: Path, source: str, split_on: str) -> Iterator[tuple[int, Any]]:
+    """A .txt/.md file as text rows: the whole file as one document (row 1); with split_on blank_line one document
+    per block of lines between blank lines, numbered by its first line (so `file:row` is where it starts); with
+    `line` one per non-blank line, numbered by its line. Decoded
+    as the JSON readers decode (UTF-8 with or without a BOM, UTF-16/32), line ends normalised to \\n."""
+    encoding = text_encoding(path)
+    try:
+        text = path.read_text(encoding=encoding)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{source}: not {encoding.upper().removesuffix('-SIG')} text ({err.reason} at byte "
+                        f"{err.start}); save it as UTF-8") from None
+    if split_on == "line":
+        yield from ((number, {"text": line.rstrip()}) for number, line in enumerate(text.split("\n"), start=1)
+                    if line.strip())
+        return
+    if split_on != "blank_line":
+        yield 1, {"text": text.strip("\n").rstrip()}
+        return
+    block, first = [], 0
+    for number, line in enumerate([*text.split("\n"), ""], start=1):
+        if line.strip():
+            block.append(line.rstrip())
+            first = first or number
+        elif block:
+            yield first, {"text": "\n".join(block)}
+            block, first = [], 0
+
+
 READERS = {".jsonl": _jsonl, ".json": _json, ".parquet": _parquet, ".csv": _delimited, ".tsv": _delimited}
+
+
+def read_file(path: Path, source: str, split_on: str = "document") -> Iterator[tuple[int, Any]]:
+    """The rows of one local data file, read by its suffix."""
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        return _plain_text(path, source, split_on)
+    return READERS[path.suffix.lower()](path, source)
 
 
 def _load_dataset(name: str, split: str, what: str, streaming: bool = False):

@@ -19,6 +19,7 @@ from rich.markup import escape
 from finetune.data.mixture import Source
 from finetune.data.sources import row_name
 from finetune.data.template import ChatTemplate, trained_samples
+from finetune.data.text import EmptyDocument, TextOptions, document_samples
 from finetune.errors import UserError
 
 #: Rows in the shuffle buffer: wide enough to mix neighbouring rows of a sorted file, small in memory.
@@ -50,18 +51,25 @@ class Tally:
                             + "; ".join(f"{n}x {reason}" for reason, n in reasons))
 
 
-def stream_samples(source: Source, tokenizer, template: ChatTemplate, max_length: int, tally: Tally):
-    """Samples of one source, in file order: {"input_ids", "labels"}."""
+def stream_samples(source: Source, tokenizer, template: ChatTemplate, max_length: int, tally: Tally,
+                   text: TextOptions | None = None):
+    """Samples of one source, in file order: {"input_ids", "labels"}. Empty text documents are skipped (counted as
+    read, not refused)."""
     from finetune.data.rows import normalised_rows
 
-    for number, row, _ in normalised_rows(source.path, source.split, source.format, source.columns, streaming=True):
+    text = text or TextOptions()
+    for number, row, _ in normalised_rows(source.path, source.split, source.format, source.columns, streaming=True,
+                                          text=text):
         tally.read += 1
         where = row_name(source.path, number)
         try:
             if isinstance(row, ValueError):
                 raise row
             messages, _, tools, _ = row
-            samples = trained_samples(tokenizer, messages, max_length, tools, template)
+            samples = document_samples(tokenizer, messages, max_length, text) if isinstance(messages, str) else \
+                trained_samples(tokenizer, messages, max_length, tools, template)
+        except EmptyDocument:
+            continue
         except ValueError as err:
             tally.refused(f"{where}: {err}")
             continue
@@ -70,7 +78,7 @@ def stream_samples(source: Source, tokenizer, template: ChatTemplate, max_length
 
 
 def streaming_dataset(sources: list[Source], tokenizer, template: ChatTemplate, max_length: int, seed: int,
-                      tally: Tally) -> Any:
+                      tally: Tally, text: TextOptions | None = None) -> Any:
     """The training stream: each source's samples, interleaved by weight when there are several, shuffled in a
     seeded buffer."""
     import datasets
@@ -79,7 +87,7 @@ def streaming_dataset(sources: list[Source], tokenizer, template: ChatTemplate, 
                                   "labels": datasets.Sequence(datasets.Value("int32"))})
     # Generators, not gen_kwargs lists: datasets would shard list-valued gen_kwargs across workers.
     streams = [datasets.IterableDataset.from_generator(
-        lambda source=source: stream_samples(source, tokenizer, template, max_length, tally), features=features)
+        lambda source=source: stream_samples(source, tokenizer, template, max_length, tally, text), features=features)
         for source in sources]
     if len(streams) == 1:
         stream = streams[0]
@@ -90,11 +98,12 @@ def streaming_dataset(sources: list[Source], tokenizer, template: ChatTemplate, 
     return stream.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
 
 
-def mean_length(sources: list[Source], tokenizer, template: ChatTemplate, max_length: int) -> float:
+def mean_length(sources: list[Source], tokenizer, template: ChatTemplate, max_length: int,
+                text: TextOptions | None = None) -> float:
     """The mean sample length over the first LENGTH_PROBE samples of the first source (for the start summary)."""
     quiet = Tally(1.0, lambda *_: None)
     lengths = []
-    for sample in stream_samples(sources[0], tokenizer, template, max_length, quiet):
+    for sample in stream_samples(sources[0], tokenizer, template, max_length, quiet, text):
         lengths.append(len(sample["input_ids"]))
         if len(lengths) >= LENGTH_PROBE:
             break

@@ -39,4 +39,4 @@ def run_eval(target: str, recipe: Path | None = None, data: Path | None = None, 
     if pairs is not None:
         return run_preference_eval(target, where, pairs[:max_samples], batch_size, recipe, log)
     rows = held_out_rows(target, recipe, data)[:max_samples]
-    return run_sft_eval(target, where, rows, compare_base, max_new_tokens, batch_size, log)
+    return run_sft_eval(target, where, rows, compare_base, max_new_tokens, batch_size, log, recipe)

@@ -26,6 +26,7 @@ from finetune.data.template import (
 )
 from finetune.errors import UserError
 from finetune.eval.targets import Target, eval_template, right_padded, score_candidates, write_report
+from finetune.eval.text import TEXT_KEYS, document_loss, text_settings
 
 SAMPLES_SHOWN = 3
 KEYS = ["loss", "perplexity", "exact_match", "normalised_match", "rows"]
@@ -43,11 +44,11 @@ def held_out_rows(target: str, recipe_path: Path | None, data: Path | None) -> l
         recipe = load_recipe(recipe_path)
         d = recipe.data
         if d.eval is not None:
-            return load_conversations(d.eval, d.eval_split, d.format)[0]
+            return load_conversations(d.eval, d.eval_split, d.format, text=d.text_options())[0]
         if d.eval_fraction > 0:  # each source's share, drawn as training drew it
             return [row for s in d.train_sources() for row in split_held_out(
-                load_conversations(s.path, s.split, s.format, columns=s.columns)[0], d.eval_fraction,
-                recipe.train.seed)[1]]
+                load_conversations(s.path, s.split, s.format, columns=s.columns, text=d.text_options())[0],
+                d.eval_fraction, recipe.train.seed)[1]]
         raise UserError(f"{recipe_path}: the recipe has no held-out data (data.eval or data.eval_fraction)")
     saved = Path(target) / "held_out.jsonl"
     if saved.exists():
@@ -187,27 +188,37 @@ def evaluate_model(model, tokenizer, rows: list[Conversation], batch_size: int, 
 
 
 def run_sft_eval(target: str, where: Target, rows: list[Conversation], compare_base: bool, max_new_tokens: int,
-                 batch_size: int, log=print) -> dict:
+                 batch_size: int, log=print, recipe: Path | None = None) -> dict:
     """Loss and greedy-generation scores of the model (and, with compare_base, its base) on the same rows; writes
-    eval.json and eval.md."""
+    eval.json and eval.md. Text documents (format text) get their perplexity only, as the run cut them into blocks
+    (`recipe`'s settings, else the run's); in a mixed set, as text_loss and text_perplexity beside the chat scores."""
     from rich.markup import escape
 
     if compare_base and where.base_path is None:
         raise UserError("--compare-base needs a run directory (its run.json names the base model)")
+    documents, chats = [r for r in rows if r.text is not None], [r for r in rows if r.text is None]
+    settings = text_settings(target, recipe) if documents else None
 
     def score(name, model, tokenizer, progress):
         task = progress.add_task(f"eval {name}", total=len(rows))
-        return evaluate_model(model, tokenizer, rows, batch_size, max_new_tokens, partial(progress.advance, task),
-                              where.fold_system)
+        metrics, answers = evaluate_model(model, tokenizer, chats, batch_size, max_new_tokens,
+                                          partial(progress.advance, task), where.fold_system) if chats else ({}, [])
+        if documents:
+            text = document_loss(model, tokenizer, documents, batch_size, *settings)
+            metrics.update(text if not chats else {f"text_{key}": value for key, value in text.items()})
+            progress.advance(task, len(documents))
+        return metrics, answers
 
     scored = score_candidates(where, compare_base, score)
     results = {name: metrics for name, (metrics, _) in scored.items()}
     predictions = {name: answers for name, (_, answers) in scored.items()}
     samples = [{"prompt": last_prompt_turn(r.messages), "reference": reference(r.messages),
-                **{name: predictions[name][i] for name in predictions}} for i, r in enumerate(rows)]
+                **{name: predictions[name][i] for name in predictions}} for i, r in enumerate(chats)]
     for sample in samples[:SAMPLES_SHOWN]:
         log(f"[dim]prompt:[/dim] {escape(sample['prompt'])}\n[dim]reference:[/dim] {escape(sample['reference'])}")
         for name in predictions:
             log(f"[dim]{name}:[/dim] {escape(sample[name])}")
+    keys = KEYS + ["text_loss", "text_perplexity", "text_documents"] if documents and chats else \
+        TEXT_KEYS if documents else KEYS
     report = {"target": target, "rows": len(rows), "results": results, "samples": samples}
-    return write_report(target, where, report, KEYS, log)
+    return write_report(target, where, report, keys, log)

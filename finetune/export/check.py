@@ -27,7 +27,7 @@ def held_out_for(source, max_samples: int | None) -> list[Conversation]:
     from finetune.data.rows import read_saved_conversations
 
     saved = source.run_dir / "held_out.jsonl" if source.run_dir is not None else None
-    rows = read_saved_conversations(saved) if saved is not None and saved.is_file() else []
+    rows = read_saved_conversations(saved, documents=False) if saved is not None and saved.is_file() else []
     if not rows:
         rows = [Conversation([{"role": "user", "content": p}, {"role": "assistant", "content": ""}], "probe", i + 1)
                 for i, p in enumerate(PROBES)]

@@ -67,7 +67,7 @@ def _merge(run_dir: Path, output: Path, info: dict, base_path: str, found: str |
 
     adapter, processor = run_dir / "adapter", None
     held_out = run_dir / "held_out.jsonl"
-    rows = read_saved_conversations(held_out)[:CHECK_ROWS] if held_out.exists() else []
+    rows = read_saved_conversations(held_out, documents=False)[:CHECK_ROWS] if held_out.exists() else []
     log(f"merging {adapter} into {base_path} (fp32)")
     if is_vision_language(base_path):  # the adapter dir holds the processor the run trained with
         processor = load_processor(str(adapter))

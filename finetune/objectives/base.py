@@ -47,7 +47,7 @@ class ObjectiveOptions(Section):
             tokenizer, train=d.train_sources(), train_split=d.train_split, eval=d.eval, eval_split=d.eval_split,
             eval_fraction=d.eval_fraction, format=d.format, max_length=d.max_length,
             max_bad_fraction=d.max_bad_fraction, seed=recipe.train.seed, log=log, template=template, cache=d.cache,
-            num_proc=d.num_proc, streaming=d.streaming,
+            num_proc=d.num_proc, streaming=d.streaming, text=d.text_options(),
         )
 
     def build_vision_data(self, recipe, processor, log):

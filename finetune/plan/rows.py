@@ -65,6 +65,7 @@ def read_lengths(recipe, log=lambda *_: None) -> RowLengths:
     data = build_datasets(tokenizer, train=d.train_sources(), train_split=d.train_split, eval=d.eval,
                           eval_split=d.eval_split, eval_fraction=d.eval_fraction, format=d.format,
                           max_length=d.max_length, max_bad_fraction=d.max_bad_fraction, seed=recipe.train.seed,
-                          log=log, template=template, cache=d.cache, num_proc=d.num_proc)
+                          log=log, template=template, cache=d.cache, num_proc=d.num_proc,
+                          text=d.text_options())
     lengths = pc.list_value_length(data.train.data.column("input_ids")).to_pylist()
     return RowLengths(d.max_length, tuple(lengths))

@@ -26,6 +26,7 @@ from finetune.objectives.sft import Options as SftOptions
 from finetune.recipe.distributed import DistributedSection, compatibility_problems
 from finetune.recipe.evaluation import EvalSection
 from finetune.recipe.section import Section
+from finetune.recipe.text import text_problems
 
 #: Joins the cross-section problems pydantic must carry as one error; `load_recipe` splits them again.
 CROSS_CHECK_SEPARATOR = "\n\x1f"
@@ -98,11 +99,12 @@ class SourceSection(Section):
     """One training source of a mixture."""
 
     path: str
-    """A local .jsonl/.json/.parquet/.csv/.tsv file, a dataset directory, or a hub dataset id."""
+    """A local .jsonl/.json/.parquet/.csv/.tsv file, a .txt/.md file of raw text, a folder or glob of them, a
+    dataset directory, or a hub dataset id."""
     split: str = "train"
     """Split to read when `path` is a hub dataset id or a dataset directory."""
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = "auto"
-    """This source's row format (see data.format)."""
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = "auto"
+    """This source's row format (see data.format); each source keeps its own, so raw text mixes with chat rows."""
     columns: dict[str, str] = {}
     """The format's field names for this file's own: `{prompt: question, completion: answer}` reads `question` as
     `prompt` and `answer` as `completion`."""
@@ -126,13 +128,14 @@ class SourceSection(Section):
 
 
 class DataSection(Section):
-    """Training and held-out data: local JSON/JSONL/Parquet/CSV/TSV files, dataset directories or hub dataset ids."""
+    """Training and held-out data: local JSON/JSONL/Parquet/CSV/TSV files, raw text (.txt/.md), dataset directories
+    or hub dataset ids."""
 
     train: str | None = None
-    """A local .jsonl/.json/.parquet/.csv/.tsv file, a folder (every data file in it, any of those types), a glob
-    (`data/*.jsonl`), a `save_to_disk` directory, or a hub dataset id. A path that exists is always read locally.
-    CSV/TSV files need a header naming Alpaca (instruction, output, optional input, system) or prompt/completion
-    columns."""
+    """A local .jsonl/.json/.parquet/.csv/.tsv file (or .txt/.md of raw text, data.format text), a folder (every
+    data file in it, any of those types), a glob (`data/*.jsonl`), a `save_to_disk` directory, or a hub dataset id.
+    A path that exists is always read locally. CSV/TSV files need a header naming Alpaca (instruction, output,
+    optional input, system), prompt/completion or text columns."""
     sources: list[SourceSection] | None = None
     """Several training sources mixed into one run (instead of `train`), each with its own path, split, format,
     column names and share (`weight` or `rows`); the mix in rows and tokens is printed at the start."""
@@ -145,8 +148,10 @@ class DataSection(Section):
     """Split to read when `eval` is a hub dataset id, a saved DatasetDict or a folder of split-named files."""
     eval_fraction: float = Field(0.0, ge=0, le=0.5)
     """Fraction of training rows held out (seeded by `train.seed`; the rows are saved in the run dir)."""
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = "auto"
-    """Row format. `auto` detects it from the keys of the first row; set it when detection is ambiguous. Every
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = "auto"
+    """Row format. `auto` detects it from the keys of the first row (.txt/.md files and a lone `text` field are
+    `text`: raw documents for continued pretraining, every token trained, no chat template); set it when detection
+    is ambiguous (a `text` field beside `messages` is refused until it is set). Every
     field a format defines is honoured: a row-level `system`, Alpaca `input` and `history` (earlier rounds), a chat
     turn's `weight` (0: context only, 1: trained), `content` as a list of text parts, and tool calling (OpenAI
     `tools`/`tool_calls`/`role: tool`, ShareGPT `function_call`/`observation` with `tools`). Rows with images
@@ -175,6 +180,22 @@ class DataSection(Section):
     the same inputs starts in seconds and DDP ranks prepare once. Hub datasets are prepared every time."""
     num_proc: int | None = Field(None, ge=1)
     """Processes that prepare the data; unset: the cores available (small sets use one)."""
+    text_column: str = "text"
+    """The field holding a text row's document, for files that name it otherwise (`content`, `body`)."""
+    split_on: Literal["document", "blank_line", "line"] = "document"
+    """How a .txt/.md file divides into documents. `document` (a file is what a document is for most sources): each
+    file is one (a folder of files, one per file). `blank_line`: each block of lines between blank lines is one (a
+    dump of paragraphs or articles), named by its first line in reports. `line`: each non-blank line is one (one
+    article per line, as LLaMA-Factory's wiki_demo.txt and `datasets`' text loader read it)."""
+    overlap: int = Field(0, ge=0)
+    """Tokens a document longer than max_length repeats from the end of one block at the start of the next, as
+    context (not trained twice). 0: blocks follow each other; a block then starts without context."""
+    document_bos: bool | None = None
+    """Put the tokenizer's BOS token before each document. Unset: when the tokenizer adds BOS to what it encodes
+    (Llama's, Mistral's), as the model saw documents in pretraining."""
+    document_eos: bool = True
+    """End each document with the tokenizer's EOS token, so packed documents are separated and the model learns where
+    one ends (LLaMA-Factory's pt stage and TRL's text datasets do the same)."""
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
     """Refuse to train when more than this fraction of rows is malformed or loses all assistant tokens to
     truncation. 1% tolerates a few broken rows in a scraped set but stops a wrong format or field name."""
@@ -208,6 +229,9 @@ class DataSection(Section):
                              if self.train is not None else "set `data.train` (one source) or `data.sources`")
         if self.sources is not None and not self.sources:
             raise ValueError("`data.sources` is empty")
+        if self.overlap * 2 > self.max_length:
+            raise ValueError(f"`data.overlap` ({self.overlap}) must be at most half of data.max_length "
+                             f"({self.max_length}), so that each block brings as many new tokens as it repeats")
         _folder_split(self.train, self.train_split)
         _folder_split(self.eval, self.eval_split)
         if self.image_max_pixels and self.image_min_pixels and self.image_min_pixels > self.image_max_pixels:
@@ -222,6 +246,12 @@ class DataSection(Section):
         if self.sources is None:
             return [Source(self.train, self.train_split, self.format)]
         return [Source(s.path, s.split, s.format, dict(s.columns), s.weight, s.rows) for s in self.sources]
+
+    def text_options(self):
+        """How text sources are read and cut into blocks (finetune.data.text.TextOptions)."""
+        from finetune.data.text import TextOptions
+
+        return TextOptions(self.text_column, self.split_on, self.overlap, self.document_bos, self.document_eos)
 
     def empty_files(self) -> list[str]:
         """`data.train`/`data.sources`/`data.eval` files that hold no row (empty or blank), each with its field."""
@@ -262,7 +292,9 @@ class TrainSection(Section):
     """Padding-free packing: rows go best-fit into packs of up to `data.max_length` tokens (TRL's BFD), each row
     keeping its own positions and attending only to itself (flash-attention's varlen kernels; SDPA and eager get a
     block-diagonal mask per pack), so the loss is the unpacked one and no padding is computed. `batch_size` then
-    counts packs. Off by default: a step's row count then varies with the rows' lengths."""
+    counts packs. Off by default: a step's row count then varies with the rows' lengths. On by default when every
+    training source is raw text (data.format text, .txt/.md files) and nothing is streamed: documents are packed
+    into max_length blocks, none attending to another."""
     chunked_loss: bool | None = None
     """Compute the loss through TRL's fused LM head, in tiles of up to 4096 tokens x 32768 vocabulary entries, never
     holding the whole (tokens, vocabulary) logits; each tile is computed again in backward. Unset: on where TRL runs
@@ -348,6 +380,7 @@ class Recipe(Section):
         if self.data.streaming:
             problems += _streaming_problems(self.data, self.train)
         problems += self.objective.recipe_problems(self)
+        problems += text_problems(self)
         t = self.train
         if (t.early_stopping_patience is not None or t.eval_on_start) and not has_eval:
             problems.append("`train.early_stopping_patience` and `train.eval_on_start` need held-out data: set "

@@ -277,6 +277,8 @@ def _setup_trainer(run: Run, method, model, dtype, attention, data, tokens: Toke
 
 def _start_summary(run: Run, model, method, dtype, attention, args, data) -> None:
     """What a user needs to trust the run, printed before the trainer is built (derived quantities included)."""
+    from rich.markup import escape
+
     from finetune.run.report import start_summary
 
     recipe, t, d, log = run.recipe, run.recipe.train, run.recipe.data, run.log
@@ -294,6 +296,12 @@ def _start_summary(run: Run, model, method, dtype, attention, args, data) -> Non
         log(f"[yellow]warning: {data.truncated} of {len(data.train)} training samples are cut at data.max_length="
             f"{d.max_length}; what lies past it (an answer's end, its end-of-turn token) is not trained. `finetune "
             "data` shows them[/yellow]")
+    for line in getattr(data, "text_lines", lambda *_: [])(d.max_length, d.overlap):
+        log(escape(line))
+    if getattr(data, "text", None) and not t.packing and not data.streaming:
+        log("[yellow]warning: raw text without train.packing: each block is padded to its batch's longest instead "
+            "of packed with others into max_length; set train.packing: true (documents still never attend to each "
+            "other)[/yellow]")
     train_rows = 0 if data.streaming else len(data.train)
     for line in recipe.objective.start_lines(recipe, train_rows):
         log(line)

@@ -134,7 +134,7 @@ def test_shards_of_different_shapes_are_one_error_naming_both_files_and_columns(
 def test_recipes_refuse_unreadable_folders_and_empty_globs_up_front(tmp_path, tiny_model_dir):
     folder = mixed_folder(tmp_path)
     (folder / "train.jsonl").rename(folder / "first.jsonl")
-    (folder / "notes.txt").write_text("to do\n")
+    (folder / "notes.xlsx").write_text("to do\n")
 
     def validate(train):
         recipe = tmp_path / "recipe.yaml"
@@ -144,7 +144,7 @@ def test_recipes_refuse_unreadable_folders_and_empty_globs_up_front(tmp_path, ti
 
     result = validate(str(folder))
     message = " ".join(result.output.split())
-    assert result.exit_code == 2 and "would be left out: notes.txt (.txt)" in message
+    assert result.exit_code == 2 and "would be left out: notes.xlsx (.xlsx)" in message
     result = validate(f"{tmp_path}/nothing-*.jsonl")
     message = " ".join(result.output.split())
     assert result.exit_code == 2 and "the pattern matches no file" in message and "does not exist" not in message

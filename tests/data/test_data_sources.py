@@ -56,8 +56,8 @@ def test_csv_columns_must_fit_a_format(tmp_path):
     with pytest.raises(UserError) as err:
         load_conversations(str(path), "train", "auto")
     assert str(err.value) == (f"{path}: columns (question, answer) fit no format a CSV/TSV file can hold: "
-                              "instruction and output (optional input, system) for Alpaca rows, or prompt and "
-                              "completion")
+                              "instruction and output (optional input, system) for Alpaca rows, prompt and "
+                              "completion, or text (raw text)")
     empty = tmp_path / "empty.csv"
     empty.write_text("")
     with pytest.raises(UserError, match=r"empty.csv: empty file \(no header row\)"):
@@ -71,7 +71,7 @@ def test_unsupported_local_file_is_refused_at_once_without_the_hub(tmp_path, mon
         raise AssertionError("a local file was sent to datasets.load_dataset")
 
     monkeypatch.setattr(datasets, "load_dataset", no_hub)
-    path = tmp_path / "notes.txt"
+    path = tmp_path / "notes.xlsx"
     path.write_text("Count from 3: 3 4 5\n")
     start = time.perf_counter()
     with pytest.raises(UserError) as err:
@@ -88,9 +88,9 @@ def test_unsupported_local_file_is_refused_at_once_without_the_hub(tmp_path, mon
         load_conversations(str(rows), "train", "auto")
         reading.append(time.perf_counter() - start)
     assert refused < min(reading), f"refused in {refused:.4f} s; 1,000 rows read in {min(reading):.4f} s"
-    assert str(err.value) == (f"{path}: unsupported file type `.txt`; finetune reads .jsonl, .json, .parquet, .csv, "
-                              ".tsv files, dataset directories and hub dataset ids")
-    with pytest.raises(UserError, match=r"data.train: data file `.*notes.txt`: unsupported file type `.txt`"):
+    assert str(err.value) == (f"{path}: unsupported file type `.xlsx`; finetune reads .jsonl, .json, .parquet, .csv, "
+                              ".tsv, .txt, .md files, dataset directories and hub dataset ids")
+    with pytest.raises(UserError, match=r"data.train: data file `.*notes.xlsx`: unsupported file type `.xlsx`"):
         load_recipe(_recipe(tmp_path, path))
     with pytest.raises(UserError, match=r"data.train: data file `missing/notes.txt` does not exist"):
         load_recipe(_recipe(tmp_path, "missing/notes.txt"))  # a file name, not a hub id
