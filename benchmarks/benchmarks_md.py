@@ -15,6 +15,8 @@ SECTIONS = [
     ("`finetune plan` against measured peaks at 1024 tokens per step, CPU", "plan-check-smollm2-cpu-1024tok.md"),
     ("The same check with the timing runs' allocator (freed heap blocks stay resident), CPU",
      "plan-check-smollm2-cpu-4mib.md"),
+    ("`finetune plan` against measured peaks on a vision-language model (SmolVLM-256M shape), CPU",
+     "vlm-plan-cpu.md"),
     ("finetune against plain transformers.Trainer (+ peft) on the same job, and its start-up, CPU",
      "overhead-smollm2-cpu.md"),
     ("The same at batch 4 without checkpointing, logging every step, steps 4-16", "overhead-b4-smollm2-cpu.md"),
@@ -39,7 +41,8 @@ GPU = ("## GPU: `python -m benchmarks.bench --arch llama2-7b --seq-len 2048` (bf
 
 def main() -> None:
     parts = ["# Benchmarks\n", "Every table below is the verbatim output of `benchmarks/bench.py`, "
-             "`benchmarks/plan_check.py`, `benchmarks/gpu_check.py`, `benchmarks/data_bench.py`, "
+             "`benchmarks/plan_check.py`, `benchmarks/vlm_plan.py`, `benchmarks/gpu_check.py`, "
+             "`benchmarks/data_bench.py`, "
              "`benchmarks/grpo_bench.py`, `benchmarks/fit_bench.py`, `scripts/grpo_demo.py` or "
              "`benchmarks/profile_overhead.py` (command, date, "
              "machine and versions in its first line); `python -m benchmarks.benchmarks_md` rebuilds this file from "

@@ -13,7 +13,9 @@ process's resident memory just before the model loaded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import random
 import shlex
 import sys
@@ -70,14 +72,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--methods", default="lora,full")
     args = parser.parse_args()
+    import datetime
+    import platform
+
+    import torch
+    import transformers
+
     command = shlex.join(["python", "-m", "benchmarks.vlm_plan", *sys.argv[1:]])
-    print(f"`{command}` — SmolVLM-256M-shaped Idefics3 (random weights), seq {args.seq_len} x batch {args.batch}, "
-          "one 512x512 image per row, checkpointing on, fp32, CPU\n")
+    print(f"`{command}` — {datetime.date.today()}, {platform.machine()} {os.cpu_count()} cores, torch "
+          f"{torch.__version__}, transformers {transformers.__version__}; SmolVLM-256M-shaped Idefics3 (random "
+          f"weights), seq {args.seq_len} x batch {args.batch}, one 512x512 image per row, checkpointing on, fp32, "
+          "CPU\n")
     print("| method | measured peak GiB | plan GiB | plan / measured |")
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.methods.split(","):
-            measured, predicted = vlm_plan_check(METHODS[name], Path(tmp), args.seq_len, args.batch)
+            with contextlib.redirect_stdout(sys.stderr):  # the libraries' own prints stay out of the table
+                measured, predicted = vlm_plan_check(METHODS[name], Path(tmp), args.seq_len, args.batch)
             print(f"| {name} | {measured['peak_gb']:.3f} | {predicted:.3f} | {predicted / measured['peak_gb']:.3f} |",
                   flush=True)
 
