@@ -57,6 +57,7 @@ def test_too_many_bad_streamed_rows_stop_with_the_reasons(tmp_path, tokenizer, m
         list(data.train)
 
 
+@pytest.mark.slow  # a resumed run: seconds the edit loop's tier cannot spare
 def test_a_streaming_run_trains_evaluates_and_resumes_where_it_stopped(write_recipe, tmp_path):
     held = write(tmp_path / "held.jsonl", counting_rows(8, seed=5))
     data = {"streaming": True, "eval": held}

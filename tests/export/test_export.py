@@ -234,7 +234,7 @@ EMBEDDED = cache_dir() / "models" / "smollm2-135m-instruct"
 def test_embedded_demo_run_exports_q8_0_that_answers_like_the_trained_model(demo_run, monkeypatch):
     monkeypatch.chdir(ROOT)
     run = demo_run  # recipes/demo.yaml, 4 steps (conftest.embedded_demo_run)
-    result = runner.invoke(app, ["export", str(run), "--quant", "q8_0", "--ollama", "--max-samples", "8",
+    result = runner.invoke(app, ["export", str(run), "--quant", "q8_0", "--ollama", "--max-samples", "4",
                                  "--max-new-tokens", "16"])
     assert result.exit_code == 0, result.output
     out = run / "gguf-q8_0" / "demo-q8_0.gguf"
@@ -242,6 +242,6 @@ def test_embedded_demo_run_exports_q8_0_that_answers_like_the_trained_model(demo
     assert fields["tokenizer.ggml.pre"] == "smollm"  # recognised by llama.cpp's own table, no fallback
     assert fields["tokenizer.ggml.eos_token_id"] == 2  # <|im_end|>
     check = json.loads((out.parent / "export.json").read_text())["check"]
-    assert check["agreement"] >= 0.875 and check["prompt_tokens_identical"] == 8
+    assert check["agreement"] >= 0.75 and check["prompt_tokens_identical"] == 4
     modelfile = (out.parent / "Modelfile").read_text()
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile

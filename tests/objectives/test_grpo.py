@@ -135,6 +135,7 @@ def test_each_method_learns_from_rewards_and_keeps_a_sample_of_completions(grpo_
     assert (run_dir / "loss.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # a resumed run: seconds the edit loop's tier cannot spare
 def test_resume_mid_run_samples_the_same_completions(grpo_recipe, tmp_path):
     from helpers.runs import assert_same_weights, straight_and_resumed
 

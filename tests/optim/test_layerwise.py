@@ -158,6 +158,7 @@ def test_randomized_refresh_captures_the_exact_subspace_energy(tiny_model_dir):
 runner = CliRunner()
 
 
+@pytest.mark.slow  # a resumed run: seconds the edit loop's tier cannot spare
 def test_resume_restores_every_optimizer_state_and_projector(write_recipe, tmp_path):
     method = {"name": "galore", "rank": 4, "update_proj_gap": 3, "scale": 1.0, "optim_bits": 8,
               "target_modules": "all-linear"}
