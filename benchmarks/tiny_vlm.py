@@ -191,3 +191,28 @@ def tiny_gemma3(seed: int = 0):
         mm_tokens_per_image=4, boi_token_index=tokenizer.boi_token_id, eoi_token_index=tokenizer.eoi_token_id,
         image_token_index=tokenizer.image_token_id)
     return Gemma3ForConditionalGeneration(config), processor
+
+
+def tiny_llava_next(seed: int = 0):
+    """(model, processor): LLaVA-NeXT's architecture (any-resolution: an image becomes a base view and the tiles of
+    the best-fitting grid, each 4 tokens), 2 language layers of width 64."""
+    import torch
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tokenizer = build_tokenizer(special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"))
+    grids = [[28, 28], [28, 56], [56, 28], [56, 56]]
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                                   image_grid_pinpoints=grids),
+        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE,
+        num_additional_image_tokens=1)
+    torch.manual_seed(seed)
+    config = LlavaNextConfig(
+        text_config={"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+        vision_config={"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="default", image_grid_pinpoints=grids)
+    return LlavaNextForConditionalGeneration(config), processor
