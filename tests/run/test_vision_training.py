@@ -1,7 +1,7 @@
 """Vision-language training end to end on tiny random Qwen2-VL, Idefics3 (SmolVLM), LLaVA, LLaVA-NeXT and Gemma-3
-models with their real processors: LoRA, full, GaLore and LISA steps (the language model trains, the vision tower stays as it was), DPO
-steps, and the run's outputs (adapter with the processor, merge with equal logits, eval with exact match, chat with
-an image)."""
+models with their real processors: LoRA, full, GaLore and LISA steps (the language model trains, the vision tower
+stays as it was), DPO steps, and the run's outputs (adapter with the processor, merge with equal logits, eval with
+exact match, chat with an image)."""
 
 import json
 from pathlib import Path
