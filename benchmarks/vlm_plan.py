@@ -83,14 +83,14 @@ def main() -> None:
           f"{torch.__version__}, transformers {transformers.__version__}; SmolVLM-256M-shaped Idefics3 (random "
           f"weights), seq {args.seq_len} x batch {args.batch}, one 512x512 image per row, checkpointing on, fp32, "
           "CPU\n")
-    print("| method | measured peak GiB | plan GiB | plan / measured |")
-    print("|---|---|---|---|")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.methods.split(","):
             with contextlib.redirect_stdout(sys.stderr):  # the libraries' own prints stay out of the table
                 measured, predicted = vlm_plan_check(METHODS[name], Path(tmp), args.seq_len, args.batch)
-            print(f"| {name} | {measured['peak_gb']:.3f} | {predicted:.3f} | {predicted / measured['peak_gb']:.3f} |",
-                  flush=True)
+            rows.append(f"| {name} | {measured['peak_gb']:.3f} | {predicted:.3f} | "
+                        f"{predicted / measured['peak_gb']:.3f} |")
+    print("| method | measured peak GiB | plan GiB | plan / measured |\n|---|---|---|---|\n" + "\n".join(rows))
 
 
 if __name__ == "__main__":
