@@ -201,7 +201,7 @@ def validate(
     """Check recipes and read their local data files, loading no model or tokenizer (hub datasets are not
     downloaded): every problem of every file, exit 2 if any."""
     from finetune.data.check import check_data
-    from finetune.models.vision import is_vision_language
+    from finetune.models.vision import is_vision_language, vision_recipe_problems
     from finetune.recipe.load import load_recipe
 
     problems = []
@@ -214,7 +214,8 @@ def validate(
         report = []  # format, row count, ignored and refused fields of each data file, under the recipe's line
         model = Path(loaded.model.name_or_path).expanduser()
         media = model.is_dir() and is_vision_language(str(model))  # a local VLM's config says so, nothing loads
-        data_problems = check_data(loaded.data, report.append, loaded.objective.data_kind, media)
+        data_problems = vision_recipe_problems(loaded) if media else []
+        data_problems += check_data(loaded.data, report.append, loaded.objective.data_kind, media)
         data_problems += loaded.objective.input_problems(loaded)
         console.print(f"[red]data problems[/red] {path}" if data_problems else f"[green]ok[/green] {path}")
         for line in report:

@@ -14,6 +14,7 @@ from rich.markup import escape
 from finetune.data.rows import SourceRows, read_source
 from finetune.data.shards import is_glob
 from finetune.data.sources import NO_ROWS
+from finetune.data.text import count
 from finetune.errors import UserError
 
 _SHOWN = 5
@@ -45,8 +46,11 @@ def check_data(data, log, kind: str = "conversations", media: bool = False) -> l
 
 def _check_source(label: str, source: str, split: str, format: str, limit: float, log, columns=None,
                   text=None, media: bool = False) -> list[str]:
-    return _report(label, read_source(source, split, format, keep=False, columns=columns, text=text, media=media),
-                   limit, log)
+    read = read_source(source, split, format, keep=False, columns=columns, text=text, media=media)
+    if media and read.format == "text":
+        return [f"{label}: {source}: raw text with a vision-language model: not supported yet; train raw text on a "
+                "text-only model"]
+    return _report(label, read, limit, log)
 
 
 def _report(label: str, read: SourceRows, limit: float, log) -> list[str]:
@@ -58,11 +62,13 @@ def _report(label: str, read: SourceRows, limit: float, log) -> list[str]:
     if read.ignored:
         log(f"    {escape(read.ignored_line())}")
     if read.empty:
-        log(f"    {read.empty} empty documents, skipped (nothing to train)")
+        log(f"    {count(read.empty, 'empty document')}, skipped (nothing to train)")
     if read.problems:
         log(f"    {len(read.problems)} of {read.total} rows refused, e.g.:")
         for problem in read.problems[:_SHOWN]:
             log(f"      - {escape(problem)}")
+    if read.empty and read.empty == read.total:  # training would find nothing to train on
+        return [f"{label}: {source}: every document is empty (nothing to train)"]
     return [_too_many_refused(label, read, limit)] if read.refused_fraction() > limit else []
 
 

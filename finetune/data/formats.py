@@ -96,7 +96,11 @@ def detect_format(record: dict, where: str) -> str:
     keys = ", ".join(sorted(record)) or "none"
     if not matches:
         expected = "; ".join(f"{name}: {', '.join(sorted(keys))}" for name, keys in SIGNATURES.items())
-        raise UserError(f"{where}: cannot detect the data format from keys ({keys}). Expected keys - {expected}.")
+        texts = [k for k, v in record.items() if isinstance(v, str) and len(v) > 0]
+        hint = (f" A field of raw documents under another name: data.text_column: {texts[0]}." if len(texts) == 1
+                else "")
+        raise UserError(f"{where}: cannot detect the data format from keys ({keys}). Expected keys - "
+                        f"{expected}.{hint}")
     if "text" in matches:  # datasets often keep a rendered `text` beside the conversation it came from
         other = next(name for name in matches if name != "text")
         raise UserError(f"{where}: the row has a `text` field beside {other} fields ({keys}), so it could be raw text "
@@ -343,7 +347,7 @@ def _join_parts(parts: list, where: str) -> str:
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
         elif kind in MEDIA_PARTS:
-            raise ValueError(f"{where} has a `{kind}` content part: {MULTIMODAL}")
+            raise ValueError(f"{where} has {'an' if kind[:1] in 'aeiou' else 'a'} `{kind}` content part: {MULTIMODAL}")
         else:
             raise ValueError(f"{where}: content parts must be {{\"type\": \"text\", \"text\": ...}} "
                              f"(got {str(part)[:60]})")

@@ -122,7 +122,23 @@ def image_ref(value: Any, base_dir: Path | None) -> ImageRef:
     path = Path(value).expanduser()
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
-    return ImageRef("path", str(path))
+    inline = None if path.exists() else _bare_image_bytes(value)  # a short inline image (a small PNG)
+    return ImageRef("bytes", inline) if inline is not None else ImageRef("path", str(path))
+
+
+#: How image files begin (PNG, JPEG, GIF, WebP's RIFF, BMP, TIFF both ways): base64 text that decodes to one of
+#: these is an image, not a file name.
+SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _bare_image_bytes(value: str) -> bytes | None:
+    if len(value) < 16 or not BASE64.fullmatch(value):
+        return None
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return data if data.startswith(SIGNATURES) else None
 
 
 def _base64(text: str) -> bytes:
@@ -132,17 +148,22 @@ def _base64(text: str) -> bytes:
         raise ValueError("an image's base64 data does not decode") from None
 
 
-def check_image(ref: ImageRef) -> ImageRef:
-    """The image opens and decodes (PIL's verify reads the whole file); URLs are checked when fetched."""
+def check_image(ref: ImageRef, where: str = " (relative paths are taken from the data file's folder)") -> ImageRef:
+    """The image opens and decodes (PIL's verify reads the whole file); URLs are checked when fetched. `where`
+    follows a missing file's name (how relative paths were resolved)."""
     if ref.kind == "url":
         return ref
     from PIL import Image, UnidentifiedImageError
 
+    if ref.kind == "path" and Path(ref.value).is_dir():
+        raise ValueError(f"image {ref.value}: a folder, not an image file")
     if ref.kind == "path" and not Path(ref.value).is_file():
-        raise ValueError(f"image {ref.value}: no such file (relative paths are taken from the data file's folder)")
+        raise ValueError(f"image {ref.value}: no such file{where}")
     try:
         with Image.open(ref.value if ref.kind == "path" else io.BytesIO(ref.value)) as image:
             image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:  # verify raises SyntaxError on a broken PNG
+    except UnidentifiedImageError:  # its message names the file object, an address for inline bytes
+        raise ValueError(f"image {ref.describe()}: not a readable image (no image format recognises it)") from None
+    except (OSError, SyntaxError) as err:  # verify raises SyntaxError on a broken PNG
         raise ValueError(f"image {ref.describe()}: not a readable image ({err})") from None
     return ref

@@ -37,6 +37,10 @@ def inspect_data(recipe, show: int = 0, dump: Path | None = None, console=None) 
         from finetune.data.vision_report import inspect_vision
 
         processor = load_processor(model_path, m.trust_remote_code)
+        if recipe.objective.data_kind == "preference":
+            from finetune.data.vision_report import inspect_vision_pairs
+
+            return inspect_vision_pairs(recipe, processor, show, console, say)
         return inspect_vision(recipe, processor, show, dump, console, say)
     tokenizer, added = load_tokenizer(model_path, m.trust_remote_code, d.chat_template)
     template = template_for(tokenizer, d.chat_template, d.fold_system, m.name_or_path)

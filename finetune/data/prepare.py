@@ -135,7 +135,11 @@ def build_datasets(
         log(escape(line))
     check_bad_fraction(data.problems, data.rows_read, max_bad_fraction, log)
     if len(data.train) == 0:
-        raise UserError(f"{', '.join(s.path for s in sources)}: no usable training rows")
+        held = len(data.eval) if data.eval is not None and eval is None else 0
+        why = (f"; data.eval_fraction held out every usable row ({held} sample(s)): it holds out at least one row, "
+               "so the data needs two or more (a .txt/.md file is one document unless data.split_on is line or "
+               "blank_line)") if held else ""
+        raise UserError(f"{', '.join(s.path for s in sources)}: no usable training rows{why}")
     if key is not None:
         data.cache_line = f"data: {'read from' if hit else 'prepared into'} the cache {directory}"
     return data

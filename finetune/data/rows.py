@@ -174,13 +174,21 @@ def save_conversations(rows: list[Conversation], path: Path) -> None:
 
 
 def read_saved_conversations(path: Path, documents: bool = True) -> list[Conversation]:
-    """The rows of a held_out.jsonl; `documents=False` leaves out text documents (for what needs conversations)."""
+    """The rows of a held_out.jsonl; `documents=False` leaves out text documents (for what needs conversations). A
+    preference run's rows become their prompt and the answer to prefer (a pair's chosen one, a labelled answer
+    marked desirable), what merge and export check the weights on."""
     rows = []
     with path.open(encoding="utf-8") as handle:
         for line in filter(str.strip, handle):
             row = json.loads(line)
             if "text" in row and not documents:
                 continue
+            if "prompt" in row and ("chosen" in row or "completion" in row):
+                if not row.get("label", True):
+                    continue
+                answer = row.pop("chosen", None) or row.pop("completion")
+                row = {k: v for k, v in row.items() if k in ("source", "row", "tools", "images")} | {
+                    "messages": row["prompt"] + [answer]}
             row.setdefault("messages", [])
             if row.get("images"):
                 row["images"] = [ImageRef(i["kind"], base64.b64decode(i["value"]) if i["kind"] == "bytes"

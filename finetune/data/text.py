@@ -102,15 +102,21 @@ def text_stats(rows, lengths, trained: int) -> dict:
 
 def text_line(source: str, stats: dict, max_length: int, overlap: int) -> str:
     """One line of the start summary and `finetune data` for a text source."""
-    line = (f"text {source}: {stats['documents']} documents, {stats['blocks']} blocks of at most {max_length} tokens, "
-            f"{stats['tokens']} tokens")
+    line = (f"text {source}: {count(stats['documents'], 'document')}, {count(stats['blocks'], 'block')} of at most "
+            f"{max_length} tokens, {stats['tokens']} tokens")
     if stats.get("empty"):
-        line += f"; {stats['empty']} empty documents skipped"
+        line += f"; {count(stats['empty'], 'empty document')} skipped"
     if stats["split"]:
         repeated = stats["tokens"] - stats["trained"]
-        line += (f"; {stats['split']} documents longer than max_length split into {stats['split_blocks']} blocks "
+        line += (f"; {count(stats['split'], 'document')} longer than max_length split into "
+                 f"{stats['split_blocks']} blocks "
                  f"(nothing cut" + (f"; {repeated} overlap tokens repeated as context, trained once)"
                                     if overlap else ")"))
     else:
         line += "; none longer than max_length (nothing cut)"
     return line
+
+
+def count(n: int, noun: str) -> str:
+    """`n` and the noun, plural unless n is 1."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")

@@ -81,6 +81,9 @@ def encode_vision(processor, messages: list[dict], images: list, max_length: int
     """Ids, labels and the processor's tensors of one row (PIL images in placeholder order); ValueError says why a
     row cannot be encoded exactly."""
     tokenizer, template = processor.tokenizer, processor.chat_template
+    if any(m["role"] == "assistant" and PLACEHOLDER in m["content"] for m in messages):
+        raise ValueError("an image in an assistant turn: the model generates text, so images belong in the user's "
+                         "turns")
     chat = content_parts(messages)
 
     def render(turns, generation_prompt=False):
@@ -113,7 +116,8 @@ def encode_vision(processor, messages: list[dict], images: list, max_length: int
     image_ids = set(_image_token_ids(processor))
     if any(token in image_ids for token in ids[max_length:]):
         raise ValueError(f"with its images the row is {len(ids)} tokens, and max_length={max_length} would cut an "
-                         "image's tokens (raise data.max_length, or bound data.image_max_pixels)")
+                         "image's tokens (raise data.max_length; or, for a processor whose image tokens grow with "
+                         "the image, as Qwen2-VL's, bound data.image_max_pixels)")
     per_token = {key: value[..., :max_length] for key, value in inputs.items() if value.shape[-1] == len(ids)}
     return VisionSample(ids[:max_length], labels[:max_length], {**inputs, **per_token}, True, full)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from finetune.data.cache import cache_key, prepared
 from finetune.data.images import ImageRef
+from finetune.data.pipeline import progress_bars
 from finetune.data.prepare import PreparedData
 from finetune.data.rows import (
     Conversation,
@@ -39,6 +40,9 @@ def encode_rows(processor, source, data, problems: list[str]) -> tuple[list[Enco
     """Every row of one source encoded (refused rows appended to `problems` with file:row); and the rows read."""
     read = read_source(source.path, source.split, source.format, columns=getattr(source, "columns", None),
                        media=True)
+    if read.format == "text":
+        raise UserError(f"{source.path}: raw text (a lone `text` field) with a vision-language model: not supported "
+                        "yet; train raw text on a text-only model, or give this one conversations (with images)")
     problems += read.problems
     encoded = []
     for conversation in read.rows:
@@ -59,10 +63,7 @@ def build_vision_data(processor, recipe, log) -> PreparedData:
     (finetune.data.cache) under a key of the data files, the processor and the options; an entry whose images
     changed on disk since (size or modification time) is prepared again."""
     d = recipe.data
-    if len(d.train_sources()) > 1:
-        raise UserError("data.sources with a vision-language model: mixtures are not supported yet; give one "
-                        "`data.train`")
-    [source] = d.train_sources()
+    [source] = d.train_sources()  # one: finetune.models.vision.vision_recipe_problems refuses mixtures
     options = {"kind": "vision-sft", "source": source.key(), "eval": d.eval, "eval_split": d.eval_split,
                "eval_fraction": d.eval_fraction, "max_length": d.max_length, "seed": recipe.train.seed,
                "pixels": [d.image_max_pixels, d.image_min_pixels],
@@ -97,9 +98,10 @@ def _prepare(processor, recipe, source, directory: Path) -> None:
         held = [e for e in train if e.conversation.row in chosen]
         train = [e for e in train if e.conversation.row not in chosen]
     directory.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", train), ("eval", held)):
-        if rows:  # datasets cannot load back a saved dataset of no rows
-            _dataset(rows).save_to_disk(str(directory / name))
+    with progress_bars([source.path]):  # datasets' saving bar: noise for a small set
+        for name, rows in (("train", train), ("eval", held)):
+            if rows:  # datasets cannot load back a saved dataset of no rows
+                _dataset(rows).save_to_disk(str(directory / name))
     save_conversations([e.conversation for e in held], directory / "held_out.jsonl")
     lengths = [len(e.sample.input_ids) for e in train]
     meta = {"source": source.path, "rows_read": read, "problems": problems,

@@ -23,9 +23,7 @@ def inspect_vision(recipe, processor, show: int, dump: Path | None, console, say
         samples, total = samples + [(e.conversation, e.sample) for e in encoded], total + read
     images = sum(len(conversation.images or []) for conversation, _ in samples)
     check_bad_fraction(problems, total, d.max_bad_fraction, console.print)
-    # the processor's placeholder, and the tokens it expands to where they differ (Gemma-3's soft tokens)
-    image_ids = {processor.tokenizer.convert_tokens_to_ids(token) for token in
-                 (processor.image_token, getattr(processor.tokenizer, "image_token", None)) if token}
+    image_ids = _image_ids(processor)
     lengths = [len(s.input_ids) for _, s in samples]
     image_tokens = sum(token in image_ids for _, s in samples for token in s.input_ids)
     trained = sum(label != -100 for _, s in samples for label in s.labels)
@@ -53,6 +51,45 @@ def inspect_vision(recipe, processor, show: int, dump: Path | None, console, say
                                          "input_ids": sample.input_ids, "labels": sample.labels}) + "\n")
         say(f"wrote {len(samples)} training samples to {escape(str(dump))}")
     return report
+
+
+def inspect_vision_pairs(recipe, processor, show: int, console, say) -> dict:
+    """`finetune data` for image preference rows (objective dpo): rows read, kept and refused, and each shown pair's
+    two sequences, the answer trained, image tokens marked."""
+    from types import SimpleNamespace
+
+    from finetune.data.vision_pairs import encode_vision_pair, read_vision_pairs
+
+    d, [source] = recipe.data, recipe.data.train_sources()
+    pairs, problems, total, _ = read_vision_pairs(source.path, source.split, source.columns)
+    encoded = []
+    for pair in pairs:
+        try:
+            encoded.append((pair, encode_vision_pair(processor, pair, d)))
+        except (ValueError, OSError) as err:
+            problems.append(f"{row_name(pair.source, pair.row)}: {err}")
+    check_bad_fraction(problems, max(total, 1), d.max_bad_fraction, console.print)
+    images = sum(len(pair.images) for pair, _ in encoded)
+    say(f"vision-language model: {type(processor).__name__}'s chat template; preference rows with images in "
+        "their prompts, each answer after the same prompt")
+    say(f"pairs: {total} read, {len(encoded)} kept, {len(problems)} refused; {images} images")
+    for line in refusal_lines(problems):
+        say(line)
+    marks = ("", "") if console.color_system else ("⟦", "⟧")
+    image_ids = _image_ids(processor)
+    for number, (pair, row) in enumerate(encoded[:show]):
+        for name in ("chosen", "rejected"):
+            sample = SimpleNamespace(input_ids=row[f"{name}_input_ids"], labels=row[f"{name}_labels"])
+            say(f"\n[bold]pair {number + 1} {name}[/bold] ({escape(row_name(pair.source, pair.row))}, "
+                f"{len(sample.input_ids)} tokens):")
+            console.print(_highlight(processor.tokenizer, sample, image_ids, marks), soft_wrap=True)
+    return {"rows_read": total, "rows_kept": len(encoded), "rows_refused": len(problems), "images": images}
+
+
+def _image_ids(processor) -> set[int]:
+    """The processor's image placeholder, and the tokens it expands to where they differ (Gemma-3's soft tokens)."""
+    return {processor.tokenizer.convert_tokens_to_ids(token) for token in
+            (processor.image_token, getattr(processor.tokenizer, "image_token", None)) if token}
 
 
 def _highlight(tokenizer, sample, image_ids: set[int], marks) -> Text:

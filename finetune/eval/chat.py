@@ -67,7 +67,7 @@ def _vision_chat(where, max_new_tokens: int, system: str | None, image: Path | N
     images = []
     if image is not None:
         try:
-            images = [open_image(check_image(image_ref(str(Path(image).expanduser().resolve()), None)))]
+            images = [open_image(check_image(image_ref(str(Path(image).expanduser().resolve()), None), where=""))]
         except ValueError as err:
             raise UserError(f"--image: {err}") from None
     model, processor = load_vision_for_eval(where.model_path, where.adapter, where.tokenizer_source)

@@ -43,7 +43,9 @@ def load_vision_for_eval(model_path: str, adapter: Path | None, processor_path: 
 
     from finetune.models.load import load_adapter
     from finetune.models.vision import load_processor, load_vision_model
+    from finetune.run.console import quiet_weight_bars
 
+    quiet_weight_bars()
     processor = load_processor(processor_path)
     model = load_vision_model(model_path, torch.float32, "sdpa")
     if adapter is not None:

@@ -64,6 +64,9 @@ def _merge(run_dir: Path, output: Path, info: dict, base_path: str, found: str |
     from finetune.export.logits import max_logit_diff, probe_ids, probe_logits, vision_probes
     from finetune.models.load import load_adapter, load_model, load_tokenizer, write_generation_config
     from finetune.models.vision import is_vision_language, load_processor, load_vision_model
+    from finetune.run.console import quiet_weight_bars
+
+    quiet_weight_bars()  # loading and writing bars would bury the check's lines
 
     adapter, processor = run_dir / "adapter", None
     held_out = run_dir / "held_out.jsonl"

@@ -108,3 +108,31 @@ def in_language_model(model, name: str) -> bool:
     """Whether module `name` belongs to the language model (always, for a text-only model)."""
     prefix = language_prefix(model)
     return not prefix or name.startswith(prefix + ".") or name == prefix
+
+
+def vision_recipe_problems(recipe) -> list[str]:
+    """What a recipe asks that finetune cannot do on a vision-language model yet, each with the way out (validate
+    and train say the same)."""
+    from finetune.recipe.text import known_text
+
+    d, t = recipe.data, recipe.train
+    sources = d.train_sources()
+    problems = []
+    if any(known_text(s.path, s.format) for s in sources):
+        problems.append("raw text (data.format text, .txt/.md files) with a vision-language model: not supported "
+                        "yet; train raw text on a text-only model, or give this one conversations (with images)")
+    elif t.packing:
+        problems.append("train.packing with a vision-language model: not supported yet (each row's images are "
+                        "batched with it); turn it off")
+    if d.streaming:
+        problems.append("data.streaming with a vision-language model: not supported yet; prepare the data up front")
+    if len(sources) > 1:
+        problems.append("data.sources with a vision-language model: mixtures are not supported yet; give one "
+                        "`data.train`")
+    if recipe.objective.name not in ("sft", "dpo"):
+        problems.append(f"objective {recipe.objective.name} with a vision-language model: not supported yet; "
+                        "objectives sft and dpo train on image rows")
+    if d.chat_template != "auto":
+        problems.append(f"data.chat_template {d.chat_template} with a vision-language model: its processor's own "
+                        "template renders the images; leave it at auto")
+    return problems

@@ -202,8 +202,9 @@ class DataSection(Section):
 
     image_max_pixels: int | None = Field(None, ge=28 * 28)
     """Vision-language models: images larger than this many pixels are scaled down (aspect kept) before the
-    processor sees them. Unset: the processor's own bound (Qwen2-VL's 12.8M pixels, SmolVLM's 1536-pixel edge).
-    Each image's tokens grow with its pixels (Qwen2-VL: one per 28x28), so this bounds memory per image."""
+    processor sees them. Unset: the processor's own bound (Qwen2-VL's 12.8M pixels). Where a processor's image tokens
+    grow with the image (Qwen2-VL: one per 28x28 pixels) this bounds memory per image; processors that resize every
+    image to their own size (SmolVLM's longest edge, LLaVA's and Gemma-3's square) make their own token count."""
     image_min_pixels: int | None = Field(None, ge=1)
     """Vision-language models: images smaller than this many pixels are scaled up (aspect kept). Unset: the
     processor's own."""

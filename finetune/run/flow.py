@@ -180,26 +180,27 @@ def _load_libraries() -> None:
 
 def _setup_tokenizer(run: Run) -> Tokens:
     from finetune.models.load import load_tokenizer, resolve_model_path, template_for
-    from finetune.models.vision import is_vision_language, load_processor
+    from finetune.models.vision import is_vision_language, load_processor, vision_recipe_problems
 
     m, d = run.recipe.model, run.recipe.data
     model_path = resolve_model_path(m.name_or_path, run.log)
     if is_vision_language(model_path):
         processor = (run.hooks.load_processor or load_processor)(model_path, m.trust_remote_code)
-        if run.recipe.train.packing or d.streaming:
-            raise UserError(f"{'train.packing' if run.recipe.train.packing else 'data.streaming'} with a "
-                            "vision-language model: not supported yet (each row's images are batched with it); "
-                            "turn it off")
-        if d.chat_template != "auto":
-            raise UserError(f"data.chat_template {d.chat_template} with a vision-language model: its processor's own "
-                            "template renders the images; leave it at auto")
+        problems = vision_recipe_problems(run.recipe)
+        if problems:
+            raise UserError("; ".join(problems))
         if processor.tokenizer.pad_token is None:  # padding never reaches the loss (labels are -100 there)
             processor.tokenizer.pad_token = processor.tokenizer.eos_token
         run.log(f"vision-language model: {type(processor).__name__}'s chat template and image processing")
         return Tokens(model_path, processor.tokenizer, [], None, processor)
     tokenizer, added_tokens = load_tokenizer(model_path, m.trust_remote_code, d.chat_template)
     template = template_for(tokenizer, d.chat_template, d.fold_system, m.name_or_path)
-    run.log(f"chat template: {template.name}, end of turn {template.end_of_turn}")
+    from finetune.recipe.text import known_text
+
+    if all(known_text(s.path, s.format) for s in d.train_sources()):
+        run.log("raw text: no chat template (documents train as they are, every token)")
+    else:
+        run.log(f"chat template: {template.name}, end of turn {template.end_of_turn}")
     return Tokens(model_path, tokenizer, added_tokens, template)
 
 
@@ -237,7 +238,7 @@ def _setup_model(run: Run, method, tokens: Tokens, load_kwargs: dict):
     if tokens.processor is not None and not m.train_vision_tower:
         frozen = freeze_vision_tower(model)
         if frozen:
-            run.log(f"vision tower frozen ({frozen / 1e6:.1f}M parameters; model.train_vision_tower trains it)")
+            run.log(f"vision tower frozen ({frozen:,} parameters; model.train_vision_tower trains it)")
     run.clock.mark("model")
     return model, dtype, attention
 

@@ -103,8 +103,8 @@ def test_content_parts_text_is_joined_and_media_refused(tmp_path, tokenizer):
     rows, problems, _ = load(path)
     assert rows[0].messages == ANSWER
     assert trained_text(tokenizer, rows[0].messages) == "3 4 5<|im_end|>"
-    assert problems[0] == f"{path}:2: `messages` turn 1 has a `image_url` content part: {MULTIMODAL}"
-    assert problems[1].startswith(f"{path}:3: `messages` turn 1 has a `input_audio` content part: multimodal")
+    assert problems[0] == f"{path}:2: `messages` turn 1 has an `image_url` content part: {MULTIMODAL}"
+    assert problems[1].startswith(f"{path}:3: `messages` turn 1 has an `input_audio` content part: multimodal")
     assert problems[2].startswith(f"{path}:4: `messages` turn 1: content parts must be {{\"type\": \"text\"")
 
 

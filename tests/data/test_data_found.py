@@ -76,7 +76,7 @@ def test_html_text_trains_and_media_rows_are_refused(tmp_path, tokenizer):
     assert [row.row for row in rows] == [1, 2]
     assert trained_text(tokenizer, rows[0].messages).startswith("Use the <video> element; <audio> works")
     assert [p.split(": ", 1)[1].split(":")[0] for p in problems] == [
-        "a `<image>` placeholder in turn 1", "`videos`", "`messages` turn 1 has a `audio` content part"]
+        "a `<image>` placeholder in turn 1", "`videos`", "`messages` turn 1 has an `audio` content part"]
 
 
 # 3. LLaMA-Factory v1's `loss_weight` is honoured like `weight`; masking-like turn fields are refused by name.

@@ -223,7 +223,7 @@ def test_text_and_chat_sources_mix_each_in_its_own_format(write_recipe, tmp_path
                                 "max_length": 128, "eval_fraction": 0.2},
                           train={"max_steps": 3, "packing": True})
     output = cli("train", recipe)
-    assert "1 empty documents skipped" in output and "training mix" in output
+    assert "1 empty document skipped" in output and "training mix" in output
     run = tmp_path / "run"
     held = [json.loads(line) for line in (run / "held_out.jsonl").read_text().splitlines()]
     assert {"text" in row for row in held} == {True, False}
@@ -255,7 +255,7 @@ def test_validate_and_plan_read_text_sources(write_recipe, tmp_path, monkeypatch
     dump.write_text("".join(json.dumps({"text": p}) + "\n" for p in wiki_dump(10).split("\n\n")) + '{"text": ""}\n')
     recipe = write_recipe(data={"train": str(dump), "max_length": 64, "overlap": 16})
     report = cli("validate", recipe)
-    assert "text format, 11 rows" in report and "1 empty documents, skipped" in report
+    assert "text format, 11 rows" in report and "1 empty document, skipped" in report
     lengths = read_lengths(load_recipe(recipe))
     assert lengths.known and max(lengths.lengths) == 64 and len(lengths.lengths) > 20  # blocks, as training cuts them
 

@@ -130,6 +130,10 @@ def test_each_method_trains_dpo_and_raises_the_chosen_reward(dpo_recipe, tmp_pat
     assert info["objective"] == "dpo" and info["status"] == "complete"
     held = [json.loads(line) for line in (run_dir / "held_out.jsonl").read_text().splitlines()]
     assert len(held) == 4 and {"prompt", "chosen", "rejected", "source", "row"} <= held[0].keys()
+    if method["name"] == "lora":  # merge checks the merged logits on the held-out pairs' prompts and chosen answers
+        result = runner.invoke(app, ["merge", str(run_dir), "--output", str(tmp_path / "merged")])
+        assert result.exit_code == 0, result.output
+        assert json.loads((tmp_path / "merged" / "merge.json").read_text())["check_rows"] == 4
 
 
 def test_resume_mid_run_is_exact(dpo_recipe, tmp_path):
@@ -219,7 +223,8 @@ def test_conversations_under_dpo_and_pairs_under_sft_are_refused_naming_the_obje
                                                                                        train_file):
     dpo_on_chats = write_recipe(objective={"name": "dpo"})
     result = runner.invoke(app, ["train", str(dpo_on_chats)])
-    assert result.exit_code == 2 and f"{train_file}:1: objective dpo trains on preference rows" in result.output
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"{train_file}:1: the preference objectives (dpo, simpo, orpo) train on" in said
     pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(4))
     sft_on_pairs = write_recipe(name="sft.yaml", data={"train": str(pairs)},
                                 train={"output_dir": str(tmp_path / "sft-run")})

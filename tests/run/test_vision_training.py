@@ -221,3 +221,60 @@ def test_validate_reads_image_rows_for_a_vision_language_model(tmp_path, models,
         (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
         result = CliRunner().invoke(app, ["validate", str(tmp_path / "recipe.yaml")])
         assert result.exit_code == 2 and expected in " ".join(result.output.split()), result.output
+
+
+def test_raw_text_and_unsupported_settings_are_refused_by_validate_and_train(tmp_path, models, images):
+    (tmp_path / "wiki.txt").write_text("An article about rivers.\n\nAnother about stones.\n")
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": "A document."}) + "\n")
+    text = "raw text (data.format text, .txt/.md files) with a vision-language model: not supported yet"
+    lone = "with a vision-language model: not supported yet; train raw text on a text-only model"
+    cases = [({"train": str(tmp_path / "wiki.txt")}, {}, text, text),
+             ({}, {"train": {"packing": True}}, "train.packing with a vision-language model: not supported yet",
+              None),
+             ({"train": str(images / "pairs.jsonl")}, {"objective": {"name": "orpo"}},
+              "objective orpo with a vision-language model: not supported yet", None),
+             ({"train": str(tmp_path / "docs.jsonl")}, {}, lone, lone)]
+    runner = CliRunner()
+    for data, sections, from_validate, from_train in cases:
+        (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({
+            "model": {"name_or_path": str(models["idefics3"][0])}, "method": {"name": "lora"},
+            "data": {"train": str(images / "sft.jsonl"), **data}, **sections}))
+        for command, expected in (("validate", from_validate), ("train", from_train or from_validate)):
+            result = runner.invoke(app, [command, str(tmp_path / "recipe.yaml")])
+            said = " ".join(result.output.split())
+            assert result.exit_code == 2 and expected in said and "Traceback" not in said, (command, said)
+
+
+def test_finetune_data_on_image_preference_rows(tmp_path, models, images):
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(models["idefics3"][0])}, "objective": {"name": "dpo"},
+        "data": {"train": str(images / "pairs.jsonl"), "max_length": 512}, "method": {"name": "lora"}}))
+    result = CliRunner().invoke(app, ["data", str(tmp_path / "recipe.yaml"), "--show", "1"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, said
+    assert "pairs: 6 read, 6 kept, 0 refused; 6 images" in said
+    assert "pair 1 chosen" in said and "pair 1 rejected" in said and "⟨image: " in said
+    assert "Assistant:⟦ red<end_of_utterance>⟧" in said and "Assistant:⟦ purple<end_of_utterance>⟧" in said
+
+
+def test_inline_images_and_images_in_answers(tmp_path):
+    import base64
+    import io
+
+    from finetune.data.images import check_image, image_ref
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, format="PNG")
+    bare = base64.b64encode(buffer.getvalue()).decode()
+    assert len(bare) < 255 and image_ref(bare, tmp_path).kind == "bytes"  # a small PNG, not a file name
+    with pytest.raises(ValueError, match="not a readable image \\(no image format recognises it\\)"):
+        check_image(image_ref("data:image/png;base64," + base64.b64encode(b"not an image").decode(), tmp_path))
+    (tmp_path / "imgs").mkdir()
+    with pytest.raises(ValueError, match="a folder, not an image file"):
+        check_image(image_ref("imgs", tmp_path))
+    _, processor = tiny_idefics3()
+    from finetune.data.vision import encode_vision
+
+    with pytest.raises(ValueError, match="an image in an assistant turn"):
+        encode_vision(processor, [{"role": "user", "content": "Draw"}, {"role": "assistant", "content": "<image>"}],
+                      [Image.new("RGB", (8, 8))], 512)

@@ -206,6 +206,6 @@ def read_pairs(source: str, split: str, columns: dict | None = None) -> tuple[li
         return Pair(prompt, chosen, rejected, source, number, row_tools(record)), extra
 
     return read_rows(source, split, is_preference_record, lambda keys: (
-        "objective dpo trains on preference rows (`prompt` with `chosen` and `rejected` answers, or "
-        f"`conversations`/`messages` with them), and this row has keys {keys}; set objective.name: sft to train on "
-        "conversations"), pair, columns)
+        "the preference objectives (dpo, simpo, orpo) train on preference rows (`prompt` with `chosen` and "
+        f"`rejected` answers, or `conversations`/`messages` with them), and this row has keys {keys}; set "
+        "objective.name: sft to train on conversations or raw text"), pair, columns)
