@@ -120,3 +120,15 @@ def text_line(source: str, stats: dict, max_length: int, overlap: int) -> str:
 def count(n: int, noun: str) -> str:
     """`n` and the noun, plural unless n is 1."""
     return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def raw_text_template(tokenizer):
+    """The template a recipe of raw text alone carries through preparation: the tokenizer's own when it has one
+    (nothing changes), else a stand-in that renders nothing. ChatML's markers are never added for raw text: a base
+    model would gain two tokens (and their trained embedding rows) that no document uses."""
+    from finetune.data.template import ChatTemplate, chat_template
+
+    try:
+        return chat_template(tokenizer)
+    except ValueError:
+        return ChatTemplate("", "none (raw text)", tokenizer.eos_token or "", tokenizer.eos_token_id or 0, False)

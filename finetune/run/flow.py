@@ -179,8 +179,10 @@ def _load_libraries() -> None:
 
 
 def _setup_tokenizer(run: Run) -> Tokens:
-    from finetune.models.load import load_tokenizer, resolve_model_path, template_for
+    from finetune.data.text import raw_text_template
+    from finetune.models.load import load_tokenizer, resolve_model_path, saved_tokenizer, template_for
     from finetune.models.vision import is_vision_language, load_processor, vision_recipe_problems
+    from finetune.recipe.text import known_text
 
     m, d = run.recipe.model, run.recipe.data
     model_path = resolve_model_path(m.name_or_path, run.log)
@@ -193,14 +195,15 @@ def _setup_tokenizer(run: Run) -> Tokens:
             processor.tokenizer.pad_token = processor.tokenizer.eos_token
         run.log(f"vision-language model: {type(processor).__name__}'s chat template and image processing")
         return Tokens(model_path, processor.tokenizer, [], None, processor)
+    if all(known_text(s.path, s.format) for s in d.train_sources()) and d.chat_template == "auto":
+        tokenizer = saved_tokenizer(model_path, m.trust_remote_code)  # as saved: no ChatML markers added
+        if tokenizer.pad_token is None:  # padding never reaches the loss (labels are -100 there)
+            tokenizer.pad_token = tokenizer.eos_token
+        run.log("raw text: no chat template (documents train as they are, every token)")
+        return Tokens(model_path, tokenizer, [], raw_text_template(tokenizer))
     tokenizer, added_tokens = load_tokenizer(model_path, m.trust_remote_code, d.chat_template)
     template = template_for(tokenizer, d.chat_template, d.fold_system, m.name_or_path)
-    from finetune.recipe.text import known_text
-
-    if all(known_text(s.path, s.format) for s in d.train_sources()):
-        run.log("raw text: no chat template (documents train as they are, every token)")
-    else:
-        run.log(f"chat template: {template.name}, end of turn {template.end_of_turn}")
+    run.log(f"chat template: {template.name}, end of turn {template.end_of_turn}")
     return Tokens(model_path, tokenizer, added_tokens, template)
 
 

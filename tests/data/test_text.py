@@ -282,3 +282,27 @@ def test_the_embedded_model_learns_a_wiki_dump(tmp_path, monkeypatch):
     base, tuned = results["base"]["perplexity"], results["tuned"]["perplexity"]
     print(f"SmolLM2 held-out perplexity: base {base:.2f} -> tuned {tuned:.2f}")
     assert tuned < base * 0.7
+
+
+def test_raw_text_leaves_a_base_tokenizer_without_a_chat_template_as_it_was(write_recipe, tmp_path, monkeypatch):
+    """A base model whose tokenizer has no chat template (and no ChatML markers) trains on documents with its own
+    vocabulary: nothing added, so the saved model and tokenizer keep the base's size."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.tiny import build_tiny_llama, build_tokenizer
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "base"
+    tokenizer = build_tokenizer(special_tokens=("<|endoftext|>",), eos="<|endoftext|>")
+    tokenizer.save_pretrained(base)
+    build_tiny_llama(len(tokenizer)).save_pretrained(base)
+    dump = tmp_path / "wiki.txt"
+    dump.write_text(wiki_dump(8))
+    recipe = write_recipe(model={"name_or_path": str(base)}, train={"max_steps": 2},
+                          data={"train": str(dump), "split_on": "blank_line", "max_length": 64})
+    output = cli("train", recipe)
+    assert "raw text: no chat template" in output and "chat template: ChatML" not in output
+    saved = AutoTokenizer.from_pretrained(tmp_path / "run" / "model")
+    assert len(saved) == len(tokenizer) and not saved.chat_template
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert config["vocab_size"] == len(tokenizer)
