@@ -30,11 +30,13 @@ IDEFICS3_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
 
 
-def images_only_qwen2_vl(image_processor, tokenizer, chat_template):
+def images_only_qwen2_vl(image_processor, tokenizer, chat_template, family=None):
+    """`family`'s processor class (Qwen2VLProcessor by default; Qwen2.5-VL's has the same image path) for images
+    alone."""
     from transformers import Qwen2VLProcessor
     from transformers.processing_utils import ProcessorMixin
 
-    class ImagesOnly(Qwen2VLProcessor):
+    class ImagesOnly(family or Qwen2VLProcessor):
         @classmethod
         def get_attributes(cls):
             return ["image_processor", "tokenizer"]
@@ -216,3 +218,28 @@ def tiny_llava_next(seed: int = 0):
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
         vision_feature_select_strategy="default", image_grid_pinpoints=grids)
     return LlavaNextForConditionalGeneration(config), processor
+
+
+def tiny_qwen2_5_vl(seed: int = 0):
+    """(model, processor): Qwen2.5-VL's architecture (windowed attention in the vision blocks, full attention in the
+    listed ones, an MLP merger), 2 language layers of width 64; Qwen2-VL's image sizes."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = build_tokenizer(special_tokens=QWEN2_VL_TOKENS, eos="<|im_end|>")
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2_VL_TOKENS}
+    processor = images_only_qwen2_vl(Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112),
+                                     tokenizer, QWEN2_VL_TEMPLATE, Qwen2_5_VLProcessor)
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "max_position_embeddings": 512, "rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 4]},
+                     "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]},
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
+                       "fullatt_block_indexes": [1]},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    return Qwen2_5_VLForConditionalGeneration(config), processor

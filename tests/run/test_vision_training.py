@@ -1,7 +1,7 @@
-"""Vision-language training end to end on tiny random Qwen2-VL, Idefics3 (SmolVLM), LLaVA, LLaVA-NeXT and Gemma-3
-models with their real processors: LoRA, full, GaLore and LISA steps (the language model trains, the vision tower
-stays as it was), DPO steps, and the run's outputs (adapter with the processor, merge with equal logits, eval with
-exact match, chat with an image)."""
+"""Vision-language training end to end on tiny random Qwen2-VL, Qwen2.5-VL, Idefics3 (SmolVLM), LLaVA, LLaVA-NeXT
+and Gemma-3 models with their real processors: LoRA, full, GaLore and LISA steps (the language model trains, the
+vision tower stays as it was), DPO steps, and the run's outputs (adapter with the processor, merge with equal
+logits, eval with exact match, chat with an image)."""
 
 import json
 from pathlib import Path
@@ -13,7 +13,14 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from benchmarks.tiny_vlm import tiny_gemma3, tiny_idefics3, tiny_llava, tiny_llava_next, tiny_qwen2_vl
+from benchmarks.tiny_vlm import (
+    tiny_gemma3,
+    tiny_idefics3,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_qwen2_5_vl,
+    tiny_qwen2_vl,
+)
 from finetune.cli import app
 from finetune.recipe.load import load_recipe
 from finetune.run.flow import Hooks, run_training
@@ -24,8 +31,8 @@ pytestmark = pytest.mark.slow
 COLORS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
 #: Sizes that differ in shape, so a batch holds images of different tile counts and patch grids.
 SIZES = {"red": (56, 56), "green": (84, 42), "blue": (42, 98)}
-FAMILIES = {"qwen2_vl": tiny_qwen2_vl, "idefics3": tiny_idefics3, "llava": tiny_llava, "llava_next": tiny_llava_next,
-            "gemma3": tiny_gemma3}
+FAMILIES = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl, "idefics3": tiny_idefics3, "llava": tiny_llava,
+            "llava_next": tiny_llava_next, "gemma3": tiny_gemma3}
 
 
 @pytest.fixture(scope="module")
