@@ -64,12 +64,7 @@ def build_vision_data(processor, recipe, log) -> PreparedData:
     changed on disk since (size or modification time) is prepared again."""
     d = recipe.data
     [source] = d.train_sources()  # one: finetune.models.vision.vision_recipe_problems refuses mixtures
-    options = {"kind": "vision-sft", "source": source.key(), "eval": d.eval, "eval_split": d.eval_split,
-               "eval_fraction": d.eval_fraction, "max_length": d.max_length, "seed": recipe.train.seed,
-               "pixels": [d.image_max_pixels, d.image_min_pixels],
-               "processor": json.dumps(processor.image_processor.to_dict(), sort_keys=True, default=str),
-               "template": processor.chat_template}
-    key = cache_key(processor.tokenizer, None, {"train": source.path, "eval": d.eval}, options) if d.cache else None
+    key = vision_cache_key(processor, recipe, source, "vision-sft")
     data, directory, hit = prepared(key, lambda where: _prepare(processor, recipe, source, where),
                                     _load, log, prefix="finetune-vision-")
     check_bad_fraction(data.problems, max(data.rows_read, 1), d.max_bad_fraction, log)
@@ -77,10 +72,26 @@ def build_vision_data(processor, recipe, log) -> PreparedData:
         raise UserError(f"{source.path}: no usable training rows")
     images = sum(len(refs) for refs in data.train["image_refs"])
     data.cache_line = (f"data: {len(data.train)} rows for training ({images} images), "
-                       f"{len(data.eval) if data.eval is not None else 0} held out; the decoded rows (not pixels, "
-                       "computed per batch) " + (f"{'read from' if hit else 'prepared into'} the cache {directory}"
-                                                 if key else "prepared (data.cache off)"))
+                       f"{len(data.eval) if data.eval is not None else 0} held out; " + kept_line(key, hit, directory))
     return data
+
+
+def vision_cache_key(processor, recipe, source, kind: str) -> str | None:
+    """The cache key of a VLM preparation: the data files, the processor (tokenizer, image processor, template) and
+    the options; None with data.cache off."""
+    d = recipe.data
+    options = {"kind": kind, "source": source.key(), "eval": d.eval, "eval_split": d.eval_split,
+               "eval_fraction": d.eval_fraction, "max_length": d.max_length, "seed": recipe.train.seed,
+               "pixels": [d.image_max_pixels, d.image_min_pixels],
+               "processor": json.dumps(processor.image_processor.to_dict(), sort_keys=True, default=str),
+               "template": processor.chat_template}
+    return cache_key(processor.tokenizer, None, {"train": source.path, "eval": d.eval}, options) if d.cache else None
+
+
+def kept_line(key: str | None, hit: bool, directory: Path) -> str:
+    """What the start says about where the decoded rows are kept."""
+    where = f"{'read from' if hit else 'prepared into'} the cache {directory}" if key else "prepared (data.cache off)"
+    return f"the decoded rows (not pixels, computed per batch) {where}"
 
 
 def _prepare(processor, recipe, source, directory: Path) -> None:
@@ -106,7 +117,7 @@ def _prepare(processor, recipe, source, directory: Path) -> None:
     lengths = [len(e.sample.input_ids) for e in train]
     meta = {"source": source.path, "rows_read": read, "problems": problems,
             "truncated": sum(e.sample.truncated for e in train), "tokens": sum(lengths),
-            "images": _fingerprints(e.conversation.images or [] for e in train + held)}
+            "images": fingerprints(e.conversation.images or [] for e in train + held)}
     (directory / "meta.json").write_text(json.dumps(meta) + "\n")
 
 
@@ -114,10 +125,7 @@ def _load(directory: Path) -> PreparedData:
     import datasets
 
     meta = json.loads((directory / "meta.json").read_text())
-    for path, (size, mtime) in meta["images"].items():
-        stat = Path(path).stat() if Path(path).is_file() else None
-        if stat is None or (stat.st_size, stat.st_mtime_ns) != (size, mtime):
-            raise ValueError(f"image {path} changed or went away since the rows were prepared")
+    check_fingerprints(meta["images"])
     train = datasets.load_from_disk(str(directory / "train")) if (directory / "train").is_dir() else \
         datasets.Dataset.from_dict({"input_ids": [], "labels": [], "text": [], "image_refs": []})
     held = datasets.load_from_disk(str(directory / "eval")) if (directory / "eval").is_dir() else None
@@ -129,7 +137,15 @@ def _load(directory: Path) -> PreparedData:
         mix=[{"source": source, "rows": len(train), "samples": len(train), "tokens": meta["tokens"]}])
 
 
-def _fingerprints(groups) -> dict[str, list[int]]:
+def check_fingerprints(images: dict[str, list[int]]) -> None:
+    """ValueError (the cache then prepares the entry again) when an image file changed since it was prepared."""
+    for path, (size, mtime) in images.items():
+        stat = Path(path).stat() if Path(path).is_file() else None
+        if stat is None or (stat.st_size, stat.st_mtime_ns) != (size, mtime):
+            raise ValueError(f"image {path} changed or went away since the rows were prepared")
+
+
+def fingerprints(groups) -> dict[str, list[int]]:
     """Size and modification time of each local image file the rows name (URLs and inline images have none)."""
     found = {}
     for refs in groups:

@@ -7,14 +7,23 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from finetune.data.cache import prepared
 from finetune.data.images import extract_images
+from finetune.data.pipeline import progress_bars
 from finetune.data.preference.pairs import Pair, normalise_pair, read_rows
-from finetune.data.preference.prepare import PreparedPairs
+from finetune.data.preference.prepare import PreparedPairs, save_pairs
 from finetune.data.rows import check_bad_fraction, held_out_indices, row_folder
 from finetune.data.sources import row_name
 from finetune.data.vision import encode_vision, open_image
-from finetune.data.vision_data import VisionCollator
+from finetune.data.vision_data import (
+    VisionCollator,
+    check_fingerprints,
+    fingerprints,
+    kept_line,
+    vision_cache_key,
+)
 from finetune.errors import UserError
 
 
@@ -57,10 +66,24 @@ def encode_vision_pair(processor, pair: VisionPair, data) -> dict:
 
 
 def build_vision_pairs(processor, recipe, log) -> PreparedPairs:
-    """The recipe's preference rows with images, split and encoded (held-out rows kept for `finetune eval`)."""
+    """The recipe's preference rows with images, split and encoded (held-out rows kept for `finetune eval`), kept in
+    the prepared-data cache as finetune.data.vision_data keeps SFT's rows (prepared again when an image changes)."""
+    d, [source] = recipe.data, recipe.data.train_sources()
+    key = vision_cache_key(processor, recipe, source, "vision-dpo")
+    data, directory, hit = prepared(key, lambda where: _prepare(processor, recipe, source, where), _load, log,
+                                    prefix="finetune-vision-")
+    check_bad_fraction(data.problems, max(data.rows_read, 1), d.max_bad_fraction, log)
+    if data.train is None:
+        raise UserError(f"{source.path}: no usable preference rows")
+    data.cache_line = (f"data: {len(data.train)} preference rows with images for training, {len(data.held_out)} held "
+                       "out; " + kept_line(key, hit, directory))
+    return data
+
+
+def _prepare(processor, recipe, source, directory: Path) -> None:
     import datasets
 
-    d, [source] = recipe.data, recipe.data.train_sources()
+    d = recipe.data
     rows, problems, total, _ = read_vision_pairs(source.path, source.split, source.columns)
     if d.eval is not None:
         held, held_problems, held_total, _ = read_vision_pairs(d.eval, d.eval_split)
@@ -75,17 +98,41 @@ def build_vision_pairs(processor, recipe, log) -> PreparedPairs:
                 encoded[name].append((pair, encode_vision_pair(processor, pair, d)))
             except (ValueError, OSError) as err:
                 problems.append(f"{row_name(pair.source, pair.row)}: {err}")
-    check_bad_fraction(problems, max(total, 1), d.max_bad_fraction, log)
-    if not encoded["train"]:
-        raise UserError(f"{source.path}: no usable preference rows")
-
-    def dataset(items):
-        return datasets.Dataset.from_list([row for _, row in items]) if items else None
-
+    directory.mkdir(parents=True, exist_ok=True)
+    with progress_bars([source.path]):
+        for name, items in encoded.items():
+            if items:  # datasets cannot load back a saved dataset of no rows
+                datasets.Dataset.from_list([row for _, row in items]).save_to_disk(str(directory / name))
+    save_pairs([pair for pair, _ in encoded["eval"]], directory / "held_out.jsonl")
     tokens = [len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for _, r in encoded["train"]]
-    return PreparedPairs(train=dataset(encoded["train"]), eval=dataset(encoded["eval"]),
-                         held_out=[pair for pair, _ in encoded["eval"]], mean_train_tokens=sum(tokens) / len(tokens),
-                         problems=problems, rows_read=total, mix=[{"source": source.path, "rows": len(tokens)}])
+    meta = {"source": source.path, "rows_read": total, "problems": problems,
+            "mean_train_tokens": sum(tokens) / max(len(tokens), 1),
+            "images": fingerprints(pair.images for pair, _ in encoded["train"] + encoded["eval"])}
+    (directory / "meta.json").write_text(json.dumps(meta) + "\n")
+
+
+class _Saved(dict):
+    """A held-out pair as the cache kept it, written back to the run's held_out.jsonl as it is."""
+
+    def to_json(self) -> dict:
+        return dict(self)
+
+
+def _load(directory: Path) -> PreparedPairs:
+    import datasets
+
+    meta = json.loads((directory / "meta.json").read_text())
+    check_fingerprints(meta["images"])
+
+    def load(name):
+        return datasets.load_from_disk(str(directory / name)) if (directory / name).is_dir() else None
+
+    held = [_Saved(json.loads(line)) for line in (directory / "held_out.jsonl").read_text().splitlines() if line]
+    train = load("train")
+    return PreparedPairs(train=train, eval=load("eval"), held_out=held,
+                         mean_train_tokens=meta["mean_train_tokens"], problems=meta["problems"],
+                         rows_read=meta["rows_read"], mix=[{"source": meta["source"],
+                                                            "rows": len(train) if train is not None else 0}])
 
 
 class VisionPairCollator(VisionCollator):

@@ -192,7 +192,7 @@ def test_refusals_before_training(tmp_path, models, images):
         assert expected in str(err.value)
 
 
-def test_prepared_image_rows_are_cached_until_an_image_changes(tmp_path, models, images, monkeypatch):
+def test_prepared_image_rows_and_pairs_are_cached_until_an_image_changes(tmp_path, models, images, monkeypatch):
     import os
     import shutil
 
@@ -210,10 +210,23 @@ def test_prepared_image_rows_are_cached_until_an_image_changes(tmp_path, models,
     assert "prepared into the cache" in first.cache_line and "read from the cache" in again.cache_line
     assert again.train["input_ids"] == first.train["input_ids"] and again.train["labels"] == first.train["labels"]
     assert [c.images for c in again.eval_conversations] == [c.images for c in first.eval_conversations]
+    from finetune.data.vision_pairs import build_vision_pairs
+
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(models["idefics3"][0])}, "objective": {"name": "dpo"},
+        "data": {"train": str(folder / "pairs.jsonl"), "max_length": 512, "eval_fraction": 0.2},
+        "method": {"name": "lora"}}))
+    pairs_recipe = load_recipe(tmp_path / "dpo.yaml")
+    pairs = build_vision_pairs(processor, pairs_recipe, print)
+    pairs_again = build_vision_pairs(processor, pairs_recipe, print)
+    assert "prepared into the cache" in pairs.cache_line and "read from the cache" in pairs_again.cache_line
+    assert pairs_again.train["chosen_labels"] == pairs.train["chosen_labels"]
+    assert [p.to_json() for p in pairs_again.held_out] == [p.to_json() for p in pairs.held_out]
     os.utime(folder / "red.png", ns=(1, 1))  # the same file name, other bytes as far as the cache can tell
     lines = []
     build_vision_data(processor, recipe, lines.append)
-    assert any("red.png changed" in line and "preparing it again" in line for line in lines), lines
+    build_vision_pairs(processor, pairs_recipe, lines.append)
+    assert sum("red.png changed" in line and "preparing it again" in line for line in lines) == 2, lines
 
 
 def test_validate_reads_image_rows_for_a_vision_language_model(tmp_path, models, images):
