@@ -30,13 +30,11 @@ IDEFICS3_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
 
 
-def images_only_qwen2_vl(image_processor, tokenizer, chat_template, family=None):
-    """`family`'s processor class (Qwen2VLProcessor by default; Qwen2.5-VL's has the same image path) for images
-    alone."""
-    from transformers import Qwen2VLProcessor
+def images_only_qwen2_vl(image_processor, tokenizer, chat_template, family):
+    """`family`, Qwen2-VL's processor class or Qwen2.5-VL's (the same image path), for images alone."""
     from transformers.processing_utils import ProcessorMixin
 
-    class ImagesOnly(family or Qwen2VLProcessor):
+    class ImagesOnly(family):
         @classmethod
         def get_attributes(cls):
             return ["image_processor", "tokenizer"]
@@ -50,28 +48,49 @@ def images_only_qwen2_vl(image_processor, tokenizer, chat_template, family=None)
     return ImagesOnly(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
 
 
+#: The language model every tiny VLM here shares: 2 Llama-shaped layers of width 64.
+TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2}
+
+
 def tiny_qwen2_vl(seed: int = 0):
     """(model, processor): 2 language layers of width 64, a 2-block vision tower; images of 56x56 to 112x112
     pixels (4 to 16 image tokens after the 2x2 merge)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    return _tiny_qwen(seed, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor,
+                      {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3})
+
+
+def tiny_qwen2_5_vl(seed: int = 0):
+    """(model, processor): Qwen2.5-VL's architecture (windowed attention in the vision blocks, full attention in the
+    listed ones, an MLP merger), 2 language layers of width 64; Qwen2-VL's image sizes."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    return _tiny_qwen(seed, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                      {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
+                       "fullatt_block_indexes": [1]})
+
+
+def _tiny_qwen(seed: int, config_class, model_class, processor_class, vision: dict):
+    """A Qwen2-VL-family model of TINY_TEXT with `vision`, and its processor for images alone."""
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer = build_tokenizer(special_tokens=QWEN2_VL_TOKENS, eos="<|im_end|>")
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2_VL_TOKENS}
     processor = images_only_qwen2_vl(Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112),
-                                     tokenizer, QWEN2_VL_TEMPLATE)
+                                     tokenizer, QWEN2_VL_TEMPLATE, processor_class)
     torch.manual_seed(seed)
-    config = Qwen2VLConfig(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
-                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                     "max_position_embeddings": 512, "rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 4]},
+    config = config_class(
+        text_config={"vocab_size": len(tokenizer), **TINY_TEXT, "max_position_embeddings": 512,
+                     "rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 4]},
                      "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]},
-        vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,
-                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3},
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    return Qwen2VLForConditionalGeneration(config), processor
+    return model_class(config), processor
 
 
 def tiny_idefics3(seed: int = 0):
@@ -83,8 +102,7 @@ def tiny_idefics3(seed: int = 0):
     processor = idefics3_processor(image_edge=64, tile=32, image_seq_len=4)
     torch.manual_seed(seed)
     config = idefics3_config(
-        processor, text={"vocab_size": len(processor.tokenizer), "hidden_size": 64, "intermediate_size": 128,
-                         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+        processor, text={"vocab_size": len(processor.tokenizer), **TINY_TEXT},
         vision={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
                 "image_size": 32, "patch_size": 8})
     return Idefics3ForConditionalGeneration(config), processor
@@ -147,24 +165,10 @@ GEMMA3_TEMPLATE = (
 def tiny_llava(seed: int = 0):
     """(model, processor): LLaVA-1.5's architecture (a CLIP encoder, one token per 14-pixel patch after its CLS),
     2 language layers of width 64; images become 28x28 crops of 4 tokens."""
-    import torch
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    tokenizer = build_tokenizer(special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"))
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
-        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE,
-        num_additional_image_tokens=1)
-    torch.manual_seed(seed)
-    config = LlavaConfig(
-        text_config={"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
-                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
-        vision_config={"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
-                       "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
-        vision_feature_select_strategy="default")
-    return LlavaForConditionalGeneration(config), processor
+    return _tiny_llava(seed, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, CLIPImageProcessorPil)
 
 
 def tiny_gemma3(seed: int = 0):
@@ -185,9 +189,7 @@ def tiny_gemma3(seed: int = 0):
                                 tokenizer=tokenizer, chat_template=GEMMA3_TEMPLATE, image_seq_length=4)
     torch.manual_seed(seed)
     config = Gemma3Config(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
-                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-                     "sliding_window": 64},
+        text_config={"vocab_size": len(tokenizer), **TINY_TEXT, "head_dim": 16, "sliding_window": 64},
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                        "image_size": 56, "patch_size": 14, "vision_use_head": False},
         mm_tokens_per_image=4, boi_token_index=tokenizer.boi_token_id, eoi_token_index=tokenizer.eoi_token_id,
@@ -198,48 +200,30 @@ def tiny_gemma3(seed: int = 0):
 def tiny_llava_next(seed: int = 0):
     """(model, processor): LLaVA-NeXT's architecture (any-resolution: an image becomes a base view and the tiles of
     the best-fitting grid, each 4 tokens), 2 language layers of width 64."""
-    import torch
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
+    return _tiny_llava(seed, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor,
+                       LlavaNextImageProcessorPil, grids=[[28, 28], [28, 56], [56, 28], [56, 56]])
+
+
+def _tiny_llava(seed: int, config_class, model_class, processor_class, image_processor_class, grids=None):
+    """A LLaVA-family model of TINY_TEXT with a 2-layer CLIP encoder on 28-pixel crops; `grids`: LLaVA-NeXT's
+    any-resolution grids."""
+    import torch
+
     tokenizer = build_tokenizer(special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"))
-    grids = [[28, 28], [28, 56], [56, 28], [56, 56]]
-    processor = LlavaNextProcessor(
-        image_processor=LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
-                                                   image_grid_pinpoints=grids),
+    anyres = {"image_grid_pinpoints": grids} if grids else {}
+    processor = processor_class(
+        image_processor=image_processor_class(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                              **anyres),
         tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE,
         num_additional_image_tokens=1)
     torch.manual_seed(seed)
-    config = LlavaNextConfig(
-        text_config={"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
-                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+    config = config_class(
+        text_config={"model_type": "llama", "vocab_size": len(tokenizer), **TINY_TEXT},
         vision_config={"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
                        "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
-        vision_feature_select_strategy="default", image_grid_pinpoints=grids)
-    return LlavaNextForConditionalGeneration(config), processor
-
-
-def tiny_qwen2_5_vl(seed: int = 0):
-    """(model, processor): Qwen2.5-VL's architecture (windowed attention in the vision blocks, full attention in the
-    listed ones, an MLP merger), 2 language layers of width 64; Qwen2-VL's image sizes."""
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    tokenizer = build_tokenizer(special_tokens=QWEN2_VL_TOKENS, eos="<|im_end|>")
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2_VL_TOKENS}
-    processor = images_only_qwen2_vl(Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112),
-                                     tokenizer, QWEN2_VL_TEMPLATE, Qwen2_5_VLProcessor)
-    torch.manual_seed(seed)
-    config = Qwen2_5_VLConfig(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
-                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                     "max_position_embeddings": 512, "rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 4]},
-                     "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]},
-        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
-                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
-                       "fullatt_block_indexes": [1]},
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    return Qwen2_5_VLForConditionalGeneration(config), processor
+        vision_feature_select_strategy="default", **anyres)
+    return model_class(config), processor

@@ -20,10 +20,10 @@ from finetune.data.prepare import PreparedData
 from finetune.data.rows import (
     Conversation,
     check_bad_fraction,
-    held_out_indices,
     read_saved_conversations,
     read_source,
     save_conversations,
+    split_held_out,
 )
 from finetune.data.sources import row_name
 from finetune.data.vision import VisionSample, encode_vision, open_image
@@ -104,10 +104,8 @@ def _prepare(processor, recipe, source, directory: Path) -> None:
 
         held, total = encode_rows(processor, Source(d.eval, d.eval_split, d.format), d, problems)
         read += total
-    elif d.eval_fraction > 0:
-        chosen = set(held_out_indices([e.conversation.row for e in train], d.eval_fraction, seed))
-        held = [e for e in train if e.conversation.row in chosen]
-        train = [e for e in train if e.conversation.row not in chosen]
+    else:  # the seeded split every preparation draws (over the rows that encoded)
+        train, held = split_held_out(train, d.eval_fraction, seed)
     directory.mkdir(parents=True, exist_ok=True)
     with progress_bars([source.path]):  # datasets' saving bar: noise for a small set
         for name, rows in (("train", train), ("eval", held)):

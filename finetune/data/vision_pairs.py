@@ -14,7 +14,7 @@ from finetune.data.images import extract_images
 from finetune.data.pipeline import progress_bars
 from finetune.data.preference.pairs import Pair, normalise_pair, read_rows
 from finetune.data.preference.prepare import PreparedPairs, save_pairs
-from finetune.data.rows import check_bad_fraction, held_out_indices, row_folder
+from finetune.data.rows import check_bad_fraction, row_folder, split_held_out
 from finetune.data.sources import row_name
 from finetune.data.vision import encode_vision, open_image
 from finetune.data.vision_data import (
@@ -65,6 +65,17 @@ def encode_vision_pair(processor, pair: VisionPair, data) -> dict:
     return row
 
 
+def encode_pairs(processor, pairs: list[VisionPair], data, problems: list[str]) -> list[tuple[VisionPair, dict]]:
+    """Each pair with its encoded sequences; a refused pair is appended to `problems` with file:row."""
+    encoded = []
+    for pair in pairs:
+        try:
+            encoded.append((pair, encode_vision_pair(processor, pair, data)))
+        except (ValueError, OSError) as err:
+            problems.append(f"{row_name(pair.source, pair.row)}: {err}")
+    return encoded
+
+
 def build_vision_pairs(processor, recipe, log) -> PreparedPairs:
     """The recipe's preference rows with images, split and encoded (held-out rows kept for `finetune eval`), kept in
     the prepared-data cache as finetune.data.vision_data keeps SFT's rows (prepared again when an image changes)."""
@@ -89,15 +100,8 @@ def _prepare(processor, recipe, source, directory: Path) -> None:
         held, held_problems, held_total, _ = read_vision_pairs(d.eval, d.eval_split)
         problems, total = problems + held_problems, total + held_total
     else:
-        chosen = set(held_out_indices([r.row for r in rows], d.eval_fraction, recipe.train.seed))
-        rows, held = [r for r in rows if r.row not in chosen], [r for r in rows if r.row in chosen]
-    encoded = {"train": [], "eval": []}
-    for name, group in (("train", rows), ("eval", held)):
-        for pair in group:
-            try:
-                encoded[name].append((pair, encode_vision_pair(processor, pair, d)))
-            except (ValueError, OSError) as err:
-                problems.append(f"{row_name(pair.source, pair.row)}: {err}")
+        rows, held = split_held_out(rows, d.eval_fraction, recipe.train.seed)
+    encoded = {"train": encode_pairs(processor, rows, d, problems), "eval": encode_pairs(processor, held, d, problems)}
     directory.mkdir(parents=True, exist_ok=True)
     with progress_bars([source.path]):
         for name, items in encoded.items():

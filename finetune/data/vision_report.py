@@ -58,16 +58,11 @@ def inspect_vision_pairs(recipe, processor, show: int, console, say) -> dict:
     two sequences, the answer trained, image tokens marked."""
     from types import SimpleNamespace
 
-    from finetune.data.vision_pairs import encode_vision_pair, read_vision_pairs
+    from finetune.data.vision_pairs import encode_pairs, read_vision_pairs
 
     d, [source] = recipe.data, recipe.data.train_sources()
     pairs, problems, total, _ = read_vision_pairs(source.path, source.split, source.columns)
-    encoded = []
-    for pair in pairs:
-        try:
-            encoded.append((pair, encode_vision_pair(processor, pair, d)))
-        except (ValueError, OSError) as err:
-            problems.append(f"{row_name(pair.source, pair.row)}: {err}")
+    encoded = encode_pairs(processor, pairs, d, problems)
     check_bad_fraction(problems, max(total, 1), d.max_bad_fraction, console.print)
     images = sum(len(pair.images) for pair, _ in encoded)
     say(f"vision-language model: {type(processor).__name__}'s chat template; preference rows with images in "

@@ -118,16 +118,17 @@ def checked_candidates(where: Target, with_base: bool) -> dict[str, tuple[str, P
     return candidates
 
 
-def score_candidates(where: Target, with_base: bool, score) -> dict:
+def score_candidates(where: Target, with_base: bool, score, load=None) -> dict:
     """name -> score(name, model, tokenizer, progress) for each model to evaluate (checked_candidates), loaded in
-    turn inside one transient progress display; each model is released before the next one loads."""
+    turn inside one transient progress display; each model is released before the next one loads. `load`: the
+    loader, load_for_eval's arguments and results (a vision-language model's gives its processor)."""
     from rich.progress import Progress
 
     candidates = checked_candidates(where, with_base)
     scores = {}
     with Progress(transient=True) as progress:
         for name, (model_path, adapter) in candidates.items():
-            model, tokenizer = load_for_eval(model_path, adapter, where.tokenizer_source)
+            model, tokenizer = (load or load_for_eval)(model_path, adapter, where.tokenizer_source)
             scores[name] = score(name, model, tokenizer, progress)
             del model
     return scores

@@ -13,7 +13,7 @@ from finetune.data.rows import Conversation
 from finetune.data.sources import row_name
 from finetune.errors import UserError
 from finetune.eval.sft import KEYS, SAMPLES_SHOWN, last_prompt_turn, match_scores, prompt_messages, reference
-from finetune.eval.targets import Target, checked_candidates, write_report
+from finetune.eval.targets import Target, score_candidates, write_report
 
 
 def held_out_image_rows(target: str, recipe: Path | None, data: Path | None) -> list[Conversation]:
@@ -116,18 +116,15 @@ def run_vision_eval(target: str, where: Target, rows: list[Conversation], compar
     """Loss and exact match of the model (and, with compare_base, its base) on the same image rows; writes
     eval.json and eval.md as the text evaluation does."""
     from rich.markup import escape
-    from rich.progress import Progress
 
     if compare_base and where.base_path is None:
         raise UserError("--compare-base needs a run directory (its run.json names the base model)")
-    scored = {}
-    with Progress(transient=True) as progress:
-        for name, (model_path, adapter) in checked_candidates(where, compare_base).items():
-            model, processor = load_vision_for_eval(model_path, adapter, where.tokenizer_source)
-            task = progress.add_task(f"eval {name}", total=len(rows))
-            scored[name] = evaluate_vision_model(model, processor, rows, max_new_tokens,
-                                                 partial(progress.advance, task))
-            del model
+
+    def score(name, model, processor, progress):
+        task = progress.add_task(f"eval {name}", total=len(rows))
+        return evaluate_vision_model(model, processor, rows, max_new_tokens, partial(progress.advance, task))
+
+    scored = score_candidates(where, compare_base, score, load=load_vision_for_eval)
     results = {name: metrics for name, (metrics, _) in scored.items()}
     samples = [{"prompt": last_prompt_turn(r.messages), "images": [ref.describe() for ref in r.images or []],
                 "reference": reference(r.messages), **{name: answers[i] for name, (_, answers) in scored.items()}}

@@ -127,13 +127,13 @@ def lora_targets(model, options):
     part, and a dotted path names one layer there."""
     import torch
 
-    from finetune.models.vision import in_language_model
+    from finetune.models.vision import language_model_filter
 
-    head = model.get_output_embeddings()
+    head, in_language_model = model.get_output_embeddings(), language_model_filter(model)
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or module is head:
             continue
-        if in_language_model(model, name):
+        if in_language_model(name):
             if options.target_modules == "all-linear" or any(name == t or name.endswith(f".{t}")
                                                             for t in options.target_modules):
                 yield name, module

@@ -81,10 +81,15 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: st
         tokenizer.add_special_tokens({"additional_special_tokens": missing})
     added = tokenizer.convert_tokens_to_ids(missing)
     tokenizer.chat_template = text
+    return with_pad_token(tokenizer), added
+
+
+def with_pad_token(tokenizer):
+    """The tokenizer, with a pad token when it has none."""
     if tokenizer.pad_token is None:
         # Padding never reaches the loss (labels are -100 there), so any token will do; eos is always present.
         tokenizer.pad_token = tokenizer.eos_token or "<|im_end|>"
-    return tokenizer, added
+    return tokenizer
 
 
 def template_for(tokenizer, chat_template: str = "auto", fold_system: bool = False, where: str = "model"):

@@ -91,24 +91,33 @@ def vision_parts(model) -> dict[str, list[str]]:
 
 def freeze_vision_tower(model) -> int:
     """Freeze the vision encoder (not the projector); the number of parameters frozen."""
-    parts = vision_parts(model)
+    in_frozen_tower = frozen_tower(model)
     frozen = 0
     for name, param in model.named_parameters():
         if ".lora_" in name:  # peft's adapter weights (lora_A, lora_B, ...) on the tower train when targeted
             continue
-        in_tower = any(name.startswith(t + ".") for t in parts["tower"])
-        in_projector = any(name.startswith(p + ".") for p in parts["projector"])
-        if in_tower and not in_projector and param.requires_grad:
+        if in_frozen_tower(name) and param.requires_grad:
             param.requires_grad_(False)
             frozen += param.numel()
     return frozen
 
 
-def in_language_model(model, name: str) -> bool:
-    """Whether module `name` belongs to the language model (always, for a text-only model)."""
-    prefix = language_prefix(model)
-    return not prefix or name.startswith(prefix + ".") or name == prefix
+def frozen_tower(model):
+    """A predicate on parameter names: inside the vision encoder and outside the projector (what stays frozen
+    unless model.train_vision_tower); always false for a text-only model."""
+    parts = vision_parts(model)
 
+    def inside(name: str) -> bool:
+        return (any(name.startswith(t + ".") for t in parts["tower"])
+                and not any(name.startswith(p + ".") for p in parts["projector"]))
+    return inside
+
+
+def language_model_filter(model):
+    """A predicate on module names: inside the language model (always true for a text-only model). The prefix is
+    found once: finding it walks every module."""
+    prefix = language_prefix(model)
+    return lambda name: not prefix or name == prefix or name.startswith(prefix + ".")
 
 def vision_recipe_problems(recipe) -> list[str]:
     """What a recipe asks that finetune cannot do on a vision-language model yet, each with the way out (validate

@@ -129,13 +129,12 @@ def estimate(config, method, setup: Setup, model=None) -> dict[str, float]:
 def _without_frozen_tower(model, trainable: dict[str, int]) -> dict[str, int]:
     """What trains once the vision encoder is frozen (finetune.models.vision.freeze_vision_tower: the projector
     keeps training)."""
-    from finetune.models.vision import vision_parts
+    from finetune.models.vision import frozen_tower
 
-    parts, params = vision_parts(model), dict(model.named_parameters())
+    in_frozen_tower, params = frozen_tower(model), dict(model.named_parameters())
     return {name: count for name, count in trainable.items()
             if name not in params  # a method's own part (LoRA adapters, even on the tower): it trains
-            or not any(name.startswith(t + ".") for t in parts["tower"])
-            or any(name.startswith(p + ".") for p in parts["projector"])}
+            or not in_frozen_tower(name)}
 
 
 def _cpu_step_temporaries(trainable, params, bits) -> float:

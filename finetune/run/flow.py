@@ -53,7 +53,8 @@ class Hooks:
     #: Called with the built trainer and method before training starts (to add callbacks, wrap modules).
     on_trainer: Callable[[Any, Any], None] | None = None
     #: Loads a vision-language model's processor in place of finetune.models.vision.load_processor (tests build
-    #: Qwen2-VL's in memory: transformers' loader insists on its video processor, which needs torchvision).
+    #: processors in memory: transformers' loader insists on fast image or video processors, which need
+    #: torchvision).
     load_processor: Callable[..., Any] | None = None
 
 
@@ -180,7 +181,13 @@ def _load_libraries() -> None:
 
 def _setup_tokenizer(run: Run) -> Tokens:
     from finetune.data.text import raw_text_template
-    from finetune.models.load import load_tokenizer, resolve_model_path, saved_tokenizer, template_for
+    from finetune.models.load import (
+        load_tokenizer,
+        resolve_model_path,
+        saved_tokenizer,
+        template_for,
+        with_pad_token,
+    )
     from finetune.models.vision import is_vision_language, load_processor, vision_recipe_problems
     from finetune.recipe.text import known_text
 
@@ -191,14 +198,11 @@ def _setup_tokenizer(run: Run) -> Tokens:
         problems = vision_recipe_problems(run.recipe)
         if problems:
             raise UserError("; ".join(problems))
-        if processor.tokenizer.pad_token is None:  # padding never reaches the loss (labels are -100 there)
-            processor.tokenizer.pad_token = processor.tokenizer.eos_token
+        with_pad_token(processor.tokenizer)
         run.log(f"vision-language model: {type(processor).__name__}'s chat template and image processing")
         return Tokens(model_path, processor.tokenizer, [], None, processor)
     if all(known_text(s.path, s.format) for s in d.train_sources()) and d.chat_template == "auto":
-        tokenizer = saved_tokenizer(model_path, m.trust_remote_code)  # as saved: no ChatML markers added
-        if tokenizer.pad_token is None:  # padding never reaches the loss (labels are -100 there)
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = with_pad_token(saved_tokenizer(model_path, m.trust_remote_code))  # no ChatML markers added
         run.log("raw text: no chat template (documents train as they are, every token)")
         return Tokens(model_path, tokenizer, [], raw_text_template(tokenizer))
     tokenizer, added_tokens = load_tokenizer(model_path, m.trust_remote_code, d.chat_template)
