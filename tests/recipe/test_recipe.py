@@ -153,3 +153,13 @@ def test_galore_and_lisa_options_are_validated(tmp_path, good):
     assert "method.activated_layers: Input should be greater than or equal to 1" in message
     assert "method.interval_steps: Input should be greater than or equal to 1" in message
     assert "method.always_active: Input should be a valid list" in message
+
+
+def test_image_pixel_bounds_are_validated(tmp_path, good):
+    good["data"].update(image_max_pixels=10_000, image_min_pixels=20_000)
+    assert "data.image_min_pixels 20000 is above data.image_max_pixels 10000" in problems_of(write(tmp_path, good))
+    good["data"].update(image_max_pixels=100, image_min_pixels=None)  # below one 28x28 patch
+    assert "image_max_pixels" in problems_of(write(tmp_path, good))
+    good["data"].update(image_max_pixels=10_000, image_min_pixels=2_500)
+    loaded = load_recipe(write(tmp_path, good))
+    assert (loaded.data.image_max_pixels, loaded.data.image_min_pixels) == (10_000, 2_500)
